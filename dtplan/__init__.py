@@ -1,0 +1,19 @@
+"""dtplan: an ahead-of-time sharding planner for PyTorch.
+
+    plan = dtplan.compile(model, example_inputs, mesh="2x2", memory="16MiB")
+    program = dtplan.shard(model, example_inputs, mesh=device_mesh, plan=plan)
+"""
+from dtplan.api import PlacementSpec, ShardedProgram, compile, plan_program, shard, sharded_program
+from dtplan.modelfile import ModelFile, ModelFileError, load_model_file
+
+__all__ = [
+    "ModelFile",
+    "ModelFileError",
+    "PlacementSpec",
+    "ShardedProgram",
+    "compile",
+    "load_model_file",
+    "plan_program",
+    "shard",
+    "sharded_program",
+]

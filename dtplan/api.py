@@ -1,0 +1,207 @@
+"""The dtplan pipeline: model -> captured IR -> strategies -> plan -> sharded GraphModule.
+
+`plan_program` owns the order of the planning stages; each stage is also
+callable on its own (`ir.capture`, `planner.strategies.build_strategies`,
+`planner.ilp.solve`, `runtime.lower.lower`).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+
+from ir.capture import Captured, capture
+from ir.graph import Role
+from planner._dtensor import Placements, parse_placement
+from planner.cost import DeviceProfile, load_profile
+from planner.ilp import SolverOptions, solve
+from planner.mesh import MeshSpec, parse_mesh, parse_size
+from planner.plan import PLAN_VERSION, Plan, evaluate, parameter_table
+from planner.pricing import Pricer
+from planner.strategies import build_strategies
+from runtime.lower import lower
+from runtime.params import local_shard
+
+__all__ = ["PlacementSpec", "ShardedProgram", "compile", "plan_program", "shard", "sharded_program"]
+
+log = logging.getLogger(__name__)
+
+#: Per value: one placement string per mesh axis, e.g. ["S(0)", "R"].
+PlacementSpec = Sequence[str]
+Progress = Callable[[str], None]
+
+
+def _placements(spec: PlacementSpec | Placements, mesh: MeshSpec, what: str) -> Placements:
+    items = tuple(parse_placement(p) if isinstance(p, str) else p for p in spec)
+    if len(items) != mesh.ndim:
+        raise ValueError(f"{what} declares {len(items)} placement(s) {list(map(str, items))}; mesh {mesh} needs {mesh.ndim}, one per axis")
+    return items
+
+
+def _resolve(
+    names: Sequence[str], given: Mapping[str, PlacementSpec] | PlacementSpec | None, mesh: MeshSpec, what: str
+) -> dict[str, Placements]:
+    """Placements for each named value: one spec for all, or a mapping by name
+    or position; Replicate where nothing is said."""
+    rep = tuple(parse_placement("R") for _ in range(mesh.ndim))
+    if given is None:
+        return {n: rep for n in names}
+    if not isinstance(given, Mapping):
+        return {n: _placements(given, mesh, f"{what} {n!r}") for n in names}
+    out = {}
+    for key, spec in given.items():
+        name = names[int(key)] if str(key).isdigit() and str(key) not in names else str(key)
+        if name not in names:
+            raise ValueError(f"{what} {key!r} is not one of the model's: {list(names)}")
+        out[name] = _placements(spec, mesh, f"{what} {name!r}")
+    return {n: out.get(n, rep) for n in names}
+
+
+def plan_program(
+    captured: Captured,
+    *,
+    mesh: MeshSpec | str,
+    profile: DeviceProfile | str = "cpu",
+    memory: int | str | None = None,
+    input_placements: Mapping[str, PlacementSpec] | PlacementSpec | None = None,
+    output_placements: Mapping[str, PlacementSpec] | PlacementSpec | None = None,
+    solver: SolverOptions = SolverOptions(),
+    model_info: Mapping[str, object] | None = None,
+    progress: Progress | None = None,
+) -> Plan:
+    """Choose placements for a captured program. See README for the arguments."""
+    say = progress or (lambda _m: None)
+    mesh = parse_mesh(mesh) if isinstance(mesh, str) else mesh
+    prof = load_profile(profile) if isinstance(profile, str) else profile
+    budget = parse_size(memory) if isinstance(memory, str) else memory
+    graph = captured.graph
+    ins = _resolve(captured.user_inputs, input_placements, mesh, "input")
+    out_names = [str(i) for i in range(len(graph.outputs))]
+    outs = _resolve(out_names, output_placements, mesh, "output")
+    stages: dict[str, float] = dict(captured_stage_seconds(captured))
+
+    t = time.perf_counter()
+    say(f"strategies for {len(graph)} nodes on mesh {mesh}")
+    space = build_strategies(graph, tuple(mesh.shape), ins)
+    stages["strategies"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    pricer = Pricer(tuple(mesh.shape), prof)
+    out_pl = tuple(outs[n] for n in out_names)
+    say("solving the integer program")
+    result = solve(graph, space, pricer, output_placements=out_pl, memory_budget=budget, options=solver)
+    stages["solve"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    ev = evaluate(graph, space, pricer, mesh, result.choice, out_pl)
+    params, info = parameter_table(graph, mesh, ev.nodes, pricer)
+    stages["evaluate"] = time.perf_counter() - t
+    model = {"name": "model", "num_nodes": len(graph), "graph_signature": graph.signature, "train": False}
+    model.update(model_info or {})
+    return Plan(
+        version=PLAN_VERSION,
+        model=model,
+        mesh=mesh,
+        profile={"name": prof.name, "description": prof.description},
+        memory_budget_bytes=budget,
+        inputs=ins,
+        outputs=out_pl,
+        parameters=params,
+        parameter_info=info,
+        nodes=ev.nodes,
+        collectives=ev.collectives,
+        fallbacks=space.fallbacks,
+        cost={
+            "total_s": ev.compute_s + ev.comm_s,
+            "compute_s": ev.compute_s,
+            "comm_s": ev.comm_s,
+            "comm_bytes": ev.comm_bytes,
+            "peak_memory_bytes": ev.peak_memory_bytes,
+            "parameter_bytes": ev.parameter_bytes,
+            "activation_bytes": ev.peak_memory_bytes - ev.parameter_bytes,
+        },
+        solver={
+            "status": result.status,
+            "objective": result.objective_ns,
+            "bound": result.bound_ns,
+            "gap": result.gap,
+            "wall_s": result.wall_s,
+            "variables": result.variables,
+            "constraints": result.constraints,
+        },
+        stage_seconds=stages,
+    )
+
+
+def captured_stage_seconds(captured: Captured) -> dict[str, float]:
+    return {"capture": captured.seconds} if captured.seconds is not None else {}
+
+
+def compile(model: torch.nn.Module, example_inputs: tuple, **plan_kwargs) -> Plan:  # noqa: A001 - the verb users expect
+    """Capture `model(*example_inputs)` and plan it (see `plan_program`)."""
+    return plan_program(capture(model, example_inputs), **plan_kwargs)
+
+
+@dataclass(frozen=True)
+class ShardedProgram:
+    """This rank's sharded program: the GraphModule and how to feed it."""
+
+    graph_module: torch.fx.GraphModule
+    plan: Plan
+    mesh: DeviceMesh
+    captured: Captured
+
+    def shard_inputs(self, *full_inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Cut full inputs to this rank's pieces per the plan's input placements."""
+        names = self.captured.user_inputs
+        if len(full_inputs) != len(names):
+            raise ValueError(f"the program takes {len(names)} input(s) {list(names)}, got {len(full_inputs)}")
+        device = self.mesh.device_type
+        return tuple(local_shard(x.to(device), self.mesh, self.plan.inputs[n]) for n, x in zip(names, full_inputs, strict=True))
+
+    def __call__(self, *full_inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.graph_module(*self.shard_inputs(*full_inputs))
+
+
+def sharded_program(model: torch.nn.Module, captured: Captured, plan: Plan, mesh: DeviceMesh) -> ShardedProgram:
+    """Shard the real model's stored tensors and lower the plan for this rank."""
+    plan.check_matches(captured.graph, plan.mesh)
+    stored = {}
+    device = mesh.device_type
+    for name, role, fqn in captured.placeholders:
+        if role is Role.INPUT:
+            continue
+        full = captured.constants[fqn] if role is Role.CONSTANT else _state(model, fqn)
+        stored[name] = local_shard(full.to(device), mesh, plan.nodes[name].output)
+    return ShardedProgram(lower(captured, plan, mesh, stored), plan, mesh, captured)
+
+
+def _state(model: torch.nn.Module, fqn: str) -> torch.Tensor:
+    try:
+        return model.get_parameter(fqn)
+    except AttributeError:
+        return model.get_buffer(fqn)
+
+
+def shard(
+    model: torch.nn.Module,
+    example_inputs: tuple,
+    *,
+    mesh: DeviceMesh,
+    plan: Plan | None = None,
+    **plan_kwargs,
+) -> ShardedProgram:
+    """Plan (unless a plan is given) and return this rank's sharded program.
+
+    `mesh` is the initialised DeviceMesh this rank runs on; `model` holds the
+    real (full) weights, which every rank builds identically.
+    """
+    captured = capture(model, example_inputs)
+    if plan is None:
+        spec = MeshSpec(tuple(mesh.shape), tuple(mesh.mesh_dim_names or (f"d{i}" for i in range(mesh.ndim))))
+        plan = plan_program(captured, mesh=spec, **plan_kwargs)
+    return sharded_program(model, captured, plan, mesh)

@@ -1,0 +1,68 @@
+"""Model files: a Python file defining build_model(), example_inputs() and
+optionally loss_fn(output, *inputs)."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+__all__ = ["ModelFile", "ModelFileError", "load_model_file"]
+
+
+class ModelFileError(ValueError):
+    """The model file is missing, broken or does not define what dtplan needs."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelFile:
+    path: Path
+    build_model: Callable[..., torch.nn.Module]
+    example_inputs: Callable[..., tuple]
+    loss_fn: Callable[..., torch.Tensor] | None
+    options: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    def build(self, *, meta: bool = False) -> tuple[torch.nn.Module, tuple]:
+        """The model and its example inputs, on the meta device when only planning."""
+        device = torch.device("meta") if meta else torch.device("cpu")
+        try:
+            with device:
+                model = self.build_model(**self.options)
+                inputs = self.example_inputs(**self.options)
+        except (ValueError, TypeError) as e:
+            raise ModelFileError(f"{self.path}: {type(e).__name__}: {e}") from e
+        if not isinstance(model, torch.nn.Module):
+            raise ModelFileError(f"{self.path}: build_model() returned {type(model).__name__}, not a torch.nn.Module")
+        if not isinstance(inputs, tuple) or not all(isinstance(t, torch.Tensor) for t in inputs):
+            raise ModelFileError(f"{self.path}: example_inputs() must return a tuple of tensors")
+        return model.eval(), inputs
+
+
+def load_model_file(path: str | Path, options: Mapping[str, str] | None = None) -> ModelFile:
+    """Import a model file by path (its own module; nothing from the project needed)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ModelFileError(f"model file {str(path)!r} does not exist")
+    name = f"dtplan_model_{abs(hash(str(p.resolve())))}"
+    spec = importlib.util.spec_from_file_location(name, p)
+    if spec is None or spec.loader is None:
+        raise ModelFileError(f"{path}: not an importable Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ModelFileError(f"{path}:{e.lineno}: syntax error: {e.msg}") from e
+    except Exception as e:  # noqa: BLE001 - user code: report it in one line
+        raise ModelFileError(f"{path}: importing it raised {type(e).__name__}: {e}") from e
+    missing = [f for f in ("build_model", "example_inputs") if not callable(getattr(module, f, None))]
+    if missing:
+        raise ModelFileError(f"{path}: does not define {' and '.join(missing)}(); a model file needs build_model() and example_inputs()")
+    return ModelFile(p, module.build_model, module.example_inputs, getattr(module, "loss_fn", None), dict(options or {}))

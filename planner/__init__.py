@@ -1,0 +1,1 @@
+"""dtplan planner: strategies, cost model, integer program, plan and report."""

@@ -1,0 +1,237 @@
+"""Adapter over DTensor's private sharding machinery (torch 2.13).
+
+Every private torch.distributed.tensor import of the planner lives here, so a
+torch upgrade touches this file only.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+from torch.distributed.tensor._dtensor_spec import DTensorSpec
+from torch.distributed.tensor._dtensor_spec import TensorMeta as DTMeta
+from torch.distributed.tensor._op_schema import OpSchema, OpSpec, OpStrategy, TupleStrategy
+from torch.distributed.tensor._ops.single_dim_strategy import _ShardingPlaceholder
+from torch.distributed.tensor._redistribute import _gen_transform_infos
+from torch.distributed.tensor.placement_types import Placement
+from torch.utils._python_dispatch import _disable_current_modes
+
+from ir.graph import Ref, TensorMeta
+
+__all__ = [
+    "Placements",
+    "TransformStep",
+    "dtensor_rule_kind",
+    "format_placements",
+    "op_strategies",
+    "parse_placement",
+    "planning_mesh",
+    "transform_steps",
+    "expand_single_dim_rules",
+]
+
+#: One placement per mesh axis.
+Placements = tuple[Placement, ...]
+#: A per-axis rule: [output placement(s)..., input placements...]; None for absent values.
+AxisRule = Sequence[Placement | None]
+
+
+@functools.cache
+def planning_mesh(shape: tuple[int, ...]) -> DeviceMesh:
+    """A DeviceMesh of this shape with no process group: enough to enumerate
+    strategies and redistribution steps for any world size in one process."""
+    n = 1
+    for s in shape:
+        n *= s
+    # built outside any active tracing/fake mode: the runtime may first ask while tracing
+    with _disable_current_modes():
+        return DeviceMesh("cpu", torch.arange(n).reshape(shape), _init_backend=False, _rank=0)
+
+
+_PLACEMENT_RE = re.compile(r"^(R|S\((-?\d+)\)|P\((\w+)\))$")
+
+
+def parse_placement(text: str) -> Placement:
+    """"R" / "S(0)" / "P(sum)" -> Placement (DTensor's short forms)."""
+    m = _PLACEMENT_RE.match(text.strip())
+    if not m:
+        raise ValueError(f"bad placement {text!r}; expected R, S(<dim>) or P(<reduce op>)")
+    if m.group(2) is not None:
+        return Shard(int(m.group(2)))
+    if m.group(3) is not None:
+        return Partial(m.group(3))
+    return Replicate()
+
+
+def format_placements(p: Placements | None) -> list[str] | None:
+    return None if p is None else [str(x) for x in p]
+
+
+def _spec(mesh: DeviceMesh, placements: Placements, meta: TensorMeta) -> DTensorSpec:
+    return DTensorSpec(mesh, tuple(placements), tensor_meta=DTMeta(meta.shape, meta.stride, meta.dtype))
+
+
+# --------------------------------------------------------------------------- redistribution
+
+
+@dataclass(frozen=True, slots=True)
+class TransformStep:
+    """One per-axis step of a redistribution, in the order DTensor performs it."""
+
+    axis: int
+    src: Placement
+    dst: Placement
+    #: the tensor's shape as seen on this mesh axis (already split by outer axes)
+    logical_shape: tuple[int, ...]
+
+    @property
+    def kind(self) -> str | None:
+        """The collective this step issues, or None for a local op."""
+        s, d = self.src, self.dst
+        if s.is_partial():
+            return "all_reduce" if d.is_replicate() else ("reduce_scatter" if d.is_shard() else None)
+        if s.is_shard():
+            return "all_gather" if d.is_replicate() else ("all_to_all" if d.is_shard() else "invalid")
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def transform_steps(mesh_shape: tuple[int, ...], meta: TensorMeta, src: Placements, dst: Placements) -> tuple[TransformStep, ...]:
+    """The per-axis steps DTensor's redistribute planner takes from `src` to `dst`."""
+    if src == dst:
+        return ()
+    mesh = planning_mesh(mesh_shape)
+    infos = _gen_transform_infos(_spec(mesh, src, meta), _spec(mesh, dst, meta))
+    steps = []
+    for i in infos:
+        a, b = i.src_dst_placements
+        shape = tuple(int(x) for x in i.logical_shape)
+        if a.is_shard() and b.is_partial():  # DTensor does this as gather, then a local partition
+            steps.append(TransformStep(i.mesh_dim, a, Replicate(), shape))
+            a = Replicate()
+        steps.append(TransformStep(i.mesh_dim, a, b, shape))
+    return tuple(steps)
+
+
+# --------------------------------------------------------------------------- strategies
+
+
+def dtensor_rule_kind(op: object) -> str | None:
+    """"single_dim" / "strategy" when DTensor has a rule for `op`, else None."""
+    prop = DTensor._op_dispatcher.sharding_propagator
+    if op in prop.op_single_dim_strategy_funcs:
+        return "single_dim"
+    if op in prop.op_strategy_funcs:
+        return "strategy"
+    return None
+
+
+def _materialise(args: object, fn: Callable[[Ref], object]) -> object:
+    if isinstance(args, Ref):
+        return fn(args)
+    if isinstance(args, tuple):
+        return tuple(_materialise(a, fn) for a in args)
+    return args
+
+
+def _to_dt_meta(meta: TensorMeta) -> DTMeta:
+    return DTMeta(meta.shape, meta.stride, meta.dtype)
+
+
+def op_strategies(
+    mesh_shape: tuple[int, ...],
+    op: object,
+    args: tuple,
+    kwargs: tuple[tuple[str, object], ...],
+    metas: dict[str, TensorMeta],
+    candidates: dict[str, tuple[Placements, ...]],
+    out_meta: TensorMeta | tuple[TensorMeta | None, ...] | None,
+) -> list[tuple[tuple[Placements, ...], object]]:
+    """DTensor's strategies for one op: [(input placements per tensor ref, output placements)].
+
+    `candidates[name]` are the placements the producer of each input may output;
+    strategy functions that follow their input enumerate over them.
+    """
+    mesh = planning_mesh(mesh_shape)
+    prop = DTensor._op_dispatcher.sharding_propagator
+    kind = dtensor_rule_kind(op)
+    if kind == "single_dim":
+        args_meta = _materialise(args, lambda r: _to_dt_meta(metas[r.name]))
+        kwargs_meta = {k: _materialise(v, lambda r: _to_dt_meta(metas[r.name])) for k, v in kwargs}
+        rules = prop.op_single_dim_strategy_funcs[op].func(op, args_meta, kwargs_meta)
+        n_in = _count_refs((args, tuple(v for _, v in kwargs)))
+        return expand_single_dim_rules(mesh_shape, rules, n_in, out_meta)
+    if kind != "strategy":
+        raise KeyError(op)
+
+    def strategy_of(r: Ref) -> OpStrategy:
+        return OpStrategy([OpSpec(_spec(mesh, p, metas[r.name])) for p in candidates[r.name]])
+
+    schema = OpSchema(op, _materialise(args, strategy_of), {k: _materialise(v, strategy_of) for k, v in kwargs})
+    result = prop.op_strategy_funcs[op](schema)
+    n_in = _count_refs((args, tuple(v for _, v in kwargs)))
+    if isinstance(result, TupleStrategy):
+        raise KeyError(op)  # list-of-tensor ops: not planned yet; caller falls back
+    out: list[tuple[tuple[Placements, ...], object]] = []
+    for spec in result.strategies:
+        outs = spec.output_specs
+        if isinstance(outs, DTensorSpec):
+            out_pl: object = outs.placements
+        else:
+            out_pl = tuple(None if s is None else s.placements for s in outs)
+        if spec.input_specs is None:
+            ins = tuple(outs.placements for _ in range(n_in))
+        else:
+            ins = tuple(s.placements for s in spec.input_specs)
+        out.append((ins, out_pl))
+    return out
+
+
+def _count_refs(value: object) -> int:
+    if isinstance(value, Ref):
+        return 1
+    if isinstance(value, tuple):
+        return sum(_count_refs(v) for v in value)
+    return 0
+
+
+def expand_single_dim_rules(
+    mesh_shape: tuple[int, ...],
+    rules: Sequence[AxisRule],
+    n_inputs: int,
+    out_meta: TensorMeta | tuple[TensorMeta | None, ...] | None,
+) -> list[tuple[tuple[Placements, ...], object]]:
+    """Combine per-axis rules over every mesh axis (placeholders become Shard)."""
+    concrete = [[Shard(p.dim) if isinstance(p, _ShardingPlaceholder) else p for p in r] for r in rules]
+    width = len(concrete[0]) if concrete else 0
+    n_out = width - n_inputs
+    if not any(all(p is None or isinstance(p, Replicate) for p in r) for r in concrete):
+        concrete.insert(0, [None if _masked(out_meta, i) else Replicate() for i in range(n_out)] + [Replicate()] * n_inputs)
+    result = []
+    for combo in itertools.product(concrete, repeat=len(mesh_shape)):
+        cols = list(zip(*combo, strict=True))  # per position: placements over axes
+        if any(_unsupported_partials(c) for c in cols):
+            continue
+        outs = tuple(None if c[0] is None else tuple(c) for c in cols[:n_out])
+        ins = tuple(tuple(c) for c in cols[n_out:])
+        if any(None in i for i in ins):
+            continue
+        result.append((ins, outs[0] if n_out == 1 else outs))
+    return result
+
+
+def _masked(out_meta: object, i: int) -> bool:
+    return isinstance(out_meta, tuple) and i < len(out_meta) and out_meta[i] is None
+
+
+def _unsupported_partials(col: Sequence[Placement | None]) -> bool:
+    """Mixed reduce ops on one tensor, or Partial subclasses (masked partials of
+    embedding) whose reduction needs runtime state the plan cannot express."""
+    kinds = {(type(p), p.reduce_op) for p in col if isinstance(p, Partial)}
+    return len(kinds) > 1 or any(type(p) is not Partial for p in col if isinstance(p, Partial))

@@ -1,0 +1,334 @@
+"""Alpha-beta cost model for collectives and a roofline compute model.
+
+Device profiles are data: JSON files in ``planner/profiles/`` (or any path).
+All times are in seconds; ``to_ns`` converts to the integer nanoseconds used
+by the integer program.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "Link",
+    "DeviceProfile",
+    "PROFILES_DIR",
+    "COLLECTIVE_KINDS",
+    "SECONDS_TO_NS",
+    "available_profiles",
+    "load_profile",
+    "all_reduce_time",
+    "all_gather_time",
+    "reduce_scatter_time",
+    "all_to_all_time",
+    "collective_time",
+    "bytes_sent_per_rank",
+    "compute_time",
+    "to_ns",
+]
+
+PROFILES_DIR = Path(__file__).parent / "profiles"
+COLLECTIVE_KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
+SECONDS_TO_NS = 1e9
+
+_DTYPE_ALIASES = {
+    "fp32": "float32",
+    "float": "float32",
+    "tf32": "float32",
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "half": "float16",
+    "fp64": "float64",
+    "double": "float64",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    """One interconnect level: per-device one-direction bandwidth and latency."""
+
+    bandwidth: float  # bytes/s per device, one direction
+    latency: float  # seconds
+
+    def __post_init__(self) -> None:
+        _require_number("Link.bandwidth", self.bandwidth, positive=True)
+        _require_number("Link.latency", self.latency, positive=False)
+
+    def to_json(self) -> dict[str, float]:
+        """Return {"bandwidth": ..., "latency": ...}."""
+        return {"bandwidth": self.bandwidth, "latency": self.latency}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeviceProfile:
+    """Hardware numbers for one device type and its interconnect.
+
+    ``peak_flops`` is stored as sorted ``(dtype_name, FLOP/s)`` pairs; a mapping
+    is accepted and converted. It must contain "float32" (the fallback dtype).
+    """
+
+    name: str
+    description: str
+    peak_flops: tuple[tuple[str, float], ...]
+    memory_bandwidth: float  # bytes/s
+    memory_capacity: int  # bytes
+    devices_per_node: int
+    intra_node: Link
+    inter_node: Link
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "peak_flops", _normalise_flops(self.peak_flops))
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"DeviceProfile.name must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.description, str):
+            raise ValueError(f"DeviceProfile.description must be a string, got {self.description!r}")
+        _require_number("DeviceProfile.memory_bandwidth", self.memory_bandwidth, positive=True)
+        _require_int("DeviceProfile.memory_capacity", self.memory_capacity)
+        _require_int("DeviceProfile.devices_per_node", self.devices_per_node)
+        for field in ("intra_node", "inter_node"):
+            if not isinstance(getattr(self, field), Link):
+                raise ValueError(f"DeviceProfile.{field} must be a Link, got {getattr(self, field)!r}")
+
+    def flops_per_s(self, dtype_name: str) -> float:
+        """Peak FLOP/s for a dtype ("bfloat16", "torch.float16", "bf16", ...).
+
+        Falls back to the "float32" entry when the dtype is not in the profile.
+        """
+        table = dict(self.peak_flops)
+        return table.get(_canonical_dtype(dtype_name), table["float32"])
+
+    def axis_links(self, mesh_shape: tuple[int, ...]) -> tuple[Link, ...]:
+        """The link each mesh axis communicates over.
+
+        Ranks are laid out row-major over the mesh (last axis fastest) and filled
+        node by node. An axis group of axis i lives inside a block of
+        P = prod(mesh_shape[i:]) consecutive ranks, so it stays inside one node
+        exactly when the axis has size 1, the whole mesh fits in one node, or P
+        divides devices_per_node; otherwise some group crosses nodes and the
+        axis gets the inter-node link.
+        """
+        shape = tuple(mesh_shape)
+        if not shape or any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in shape):
+            raise ValueError(f"mesh_shape must be a non-empty tuple of ints >= 1, got {mesh_shape!r}")
+        world = math.prod(shape)
+        return tuple(
+            self.intra_node if self._axis_is_intra(shape, i, world) else self.inter_node
+            for i in range(len(shape))
+        )
+
+    def _axis_is_intra(self, shape: tuple[int, ...], axis: int, world: int) -> bool:
+        block = math.prod(shape[axis:])
+        return shape[axis] == 1 or world <= self.devices_per_node or self.devices_per_node % block == 0
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the profile as a JSON-serialisable dict (the profile file format)."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "peak_flops": dict(self.peak_flops),
+            "memory_bandwidth": self.memory_bandwidth,
+            "memory_capacity": self.memory_capacity,
+            "devices_per_node": self.devices_per_node,
+            "intra_node": self.intra_node.to_json(),
+            "inter_node": self.inter_node.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, d: Any) -> DeviceProfile:
+        """Build a profile from a dict in the profile file format (ValueError names the bad key)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"profile must be a JSON object, got {type(d).__name__}")
+        missing = [k for k in _PROFILE_KEYS if k not in d]
+        if missing:
+            raise ValueError(f"profile is missing key(s) {missing}; required keys {list(_PROFILE_KEYS)}")
+        unknown = sorted(set(d) - set(_PROFILE_KEYS))
+        if unknown:
+            raise ValueError(f"profile has unknown key(s) {unknown}; allowed keys {list(_PROFILE_KEYS)}")
+        if not isinstance(d["peak_flops"], dict):
+            raise ValueError(f"profile key 'peak_flops' must be an object, got {d['peak_flops']!r}")
+        return cls(
+            name=d["name"],
+            description=d["description"],
+            peak_flops=d["peak_flops"],
+            memory_bandwidth=d["memory_bandwidth"],
+            memory_capacity=d["memory_capacity"],
+            devices_per_node=d["devices_per_node"],
+            intra_node=_link_from_json("intra_node", d["intra_node"]),
+            inter_node=_link_from_json("inter_node", d["inter_node"]),
+        )
+
+
+_PROFILE_KEYS = (
+    "name",
+    "description",
+    "peak_flops",
+    "memory_bandwidth",
+    "memory_capacity",
+    "devices_per_node",
+    "intra_node",
+    "inter_node",
+)
+
+
+def _link_from_json(key: str, d: Any) -> Link:
+    if not isinstance(d, dict) or set(d) != {"bandwidth", "latency"}:
+        raise ValueError(
+            f"profile key {key!r} must be an object with exactly 'bandwidth' and 'latency', got {d!r}"
+        )
+    try:
+        return Link(bandwidth=d["bandwidth"], latency=d["latency"])
+    except ValueError as exc:
+        raise ValueError(f"profile key {key!r}: {exc}") from None
+
+
+def _canonical_dtype(dtype_name: str) -> str:
+    name = str(dtype_name).removeprefix("torch.")
+    return _DTYPE_ALIASES.get(name, name)
+
+
+def _normalise_flops(flops: Any) -> tuple[tuple[str, float], ...]:
+    items = flops.items() if isinstance(flops, Mapping) else flops
+    try:
+        pairs = tuple((str(k), v) for k, v in items)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"peak_flops must map dtype name -> FLOP/s, got {flops!r}"
+        ) from None
+    for dtype, value in pairs:
+        _require_number(f"peak_flops[{dtype!r}]", value, positive=True)
+    if "float32" not in dict(pairs):
+        raise ValueError(
+            f"peak_flops must include 'float32' (the fallback dtype); got dtypes {sorted(dict(pairs))}"
+        )
+    return tuple(sorted((k, float(v)) for k, v in pairs))
+
+
+def _require_number(what: str, value: Any, *, positive: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite number, got {value!r}")
+    if positive and value <= 0:
+        raise ValueError(f"{what} must be > 0, got {value!r}")
+    if not positive and value < 0:
+        raise ValueError(f"{what} must be >= 0, got {value!r}")
+
+
+def _require_int(what: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be an int >= 1, got {value!r}")
+
+
+def available_profiles() -> tuple[str, ...]:
+    """Names of the profiles shipped in planner/profiles/ (sorted)."""
+    return tuple(sorted(p.stem for p in PROFILES_DIR.glob("*.json")))
+
+
+def load_profile(name_or_path: str | os.PathLike[str]) -> DeviceProfile:
+    """Load a shipped profile by name ("h100", "a100", "cpu") or a JSON file by path.
+
+    Anything ending in ".json" or containing a path separator is a path.
+    """
+    text = os.fspath(name_or_path)
+    if text.endswith(".json") or "/" in text or os.sep in text:
+        return _load_profile_file(Path(text))
+    path = PROFILES_DIR / f"{text}.json"
+    if not path.is_file():
+        raise ValueError(
+            f"unknown device profile {text!r}; available profiles: {', '.join(available_profiles())} "
+            "(or give a path to a .json profile file)"
+        )
+    return _load_profile_file(path)
+
+
+def _load_profile_file(path: Path) -> DeviceProfile:
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise ValueError(f"cannot read device profile file {str(path)!r}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"device profile file {str(path)!r} is not valid JSON: {exc}") from None
+    try:
+        return DeviceProfile.from_json(data)
+    except ValueError as exc:
+        raise ValueError(f"device profile file {str(path)!r}: {exc}") from None
+
+
+def _check_collective_args(n: float, p: int) -> None:
+    if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or n < 0:
+        raise ValueError(f"collective byte count must be a finite number >= 0, got {n!r}")
+    if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+        raise ValueError(f"collective group size must be an int >= 1, got {p!r}")
+
+
+def _ring_time(n: float, p: int, link: Link, steps_factor: int) -> float:
+    _check_collective_args(n, p)
+    if p == 1 or n == 0:
+        return 0.0
+    steps = steps_factor * (p - 1)
+    return steps * link.latency + steps / p * n / link.bandwidth
+
+
+def all_reduce_time(n: float, p: int, link: Link) -> float:
+    """Ring all-reduce of an n-byte buffer: 2(p-1)α + 2(p-1)/p · n/B."""
+    return _ring_time(n, p, link, 2)
+
+
+def all_gather_time(n: float, p: int, link: Link) -> float:
+    """All-gather producing n output bytes per rank: (p-1)α + (p-1)/p · n/B."""
+    return _ring_time(n, p, link, 1)
+
+
+def reduce_scatter_time(n: float, p: int, link: Link) -> float:
+    """Reduce-scatter of n input bytes per rank: (p-1)α + (p-1)/p · n/B."""
+    return _ring_time(n, p, link, 1)
+
+
+def all_to_all_time(n: float, p: int, link: Link) -> float:
+    """All-to-all with an n-byte send buffer per rank: (p-1)α + (p-1)/p · n/B."""
+    return _ring_time(n, p, link, 1)
+
+
+_COLLECTIVE_FNS = {
+    "all_reduce": all_reduce_time,
+    "all_gather": all_gather_time,
+    "reduce_scatter": reduce_scatter_time,
+    "all_to_all": all_to_all_time,
+}
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in _COLLECTIVE_FNS:
+        raise ValueError(f"unknown collective kind {kind!r}; required one of {list(COLLECTIVE_KINDS)}")
+
+
+def collective_time(kind: str, n: float, p: int, link: Link) -> float:
+    """Time in seconds of collective `kind` (one of COLLECTIVE_KINDS) on n bytes over p ranks."""
+    _check_kind(kind)
+    return _COLLECTIVE_FNS[kind](n, p, link)
+
+
+def bytes_sent_per_rank(kind: str, n: float, p: int) -> float:
+    """Bytes each rank sends: 2(p-1)/p·n for all_reduce, (p-1)/p·n for the others."""
+    _check_kind(kind)
+    _check_collective_args(n, p)
+    factor = 2 if kind == "all_reduce" else 1
+    return factor * (p - 1) / p * n
+
+
+def compute_time(flops: float, bytes_moved: float, profile: DeviceProfile, dtype_name: str) -> float:
+    """Roofline time: max(flops / peak FLOP/s for dtype, bytes_moved / memory bandwidth)."""
+    _require_number("flops", flops, positive=False)
+    _require_number("bytes_moved", bytes_moved, positive=False)
+    return max(flops / profile.flops_per_s(dtype_name), bytes_moved / profile.memory_bandwidth)
+
+
+def to_ns(seconds: float) -> int:
+    """Seconds -> integer nanoseconds (rounded, clamped at 0) for the integer program."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
+        raise ValueError(f"seconds must be a finite number, got {seconds!r}")
+    return max(0, round(seconds * SECONDS_TO_NS))

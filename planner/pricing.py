@@ -1,0 +1,120 @@
+"""Price strategies and edges under a DeviceProfile: compute time per strategy,
+and the collectives (with their times) that turn one placement into another.
+
+The collectives come from the same per-axis transform steps the runtime
+executes (`planner._dtensor.transform_steps`), so what the plan predicts is
+what a run issues.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from torch.distributed.tensor import Shard
+
+from ir.graph import Node, TensorMeta, dtype_name
+from planner._dtensor import Placements, transform_steps
+from planner.cost import DeviceProfile, collective_time, compute_time
+from planner.strategies import Strategy, shard_factor
+
+__all__ = ["Collective", "Pricer", "local_shape", "primary_output"]
+
+
+@dataclass(frozen=True, slots=True)
+class Collective:
+    """One collective on one mesh axis. `bytes` follows the plan-file convention:
+    the full buffer (all-reduce), the output (all-gather), the input
+    (reduce-scatter) or the per-rank send buffer (all-to-all)."""
+
+    kind: str
+    axis: int
+    bytes: int
+    time_s: float
+
+
+def local_shape(shape: tuple[int, ...], mesh_shape: tuple[int, ...], placements: Placements) -> tuple[int, ...]:
+    """The per-rank shape of an evenly sharded tensor."""
+    out = list(shape)
+    for p, n in zip(placements, mesh_shape, strict=True):
+        if isinstance(p, Shard):
+            out[p.dim] //= n
+    return tuple(out)
+
+
+def primary_output(strategy: Strategy) -> Placements | None:
+    """The output placements, or the first tensor output's for multi-output ops."""
+    out = strategy.output
+    if out and (out[0] is None or isinstance(out[0], tuple)):
+        return next((o for o in out if o is not None), None)
+    return out
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+@dataclass(frozen=True)
+class Pricer:
+    """Costs on one mesh under one profile. Cached: every edge of a repeated
+    layer asks the same questions."""
+
+    mesh_shape: tuple[int, ...]
+    profile: DeviceProfile
+
+    @functools.cached_property
+    def links(self):
+        return self.profile.axis_links(self.mesh_shape)
+
+    def compute_s(self, node: Node, strategy: Strategy) -> float:
+        """Roofline time of the node's local share of work."""
+        if node.flops == 0 and node.bytes == 0:
+            return 0.0
+        first = primary_output(strategy)
+        f = shard_factor(first, self.mesh_shape) if first is not None else 1
+        meta = node.tensor_meta or next((m for m in node.meta if m is not None), None)
+        dt = dtype_name(meta.dtype) if meta is not None else "float32"
+        return compute_time(node.flops / f, node.bytes / f, self.profile, dt)
+
+    @functools.lru_cache(maxsize=None)  # noqa: B019 - the pricer lives for one planning run
+    def redistribute(self, meta: TensorMeta, src: Placements, dst: Placements) -> tuple[Collective, ...]:
+        """The collectives taking a tensor from `src` to `dst` placements."""
+        if src == dst:
+            return ()
+        out: list[Collective] = []
+        current = list(src)
+        for step in transform_steps(self.mesh_shape, meta, src, dst):
+            kind = step.kind
+            if kind == "invalid":
+                raise ValueError(f"cannot redistribute {step.src} -> {step.dst} on mesh axis {step.axis}")
+            before = local_shape(meta.shape, self.mesh_shape, tuple(current))
+            current[step.axis] = step.dst
+            if kind is None:
+                continue
+            after = local_shape(meta.shape, self.mesh_shape, tuple(current))
+            p = self.mesh_shape[step.axis]
+            shape = after if kind == "all_gather" else before
+            nbytes = _numel(shape) * meta.itemsize
+            if kind == "all_to_all":
+                nbytes = _numel(before) * meta.itemsize
+            out.append(Collective(kind, step.axis, nbytes, collective_time(kind, nbytes, p, self.links[step.axis])))
+        return tuple(out)
+
+    def redistribute_s(self, meta: TensorMeta, src: Placements, dst: Placements) -> float:
+        return sum(c.time_s for c in self.redistribute(meta, src, dst))
+
+    def bytes_per_device(self, meta: TensorMeta, placements: Placements) -> int:
+        """Bytes one device holds of a tensor with these placements."""
+        return meta.nbytes // _storage_factor(placements, self.mesh_shape)
+
+
+def _storage_factor(placements: Placements, mesh_shape: tuple[int, ...]) -> int:
+    # a Partial value is full-size on every rank; only Shard divides storage
+    f = 1
+    for p, n in zip(placements, mesh_shape, strict=True):
+        if isinstance(p, Shard):
+            f *= n
+    return f
+

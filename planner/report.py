@@ -1,0 +1,381 @@
+"""Self-contained HTML report for a sharding plan.
+
+The report is built in two steps: :func:`build_report_data` turns a parsed
+``plan.json`` dict into plain JSON-serialisable data (raw numbers next to
+human-readable text), and :func:`render_report` renders that data with the
+Jinja2 template ``templates/report.html.j2``.  All markup lives in the
+template; this module only prepares data.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+__all__ = [
+    "TEMPLATE_DIR",
+    "TEMPLATE_NAME",
+    "build_report_data",
+    "format_bytes",
+    "format_count",
+    "format_percent",
+    "format_seconds",
+    "render_report",
+    "write_report",
+]
+
+TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
+TEMPLATE_NAME = "report.html.j2"
+
+MISSING = "—"
+_BYTE_UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB")
+_SECOND_UNITS = ((1.0, "s"), (1e-3, "ms"), (1e-6, "us"), (1e-9, "ns"))
+_COST_SECONDS = ("total_s", "compute_s", "comm_s")
+_COST_BYTES = ("comm_bytes", "peak_memory_bytes", "parameter_bytes", "activation_bytes")
+
+
+# --------------------------------------------------------------------------
+# Formatting helpers
+# --------------------------------------------------------------------------
+
+
+def _number(value: Any) -> int | float | None:
+    """Return ``value`` if it is a finite int/float (not bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _three_digits(value: float) -> str:
+    """Format ``value`` with about three significant digits."""
+    magnitude = abs(value)
+    decimals = 2 if magnitude < 10 else 1 if magnitude < 100 else 0
+    return f"{value:.{decimals}f}"
+
+
+def format_bytes(value: Any) -> str:
+    """Format a byte count with binary units: ``512 B``, ``32.0 KiB``, ``16.0 MiB``."""
+    number = _number(value)
+    if number is None:
+        return MISSING
+    if abs(number) < 1024:
+        return f"{number:.0f} B"
+    scaled = float(number)
+    for unit in _BYTE_UNITS:
+        scaled /= 1024.0
+        if abs(scaled) < 1024 or unit == _BYTE_UNITS[-1]:
+            break
+    return f"{scaled:.1f} {unit}"
+
+
+def format_seconds(value: Any) -> str:
+    """Format a duration: ``850 ns``, ``12.3 us``, ``4.56 ms``, ``1.23 s``."""
+    number = _number(value)
+    if number is None:
+        return MISSING
+    if number == 0:
+        return "0 s"
+    magnitude = abs(number)
+    scale, unit = next(
+        ((s, u) for s, u in _SECOND_UNITS if magnitude >= s), _SECOND_UNITS[-1]
+    )
+    return f"{_three_digits(number / scale)} {unit}"
+
+
+def format_percent(value: Any, decimals: int = 1) -> str:
+    """Format a percentage (already multiplied by 100): ``53.6%``."""
+    number = _number(value)
+    return MISSING if number is None else f"{number:.{decimals}f}%"
+
+
+def format_count(value: Any) -> str:
+    """Format a plain number: ints with thousands separators, floats with 6 digits."""
+    number = _number(value)
+    if number is None:
+        return MISSING
+    if isinstance(number, int) or float(number).is_integer():
+        return f"{int(number):,}"
+    return f"{number:.6g}"
+
+
+def _quantity(value: Any, formatter: Any) -> dict[str, Any]:
+    """Pair a raw number (None when missing) with its formatted text."""
+    number = _number(value)
+    return {"value": number, "text": formatter(number)}
+
+
+def _shape_text(shape: Any) -> str:
+    """Format a tensor shape as ``4096 × 1024`` (``scalar`` for ``[]``)."""
+    if not isinstance(shape, Sequence) or isinstance(shape, str):
+        return MISSING
+    return " × ".join(str(d) for d in shape) if shape else "scalar"
+
+
+# --------------------------------------------------------------------------
+# Plan accessors (tolerant of missing / null fields)
+# --------------------------------------------------------------------------
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    """Return ``value`` if it is a mapping, else an empty one."""
+    return value if isinstance(value, Mapping) else {}
+
+
+def _sequence(value: Any) -> list[Any]:
+    """Return ``value`` as a list if it is a non-string sequence, else ``[]``."""
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return list(value)
+    return []
+
+
+def _text(value: Any) -> str | None:
+    """Return ``value`` as a string, or None when absent."""
+    return None if value is None else str(value)
+
+
+def _slug(text: str) -> str:
+    """``text`` reduced to characters safe in an HTML id (``[A-Za-z0-9_-]``)."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-") or "x"
+
+
+def _axis_name(axis_names: Sequence[str], index: int) -> str:
+    """Name of mesh axis ``index``, defaulting to ``d<index>``."""
+    return axis_names[index] if index < len(axis_names) else f"d{index}"
+
+
+# --------------------------------------------------------------------------
+# Report sections
+# --------------------------------------------------------------------------
+
+
+def _model_data(model: Mapping[str, Any]) -> dict[str, Any]:
+    """Header information about the captured model."""
+    train = model.get("train")
+    mode = None if train is None else ("training" if train else "inference")
+    return {
+        "name": _text(model.get("name")),
+        "source": _text(model.get("source")),
+        "mode": mode,
+        "num_nodes": _number(model.get("num_nodes")),
+    }
+
+
+def _mesh_data(mesh: Mapping[str, Any]) -> dict[str, Any]:
+    """Mesh shape, axis names, a ``d0=2 × d1=2`` label and device count."""
+    shape = [s for s in _sequence(mesh.get("shape")) if _number(s) is not None]
+    given = [str(n) for n in _sequence(mesh.get("axis_names"))]
+    names = [_axis_name(given, i) for i in range(max(len(shape), len(given)))]
+    label = " × ".join(f"{_axis_name(names, i)}={s}" for i, s in enumerate(shape))
+    return {
+        "shape": shape,
+        "axis_names": names,
+        "label": label or MISSING,
+        "num_devices": math.prod(shape) if shape else None,
+    }
+
+
+def _profile_data(profile: Mapping[str, Any]) -> dict[str, Any]:
+    """Hardware profile name and description."""
+    return {
+        "name": _text(profile.get("name")),
+        "description": _text(profile.get("description")),
+    }
+
+
+def _share(part: Any, whole: Any) -> float | None:
+    """``part / whole`` in percent, or None when undefined."""
+    part, whole = _number(part), _number(whole)
+    if part is None or not whole:
+        return None
+    return part / whole * 100.0
+
+
+def _summary_data(plan: Mapping[str, Any], counts: Mapping[str, int]) -> dict[str, Any]:
+    """Headline numbers: step time split, comm volume, memory vs budget."""
+    cost = _mapping(plan.get("cost"))
+    summary: dict[str, Any] = {k: _quantity(cost.get(k), format_seconds) for k in _COST_SECONDS}
+    summary.update({k: _quantity(cost.get(k), format_bytes) for k in _COST_BYTES})
+    summary["memory_budget_bytes"] = _quantity(plan.get("memory_budget_bytes"), format_bytes)
+    used = _share(cost.get("peak_memory_bytes"), plan.get("memory_budget_bytes"))
+    summary["memory_used_pct"] = _quantity(used, format_percent)
+    summary["memory_bar_pct"] = None if used is None else round(min(used, 100.0), 2)
+    summary["over_budget"] = used is not None and used > 100.0
+    step = (_number(cost.get("compute_s")) or 0) + (_number(cost.get("comm_s")) or 0)
+    summary["compute_pct"] = _quantity(_share(cost.get("compute_s"), step), format_percent)
+    summary["comm_pct"] = _quantity(_share(cost.get("comm_s"), step), format_percent)
+    summary.update(counts)
+    return summary
+
+
+def _solver_data(solver: Mapping[str, Any]) -> dict[str, Any]:
+    """Solver status and statistics."""
+    gap = _number(solver.get("gap"))
+    return {
+        "status": _text(solver.get("status")),
+        "objective": _quantity(solver.get("objective"), format_count),
+        "bound": _quantity(solver.get("bound"), format_count),
+        "gap": {"value": gap, "text": format_percent(None if gap is None else gap * 100, 2)},
+        "wall_s": _quantity(solver.get("wall_s"), format_seconds),
+        "variables": _quantity(solver.get("variables"), format_count),
+        "constraints": _quantity(solver.get("constraints"), format_count),
+    }
+
+
+def _stage_data(stages: Mapping[str, Any]) -> dict[str, Any]:
+    """Per-stage planner wall times, in pipeline order, plus their total."""
+    rows = [
+        {"name": str(k), "slug": _slug(str(k)), "seconds": _quantity(v, format_seconds)}
+        for k, v in stages.items()
+    ]
+    total = sum(r["seconds"]["value"] or 0 for r in rows)
+    return {"rows": rows, "total": _quantity(total if rows else None, format_seconds)}
+
+
+def _placement_axes(plan: Mapping[str, Any], axis_names: Sequence[str]) -> list[str]:
+    """Column names for per-axis placements: every mesh axis (and any extra)."""
+    lengths = [len(_sequence(p)) for p in _mapping(plan.get("parameters")).values()]
+    count = max([len(axis_names), *lengths])
+    return [_axis_name(axis_names, i) for i in range(count)]
+
+
+def _parameter_row(name: str, placements: Any, info: Mapping[str, Any], width: int) -> dict[str, Any]:
+    """One row of the parameters table."""
+    given = [str(p) for p in _sequence(placements)]
+    return {
+        "name": name,
+        "placements": given + [None] * (width - len(given)),
+        "placement_text": ", ".join(given) or MISSING,
+        "shape": _sequence(info.get("shape")) or None,
+        "shape_text": _shape_text(info.get("shape")),
+        "dtype": _text(info.get("dtype")),
+        "local_shape": _sequence(info.get("local_shape")) or None,
+        "local_shape_text": _shape_text(info.get("local_shape")),
+        "bytes_per_device": _quantity(info.get("bytes_per_device"), format_bytes),
+    }
+
+
+def _parameter_rows(plan: Mapping[str, Any], axes: Sequence[str]) -> list[dict[str, Any]]:
+    """Parameters table rows, sorted by fully-qualified name."""
+    placements = _mapping(plan.get("parameters"))
+    infos = _mapping(plan.get("parameter_info"))
+    names = sorted({str(n) for n in placements} | {str(n) for n in infos})
+    return [
+        _parameter_row(n, placements.get(n), _mapping(infos.get(n)), len(axes)) for n in names
+    ]
+
+
+def _collective_rows(collectives: Sequence[Any]) -> list[dict[str, Any]]:
+    """Collectives table rows, in plan (execution) order."""
+    rows = []
+    for entry in map(_mapping, collectives):
+        rows.append({
+            "kind": _text(entry.get("kind")),
+            "axis": _text(entry.get("axis")),
+            "bytes": _quantity(entry.get("bytes"), format_bytes),
+            "time_s": _quantity(entry.get("time_s"), format_seconds),
+            "node": _text(entry.get("node")),
+            "module": _text(entry.get("module")),
+        })
+    return rows
+
+
+def _totals(rows: Sequence[Mapping[str, Any]], key: str) -> list[dict[str, Any]]:
+    """Count, bytes and time of collectives grouped by ``key`` (kind or axis)."""
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(row[key] or MISSING, []).append(row)
+    return [
+        {
+            "key": name,
+            "count": len(group),
+            "bytes": _quantity(sum(r["bytes"]["value"] or 0 for r in group), format_bytes),
+            "time_s": _quantity(sum(r["time_s"]["value"] or 0 for r in group), format_seconds),
+        }
+        for name, group in sorted(groups.items())
+    ]
+
+
+def _fallback_rows(fallbacks: Sequence[Any]) -> list[dict[str, Any]]:
+    """Warnings for nodes that fell back to replication."""
+    return [
+        {
+            "node": _text(f.get("node")),
+            "op": _text(f.get("op")),
+            "reason": _text(f.get("reason")),
+        }
+        for f in map(_mapping, fallbacks)
+    ]
+
+
+# --------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------
+
+
+def build_report_data(plan: Mapping[str, Any]) -> dict[str, Any]:
+    """Turn a parsed ``plan.json`` dict into plain, JSON-serialisable report data.
+
+    Numbers appear as ``{"value": raw, "text": formatted}`` pairs; ``value``
+    is None (and ``text`` is an em dash) when the plan lacks the field.
+    """
+    mesh = _mesh_data(_mapping(plan.get("mesh")))
+    axes = _placement_axes(plan, mesh["axis_names"])
+    parameters = _parameter_rows(plan, axes)
+    collectives = _collective_rows(_sequence(plan.get("collectives")))
+    fallbacks = _fallback_rows(_sequence(plan.get("fallbacks")))
+    counts = {
+        "num_parameters": len(parameters),
+        "num_collectives": len(collectives),
+        "num_fallbacks": len(fallbacks),
+    }
+    return {
+        "version": _number(plan.get("version")),
+        "model": _model_data(_mapping(plan.get("model"))),
+        "mesh": mesh,
+        "profile": _profile_data(_mapping(plan.get("profile"))),
+        "summary": _summary_data(plan, counts),
+        "solver": _solver_data(_mapping(plan.get("solver"))),
+        "stages": _stage_data(_mapping(plan.get("stage_seconds"))),
+        "placement_axes": axes,
+        "parameters": parameters,
+        "collectives": collectives,
+        "collective_totals": {
+            "by_kind": _totals(collectives, "kind"),
+            "by_axis": _totals(collectives, "axis"),
+        },
+        "fallbacks": fallbacks,
+    }
+
+
+@functools.lru_cache(maxsize=1)
+def _environment() -> jinja2.Environment:
+    """The (cached) Jinja2 environment for report templates."""
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+
+
+def render_report(data: Mapping[str, Any]) -> str:
+    """Render report data (from :func:`build_report_data`) to a self-contained HTML page."""
+    return _environment().get_template(TEMPLATE_NAME).render(data=data)
+
+
+def write_report(plan: Mapping[str, Any], path: str | Path) -> Path:
+    """Build, render and write the HTML report for ``plan`` to ``path`` (UTF-8)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(render_report(build_report_data(plan)), encoding="utf-8")
+    return target

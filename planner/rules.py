@@ -1,0 +1,68 @@
+"""dtplan's own sharding rules, for ops DTensor has no rule for.
+
+Each rule returns per-mesh-axis placement lists `[output(s)..., inputs...]`
+(the inputs in `Node.refs()` order), like DTensor's single-dim strategies; the
+planner expands them over every mesh axis. Every op here is computed by the
+runtime as the same op on local shards, so a rule may only list placements
+under which that is exact.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.distributed.tensor import Replicate, Shard
+
+from ir.graph import Node, TensorMeta
+
+__all__ = ["RULES", "lookup", "register_rule"]
+
+aten = torch.ops.aten
+Rule = Callable[[Node, dict[str, TensorMeta]], list[list]]
+RULES: dict[object, Rule] = {}
+
+
+def register_rule(*ops: object) -> Callable[[Rule], Rule]:
+    def wrap(fn: Rule) -> Rule:
+        for op in ops:
+            RULES[op] = fn
+        return fn
+
+    return wrap
+
+
+def lookup(op: object) -> Rule | None:
+    return RULES.get(op)
+
+
+def _mask_placement(mask: TensorMeta, dim_from_end: int):
+    """A broadcastable attention mask follows the batch/head split only where it
+    has that dimension in full."""
+    d = len(mask.shape) - dim_from_end
+    return Shard(d) if d >= 0 and mask.shape[d] > 1 else Replicate()
+
+
+@register_rule(aten.scaled_dot_product_attention.default)
+def sdpa_rule(node: Node, metas: dict[str, TensorMeta]) -> list[list]:
+    """Attention over (B, H, S, D) is independent per batch row and per head."""
+    refs = node.refs()
+    masks = [metas[r] for r in refs[3:]]
+    rules = []
+    for dim in (0, 1):  # batch, heads
+        s = Shard(dim)
+        rules.append([s, s, s, s] + [_mask_placement(m, 4 - dim) for m in masks])
+    return rules
+
+
+@register_rule(
+    aten._scaled_dot_product_flash_attention_for_cpu.default,
+)
+def sdpa_cpu_flash_rule(node: Node, metas: dict[str, TensorMeta]) -> list[list]:
+    """The CPU flash kernel returns (out (B,H,S,D), logsumexp (B,H,S))."""
+    refs = node.refs()
+    masks = [metas[r] for r in refs[3:]]
+    rules = []
+    for dim in (0, 1):
+        s = Shard(dim)
+        rules.append([s, s, s, s, s] + [_mask_placement(m, 4 - dim) for m in masks])
+    return rules

@@ -1,0 +1,183 @@
+"""Candidate placement strategies for every IR node on an N-D mesh.
+
+Sources, in order: DTensor's registered rules (through `planner._dtensor`),
+dtplan's own rules (`planner.rules`), and as a last resort Replicate, which
+is recorded as a fallback and shown in the plan and report.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from torch.distributed.tensor import Partial, Replicate, Shard
+
+from ir.graph import Graph, Node, Role, TensorMeta
+from planner import rules
+from planner._dtensor import Placements, dtensor_rule_kind, expand_single_dim_rules, op_strategies
+
+__all__ = ["Fallback", "NodeStrategies", "Strategy", "StrategySpace", "build_strategies", "shard_factor", "valid_on"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Strategy:
+    """Input placements (one per tensor the node reads, in `Node.refs()` order)
+    and output placements (a tuple of them for multi-output ops)."""
+
+    inputs: tuple[Placements, ...]
+    output: Placements | tuple[Placements | None, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Fallback:
+    node: str
+    op: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStrategies:
+    name: str
+    options: tuple[Strategy, ...]
+    #: "placeholder", "dtensor", "dtplan", "factory", "fallback" or "follow"
+    source: str
+    #: for "follow" nodes (tuple projections): the node whose choice this one shares
+    follows: str | None = None
+
+
+@dataclass(frozen=True)
+class StrategySpace:
+    mesh_shape: tuple[int, ...]
+    nodes: Mapping[str, NodeStrategies]
+    fallbacks: tuple[Fallback, ...] = field(default=())
+
+
+def shard_factor(placements: Placements, mesh_shape: tuple[int, ...]) -> int:
+    """How many ways a value is split across the mesh (Shard and Partial axes)."""
+    f = 1
+    for p, n in zip(placements, mesh_shape, strict=True):
+        if isinstance(p, (Shard, Partial)):
+            f *= n
+    return f
+
+
+def valid_on(placements: Placements | None, meta: TensorMeta | None, mesh_shape: tuple[int, ...]) -> bool:
+    """Even sharding only: every sharded dim divides by the mesh axes sharding it."""
+    if placements is None or meta is None:
+        return True
+    split: dict[int, int] = {}
+    for p, n in zip(placements, mesh_shape, strict=True):
+        if type(p) not in (Shard, Replicate, Partial):
+            return False  # _StridedShard and masked partials: not lowered by our runtime
+        if isinstance(p, Shard):
+            d = p.dim if p.dim >= 0 else p.dim + len(meta.shape)
+            if not 0 <= d < len(meta.shape):
+                return False
+            split[d] = split.get(d, 1) * n
+    return all(meta.shape[d] % k == 0 for d, k in split.items())
+
+
+def placeholder_options(meta: TensorMeta, mesh_shape: tuple[int, ...]) -> tuple[Placements, ...]:
+    """Every even Replicate/Shard combination for a stored tensor."""
+    per_axis = [Replicate()] + [Shard(d) for d in range(len(meta.shape))]
+    combos = (tuple(c) for c in itertools.product(per_axis, repeat=len(mesh_shape)))
+    return tuple(c for c in combos if valid_on(c, meta, mesh_shape))
+
+
+def build_strategies(graph: Graph, mesh_shape: tuple[int, ...], fixed: Mapping[str, Placements]) -> StrategySpace:
+    """Enumerate strategies for every node. `fixed` pins placeholders (user inputs)."""
+    metas: dict[str, TensorMeta] = {}
+    candidates: dict[str, tuple[Placements, ...]] = {}
+    out: dict[str, NodeStrategies] = {}
+    fallbacks: list[Fallback] = []
+    for node in graph:
+        ns, fb = _node_strategies(node, mesh_shape, fixed, metas, candidates, out)
+        if fb is not None:
+            fallbacks.append(fb)
+            log.info("fallback to Replicate: %s (%s): %s", node.name, node.op_name, fb.reason)
+        out[node.name] = ns
+        if node.tensor_meta is not None:
+            metas[node.name] = node.tensor_meta
+            candidates[node.name] = tuple(dict.fromkeys(s.output for s in ns.options))
+    return StrategySpace(mesh_shape, out, tuple(fallbacks))
+
+
+def _node_strategies(node, mesh_shape, fixed, metas, candidates, done) -> tuple[NodeStrategies, Fallback | None]:
+    if node.is_placeholder:
+        return _placeholder(node, mesh_shape, fixed), None
+    if node.is_getitem:
+        parent = done[node.args[0].name]
+        idx = node.args[1]
+        opts = tuple(Strategy((s.output,), s.output[idx]) for s in parent.options)
+        return NodeStrategies(node.name, opts, "follow", follows=parent.follows or parent.name), None
+    refs = node.refs()
+    if not refs:
+        return NodeStrategies(node.name, (_replicated(node, 0, mesh_shape),), "factory"), None
+    raw, source, reason = _rule_strategies(node, mesh_shape, metas, candidates)
+    opts = _filter(node, raw, mesh_shape, metas) if raw else ()
+    if not opts:
+        reason = reason or "no strategy with even shards on this mesh"
+        return (
+            NodeStrategies(node.name, (_replicated(node, len(refs), mesh_shape),), "fallback"),
+            Fallback(node.name, node.op_name, reason),
+        )
+    return NodeStrategies(node.name, opts, source), None
+
+
+def _placeholder(node: Node, mesh_shape, fixed) -> NodeStrategies:
+    meta = node.tensor_meta
+    if node.name in fixed:
+        pl = tuple(fixed[node.name])
+        if not valid_on(pl, meta, mesh_shape):
+            raise ValueError(
+                f"placement {[str(p) for p in pl]} for input {node.name!r} of shape {list(meta.shape)} "
+                f"does not shard evenly on mesh {list(mesh_shape)}"
+            )
+        return NodeStrategies(node.name, (Strategy((), pl),), "placeholder")
+    if node.role in (Role.PARAM, Role.BUFFER):
+        return NodeStrategies(node.name, tuple(Strategy((), p) for p in placeholder_options(meta, mesh_shape)), "placeholder")
+    return NodeStrategies(node.name, (Strategy((), (Replicate(),) * len(mesh_shape)),), "placeholder")
+
+
+def _replicated(node: Node, n_inputs: int, mesh_shape) -> Strategy:
+    r = (Replicate(),) * len(mesh_shape)
+    out = r if not isinstance(node.meta, tuple) else tuple(None if m is None else r for m in node.meta)
+    return Strategy((r,) * n_inputs, out)
+
+
+def _rule_strategies(node: Node, mesh_shape, metas, candidates):
+    own = rules.lookup(node.target)
+    if own is not None:
+        per_axis = own(node, metas)
+        return expand_single_dim_rules(mesh_shape, per_axis, len(node.refs()), node.meta), "dtplan", None
+    if dtensor_rule_kind(node.target) is None:
+        return [], "fallback", "no sharding rule for this op (DTensor or dtplan)"
+    try:
+        return op_strategies(mesh_shape, node.target, node.args, node.kwargs, metas, candidates, node.meta), "dtensor", None
+    except Exception as e:  # noqa: BLE001 - a rule that rejects these args is a fallback, listed
+        return [], "fallback", f"DTensor rule failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def _filter(node: Node, raw, mesh_shape, metas) -> tuple[Strategy, ...]:
+    refs = node.refs()
+    keep: dict[Strategy, None] = {}
+    for ins, outp in raw:
+        if len(ins) != len(refs):
+            continue
+        if not all(valid_on(p, metas.get(r), mesh_shape) for p, r in zip(ins, refs, strict=True)):
+            continue
+        if not _output_valid(outp, node.meta, mesh_shape):
+            continue
+        keep[Strategy(tuple(ins), outp)] = None
+    return tuple(keep)
+
+
+def _output_valid(outp, meta, mesh_shape) -> bool:
+    if isinstance(meta, tuple):
+        if not isinstance(outp, tuple) or len(outp) != len(meta) or (outp and not isinstance(outp[0], (tuple, type(None)))):
+            return False
+        return all(valid_on(p, m, mesh_shape) for p, m in zip(outp, meta, strict=True))
+    return isinstance(outp, tuple) and valid_on(outp, meta, mesh_shape)

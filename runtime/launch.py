@@ -1,0 +1,100 @@
+"""Process groups and device meshes: ranks spawned by dtplan (gloo on CPU,
+NCCL on CUDA) or launched by torchrun (RANK / WORLD_SIZE in the environment).
+
+Ranks rendezvous through a FileStore in a private temporary folder, so no
+port is ever chosen by us. Teardown waits on a barrier first: destroying a
+process group right after functional collectives aborts ranks now and then.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import traceback
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from planner.mesh import MeshSpec
+
+__all__ = ["LaunchError", "device_type", "launched_by_torchrun", "process_group", "spawn"]
+
+#: a rank's work: (rank, mesh) -> JSON-serialisable result
+Work = Callable[[int, DeviceMesh], object]
+
+
+class LaunchError(RuntimeError):
+    """A rank failed; the message carries its error."""
+
+
+def device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+@contextmanager
+def process_group(mesh: MeshSpec, *, rank: int | None = None, store_path: str | None = None):
+    """Initialise the default group (env:// under torchrun, else a FileStore)
+    and yield this rank's DeviceMesh; tear down cleanly on exit."""
+    dev = device_type()
+    backend = "nccl" if dev == "cuda" else "gloo"
+    if launched_by_torchrun():
+        rank = int(os.environ["RANK"])
+        world = int(os.environ["WORLD_SIZE"])
+        if dev == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+        dist.init_process_group(backend)
+    else:
+        world = mesh.size
+        if dev == "cuda":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        store = dist.FileStore(store_path, world)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world)
+    if world != mesh.size:
+        dist.destroy_process_group()
+        raise LaunchError(f"mesh {mesh} needs {mesh.size} ranks; the launcher started {world}")
+    try:
+        yield init_device_mesh(dev, tuple(mesh.shape), mesh_dim_names=tuple(mesh.axis_names))
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _rank_main(rank: int, mesh_json: dict, work: Work, folder: str) -> None:
+    mesh = MeshSpec.from_json(mesh_json)
+    out = Path(folder) / f"rank{rank}.json"
+    try:
+        with process_group(mesh, rank=rank, store_path=str(Path(folder) / "store")) as device_mesh:
+            result = {"ok": True, "result": work(rank, device_mesh)}
+    except BaseException as e:  # noqa: BLE001 - reported to the parent as data
+        result = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+    out.write_text(json.dumps(result))
+
+
+def spawn(work: Work, mesh: MeshSpec) -> list[object]:
+    """Run `work` on mesh.size spawned ranks; return each rank's result in rank order.
+
+    `work` must be a module-level function (it is imported by the children).
+    """
+    with tempfile.TemporaryDirectory(prefix="dtplan-") as folder:
+        ctx = mp.start_processes(_rank_main, args=(mesh.to_json(), work, folder), nprocs=mesh.size, join=False, start_method="spawn")
+        while not ctx.join():
+            pass
+        results = []
+        for r in range(mesh.size):
+            path = Path(folder) / f"rank{r}.json"
+            if not path.exists():
+                raise LaunchError(f"rank {r} exited without a result")
+            data = json.loads(path.read_text())
+            if not data["ok"]:
+                raise LaunchError(f"rank {r} failed: {data['error']}\n{data['traceback']}")
+            results.append(data["result"])
+        return results
