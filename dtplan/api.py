@@ -22,6 +22,7 @@ from planner.ilp import SolverOptions, solve
 from planner.mesh import MeshSpec, parse_mesh, parse_size
 from planner.plan import PLAN_VERSION, Plan, evaluate, parameter_table
 from planner.pricing import Pricer
+from planner.shrink import merge_followers
 from planner.strategies import build_strategies
 from runtime.lower import lower
 from runtime.params import local_shard
@@ -91,6 +92,10 @@ def plan_program(
 
     t = time.perf_counter()
     pricer = Pricer(tuple(mesh.shape), prof)
+    space = merge_followers(graph, space, pricer)
+    stages["shrink"] = time.perf_counter() - t
+
+    t = time.perf_counter()
     out_pl = tuple(outs[n] for n in out_names)
     say("solving the integer program")
     result = solve(graph, space, pricer, output_placements=out_pl, memory_budget=budget, options=solver)
@@ -130,6 +135,7 @@ def plan_program(
             "bound": result.bound_ns,
             "gap": result.gap,
             "wall_s": result.wall_s,
+            "method": result.method,
             "variables": result.variables,
             "constraints": result.constraints,
         },

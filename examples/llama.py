@@ -10,7 +10,7 @@ rotate-half style, causal SDPA) and ``ffn_norm`` (RMSNorm) -> SwiGLU
 Sizes come from a preset (see ``PRESETS``):
 
 * ``tiny`` (default): dim 64, 2 layers, 8 heads, 4 kv heads, ffn 128,
-  vocab 256, batch 2, seq 16 -- runs in milliseconds on CPU.
+  vocab 256, batch 4, seq 16 -- runs in milliseconds on CPU.
 * ``8b``:  Llama-3-8B shapes (dim 4096, 32 layers, 32 heads, 8 kv heads,
   ffn 14336, vocab 128256), batch 16, seq 8192.
 * ``70b``: Llama-3-70B shapes (dim 8192, 80 layers, 64 heads, 8 kv heads,
@@ -56,7 +56,7 @@ __all__ = [
 PRESETS = {
     "tiny": dict(
         dim=64, layers=2, heads=8, kv_heads=4, ffn=128, vocab=256,
-        batch=2, seq=16, norm_eps=1e-5, rope_theta=10000.0,
+        batch=4, seq=16, norm_eps=1e-5, rope_theta=10000.0,
     ),
     "8b": dict(
         dim=4096, layers=32, heads=32, kv_heads=8, ffn=14336, vocab=128256,

@@ -24,7 +24,12 @@ whose live set is not contained in the next one's (the others are dominated):
     Σ_params bytes + Σ_{v live at t} bytes(v,s)·x ≤ budget
 
 Objective: Σ compute(v,s)·x + Σ edge costs + output redistribution, in
-integer nanoseconds. Every variable has a stable, readable name
+integer nanoseconds.
+
+Solving (`solve`): the LP relaxation first (GLOP); the aggregated rows make it
+integral for most programs without a binding memory row, and an integral LP
+optimum is an integer optimum. Otherwise CP-SAT, with a fixed seed and
+interleaved search so the same inputs give the same plan. Every variable has a stable, readable name
 (`x[n=<node>,s=<k>]`, `e[<u>-><v>:<i>,o=<k>,r=<k>]`).
 """
 from __future__ import annotations
@@ -34,16 +39,18 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ortools.linear_solver import pywraplp
 from ortools.sat.python import cp_model
 
 from ir.graph import Graph, Node
 from planner._dtensor import Placements
 from planner.cost import to_ns
 from planner.memory import peak_rows
+from planner.mesh import format_bytes
 from planner.pricing import Pricer
 from planner.strategies import StrategySpace
 
-__all__ = ["MemoryBudgetError", "SolveResult", "SolverOptions", "solve"]
+__all__ = ["MemoryBudgetError", "SolveResult", "SolverOptions", "least_memory", "solve"]
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +61,8 @@ class MemoryBudgetError(ValueError):
     def __init__(self, budget: int, least: int) -> None:
         self.budget, self.least = budget, least
         super().__init__(
-            f"no plan fits the memory budget of {budget} bytes per device; "
-            f"the least memory any plan needs is {least} bytes per device"
+            f"no plan fits the memory budget of {format_bytes(budget)} ({budget} bytes) per device; "
+            f"the least memory any plan needs is {format_bytes(least)} ({least} bytes) per device"
         )
 
 
@@ -74,6 +81,8 @@ class SolveResult:
     objective_ns: int
     bound_ns: int
     wall_s: float
+    #: "lp-relaxation" (integral LP optimum) or "cp-sat"
+    method: str
     variables: int
     constraints: int
 
@@ -85,9 +94,9 @@ class SolveResult:
 class _Model:
     """Builds the CP-SAT program for one graph; see the module docstring."""
 
-    def __init__(self, graph: Graph, space: StrategySpace, pricer: Pricer) -> None:
+    def __init__(self, graph: Graph, space: StrategySpace, pricer: Pricer, backend=None) -> None:
         self.graph, self.space, self.pricer = graph, space, pricer
-        self.m = cp_model.CpModel()
+        self.m = backend if backend is not None else cp_model.CpModel()
         self.group = {n.name: (space.nodes[n.name].follows or n.name) for n in graph}
         self.x: dict[str, list] = {}
         self.cost_terms: list[tuple[int, object]] = []
@@ -201,24 +210,81 @@ class _Model:
             self._add_memory(budget)
         self.m.Minimize(sum(c * v for c, v in self.cost_terms) + self.const_ns)
 
-    def least_memory(self, options: SolverOptions) -> int:
-        """The smallest per-device peak any plan reaches (for error messages)."""
-        peak = self.m.NewIntVar(0, 2**62, "peak_bytes")
-        for row in self.memory_rows():
-            self.m.Add(peak >= sum(b * v for b, v in row))
-        self.m.Minimize(peak)
-        solver = _solver(options)
-        solver.Solve(self.m)
-        return int(solver.Value(peak))
+class _LpBackend:
+    """The same model with continuous x, e ∈ [0, 1] (GLOP). Without a memory
+    row the aggregated edge rows make this relaxation integral in practice,
+    and then it is the answer, found in milliseconds and deterministically."""
+
+    def __init__(self) -> None:
+        self.s = pywraplp.Solver.CreateSolver("GLOP")
+
+    def NewBoolVar(self, name: str):  # noqa: N802 - mirrors cp_model
+        return self.s.NumVar(0.0, 1.0, name)
+
+    def AddExactlyOne(self, xs) -> None:  # noqa: N802
+        self.s.Add(sum(xs) == 1)
+
+    def Add(self, constraint) -> None:  # noqa: N802
+        self.s.Add(constraint)
+
+    def Minimize(self, expr) -> None:  # noqa: N802
+        self.s.Minimize(expr)
 
 
-def _solver(options: SolverOptions) -> cp_model.CpSolver:
+def _cp_solver(options: SolverOptions) -> cp_model.CpSolver:
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = options.time_limit_s
     solver.parameters.num_workers = options.workers
     solver.parameters.random_seed = options.seed
     solver.parameters.interleave_search = True  # deterministic with several workers
     return solver
+
+
+def _values(model: _Model, graph: Graph, value) -> dict[str, int] | None:
+    """Chosen strategy per node, or None if some group is fractional."""
+    choice = {}
+    for n in graph:
+        vals = [1.0 if isinstance(v, int) else value(v) for v in model.xs(n.name)]
+        k = max(range(len(vals)), key=vals.__getitem__)
+        if abs(vals[k] - 1.0) > 1e-6:
+            return None
+        choice[n.name] = k
+    return choice
+
+
+def _lp(graph, space, pricer, output_placements, budget) -> tuple[_Model, pywraplp.Solver] | None:
+    model = _Model(graph, space, pricer, _LpBackend())
+    model.build(output_placements, budget)
+    lp = model.m.s
+    return (model, lp) if lp.Solve() == pywraplp.Solver.OPTIMAL else None
+
+
+def _hint(model: _Model, lp_model: _Model) -> None:
+    """Start CP-SAT from the LP solution rounded per group (largest x)."""
+    for g, xs in model.x.items():
+        lp_xs = lp_model.x[g]
+        if len(xs) < 2:
+            continue
+        vals = [v.solution_value() for v in lp_xs]
+        best = max(range(len(vals)), key=vals.__getitem__)
+        for k, x in enumerate(xs):
+            model.m.AddHint(x, k == best)
+
+
+def least_memory(graph: Graph, space: StrategySpace, pricer: Pricer, options: SolverOptions) -> int:
+    """The smallest per-device peak any plan reaches (for error messages)."""
+    model = _Model(graph, space, pricer)
+    model._add_choices()
+    rows = model.memory_rows()
+    top = sum(max((b for b, _ in row), default=0) for row in rows) + 1
+    peak = model.m.NewIntVar(0, top * max(1, len(rows)), "peak_bytes")
+    for row in rows:
+        model.m.Add(peak >= sum(b * v for b, v in row))
+    model.m.Minimize(peak)
+    solver = _cp_solver(options)
+    if solver.Solve(model.m) not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        raise RuntimeError("could not compute the least memory a plan needs")
+    return int(solver.Value(peak))
 
 
 def solve(
@@ -230,32 +296,33 @@ def solve(
     memory_budget: int | None = None,
     options: SolverOptions = SolverOptions(),
 ) -> SolveResult:
-    """Choose one strategy per node minimising predicted step time."""
+    """Choose one strategy per node minimising predicted step time.
+
+    The LP relaxation is tried first; when it is integral its solution is
+    optimal for the integer program too. Otherwise CP-SAT solves it."""
     t0 = time.perf_counter()
     model = _Model(graph, space, pricer)
     model.build(output_placements, memory_budget)
-    solver = _solver(options)
+    proto = model.m.Proto()
+    size = {"variables": len(proto.variables), "constraints": len(proto.constraints)}
+    lp = _lp(graph, space, pricer, output_placements, memory_budget)
+    if lp is not None:
+        choice = _values(lp[0], graph, lambda v: v.solution_value())
+        if choice is not None:
+            obj = int(round(lp[1].Objective().Value()))
+            log.debug("ILP solved by its LP relaxation: %d vars, %.3fs", size["variables"], time.perf_counter() - t0)
+            return SolveResult(choice, "OPTIMAL", obj, obj, time.perf_counter() - t0, "lp-relaxation", **size)
+        _hint(model, lp[0])
+    solver = _cp_solver(options)
     status = solver.Solve(model.m)
     wall = time.perf_counter() - t0
     name = solver.StatusName(status)
-    proto = model.m.Proto()
-    log.debug("ILP %s: %d vars, %d constraints, %.3fs", name, len(proto.variables), len(proto.constraints), wall)
+    log.debug("ILP %s: %d vars, %d constraints, %.3fs", name, size["variables"], size["constraints"], wall)
     if status == cp_model.INFEASIBLE and memory_budget is not None:
-        spare = _Model(graph, space, pricer)
-        spare._add_choices()
-        raise MemoryBudgetError(memory_budget, spare.least_memory(options))
+        raise MemoryBudgetError(memory_budget, least_memory(graph, space, pricer, options))
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         raise RuntimeError(f"the solver found no plan: status {name} after {wall:.1f}s")
-    choice = {}
-    for n in graph:
-        xs = model.xs(n.name)
-        choice[n.name] = next(k for k, v in enumerate(xs) if (v == 1 if isinstance(v, int) else solver.BooleanValue(v)))
+    choice = _values(model, graph, solver.BooleanValue)
     return SolveResult(
-        choice=choice,
-        status=name,
-        objective_ns=int(round(solver.ObjectiveValue())),
-        bound_ns=int(round(solver.BestObjectiveBound())),
-        wall_s=wall,
-        variables=len(proto.variables),
-        constraints=len(proto.constraints),
+        choice, name, int(round(solver.ObjectiveValue())), int(round(solver.BestObjectiveBound())), wall, "cp-sat", **size
     )

@@ -99,8 +99,19 @@ class Pricer:
             nbytes = _numel(shape) * meta.itemsize
             if kind == "all_to_all":
                 nbytes = _numel(before) * meta.itemsize
-            out.append(Collective(kind, step.axis, nbytes, collective_time(kind, nbytes, p, self.links[step.axis])))
+            t = collective_time(kind, nbytes, p, self.links[step.axis]) + self._rearrange_s(kind, step, nbytes)
+            out.append(Collective(kind, step.axis, nbytes, t))
         return tuple(out)
+
+    def _rearrange_s(self, kind: str, step, nbytes: int) -> float:
+        """Local copies around the collective: collectives work on dim 0, so
+        gathering or scattering another dim costs a read and a write of the
+        buffer, and all-to-all packs and unpacks it."""
+        if kind == "all_gather" and step.src.dim != 0 or kind == "reduce_scatter" and step.dst.dim != 0:
+            return 2 * nbytes / self.profile.memory_bandwidth
+        if kind == "all_to_all":
+            return 4 * nbytes / self.profile.memory_bandwidth
+        return 0.0
 
     def redistribute_s(self, meta: TensorMeta, src: Placements, dst: Placements) -> float:
         return sum(c.time_s for c in self.redistribute(meta, src, dst))

@@ -66,3 +66,13 @@ def sdpa_cpu_flash_rule(node: Node, metas: dict[str, TensorMeta]) -> list[list]:
         s = Shard(dim)
         rules.append([s, s, s, s, s] + [_mask_placement(m, 4 - dim) for m in masks])
     return rules
+
+
+@register_rule(aten.convolution.default)
+def convolution_rule(node: Node, metas: dict[str, TensorMeta]) -> list[list]:
+    """Batch-parallel convolution: DTensor's rule, run on local shards (its own
+    runtime path rejects a batch dim split over two mesh axes)."""
+    rule = [Shard(0), Shard(0), Replicate()]
+    if len(node.refs()) > 2:
+        rule.append(Replicate())  # bias
+    return [rule]

@@ -111,13 +111,13 @@ def _node_strategies(node, mesh_shape, fixed, metas, candidates, done) -> tuple[
     if node.is_getitem:
         parent = done[node.args[0].name]
         idx = node.args[1]
-        opts = tuple(Strategy((s.output,), s.output[idx]) for s in parent.options)
+        opts = tuple(Strategy((s.output[idx],), s.output[idx]) for s in parent.options)
         return NodeStrategies(node.name, opts, "follow", follows=parent.follows or parent.name), None
     refs = node.refs()
     if not refs:
         return NodeStrategies(node.name, (_replicated(node, 0, mesh_shape),), "factory"), None
     raw, source, reason = _rule_strategies(node, mesh_shape, metas, candidates)
-    opts = _filter(node, raw, mesh_shape, metas) if raw else ()
+    opts = _filter(node, raw, mesh_shape, metas, candidates) if raw else ()
     if not opts:
         reason = reason or "no strategy with even shards on this mesh"
         return (
@@ -161,18 +161,37 @@ def _rule_strategies(node: Node, mesh_shape, metas, candidates):
         return [], "fallback", f"DTensor rule failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
-def _filter(node: Node, raw, mesh_shape, metas) -> tuple[Strategy, ...]:
+def _filter(node: Node, raw, mesh_shape, metas, candidates) -> tuple[Strategy, ...]:
+    """Even shards only, and no input Partial(max/min/avg) its producer never
+    makes: turning a value into such a Partial is a free local op whose only
+    effect is a reduction owed later. Partial(sum) always stays: a bias added
+    to a row-parallel matmul's partial sum enters as one."""
     refs = node.refs()
+    made = {r: _partials_by_axis(candidates.get(r, ())) for r in set(refs)}
     keep: dict[Strategy, None] = {}
     for ins, outp in raw:
         if len(ins) != len(refs):
             continue
         if not all(valid_on(p, metas.get(r), mesh_shape) for p, r in zip(ins, refs, strict=True)):
             continue
+        if any(isinstance(p, Partial) and p != _SUM and p not in made[r].get(a, ()) for pl, r in zip(ins, refs, strict=True) for a, p in enumerate(pl)):
+            continue
         if not _output_valid(outp, node.meta, mesh_shape):
             continue
         keep[Strategy(tuple(ins), outp)] = None
     return tuple(keep)
+
+
+_SUM = Partial("sum")
+
+
+def _partials_by_axis(outputs) -> dict[int, set]:
+    axes: dict[int, set] = {}
+    for out in outputs:
+        for a, p in enumerate(out):
+            if isinstance(p, Partial):
+                axes.setdefault(a, set()).add(p)
+    return axes
 
 
 def _output_valid(outp, meta, mesh_shape) -> bool:

@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 import traceback
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -69,6 +70,8 @@ def process_group(mesh: MeshSpec, *, rank: int | None = None, store_path: str | 
 
 
 def _rank_main(rank: int, mesh_json: dict, work: Work, folder: str) -> None:
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")
     mesh = MeshSpec.from_json(mesh_json)
     out = Path(folder) / f"rank{rank}.json"
     try:

@@ -123,8 +123,8 @@ class _Interpreter:
                 return self._wrap(self._to(env[a.name], np.inputs[k], meta), np.inputs[k], meta)
             return a
 
-        args, kwargs = tree_map(arg, (fx_node.args, fx_node.kwargs))
-        if "device" in kwargs:
+        args, kwargs = tree_map(arg, (tuple(fx_node.args), dict(fx_node.kwargs)))
+        if "device" in kwargs:  # factories traced on meta run on this rank's device
             kwargs["device"] = torch.device(self.mesh.device_type)
         try:
             return self._execute(fx_node, np, args, kwargs)

@@ -1,6 +1,7 @@
 """`dtplan run`: execute a plan for a model file on every rank and check it."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections import Counter
 from collections.abc import Mapping
@@ -10,7 +11,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from dtplan.api import sharded_program
 from dtplan.modelfile import load_model_file
-from ir.capture import capture
+from ir.capture import Captured, capture
 from planner.plan import Plan
 from runtime.launch import launched_by_torchrun, process_group, spawn
 from runtime.params import local_shard
@@ -23,7 +24,7 @@ def rank_work(rank: int, mesh: DeviceMesh, *, path: str, options: Mapping[str, s
     """One rank: build the real model, shard it, run one step, report."""
     mf = load_model_file(path, options)
     model, inputs = mf.build(meta=False)
-    captured = capture(model, inputs)
+    captured = _capture_like_planner(mf)
     plan = Plan.from_json(plan_json)
     program = sharded_program(model, captured, plan, mesh)
     recorder = CollectiveRecorder(mesh, tuple(plan.mesh.axis_names))
@@ -48,6 +49,17 @@ def rank_work(rank: int, mesh: DeviceMesh, *, path: str, options: Mapping[str, s
             numerics_match=all(c.ok for c in cmps),
         )
     return report
+
+
+def _capture_like_planner(mf) -> Captured:
+    """The graph the planner saw: captured on meta (a real-device export may
+    differ in layout-driven ops such as clones), with lifted constants taken
+    from a real capture."""
+    captured = capture(*mf.build(meta=True))
+    if captured.constants:
+        real = capture(*mf.build(meta=False))
+        captured = dataclasses.replace(captured, constants=real.constants)
+    return captured
 
 
 def run_model_file(path: str, plan: Plan, *, options: Mapping[str, str] | None = None, check: bool = False) -> list[dict]:

@@ -1,0 +1,254 @@
+"""The `dtplan` command line: a thin layer over the Python API.
+
+    dtplan compile MODEL.py --mesh 2x4 [--memory 80GiB] [--profile h100] [--out DIR]
+    dtplan run MODEL.py --mesh 2x2 [--plan FILE] [--check]
+    dtplan report PLAN.json [--out FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+class _Progress:
+    """Stage messages on stderr, only for a terminal and without --quiet."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.on = not quiet and sys.stderr.isatty()
+        self.t0 = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        if self.on:
+            print(f"[{time.perf_counter() - self.t0:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def _placement_arg(text: str | None):
+    """"S(0),R" for every value, or "x=S(0),R;y=R,R" by name (outputs by index)."""
+    if text is None:
+        return None
+    items = [t.strip() for t in text.split(";") if t.strip()]
+    if len(items) == 1 and "=" not in items[0]:
+        return _split(items[0])
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"placement spec {item!r} needs a name: NAME=P1,P2,... (in {text!r})")
+        name, spec = item.split("=", 1)
+        out[name.strip()] = _split(spec)
+    return out
+
+
+def _split(spec: str) -> list[str]:
+    parts, depth, cur = [], 0, ""
+    for ch in spec:
+        depth += ch == "("
+        depth -= ch == ")"
+        if ch == "," and depth == 0:
+            parts.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur.strip())
+    return [p for p in parts if p]
+
+
+def _model_args(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for p in pairs:
+        if "=" not in p:
+            raise ValueError(f"--model-arg {p!r} must look like KEY=VALUE")
+        k, v = p.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _plan(args, progress):
+    from dtplan.api import plan_program
+    from dtplan.modelfile import load_model_file
+    from ir.capture import capture
+    from planner.ilp import SolverOptions
+    from planner.mesh import parse_mesh, parse_size
+
+    parse_mesh(args.mesh)  # fail fast, before the slow capture
+    if args.memory is not None:
+        parse_size(args.memory)
+    mf = load_model_file(args.model, _model_args(args.model_arg))
+    progress(f"capturing {mf.path} on the meta device")
+    model, inputs = mf.build(meta=True)
+    captured = capture(model, inputs)
+    plan = plan_program(
+        captured,
+        mesh=args.mesh,
+        profile=args.profile,
+        memory=args.memory,
+        input_placements=_placement_arg(args.input_placements),
+        output_placements=_placement_arg(args.output_placements),
+        solver=SolverOptions(time_limit_s=args.time_limit),
+        model_info={"name": mf.name, "source": str(mf.path), "options": dict(mf.options)},
+        progress=progress,
+    )
+    return mf, plan
+
+
+def _summary(plan) -> dict:
+    c, s = plan.cost, plan.solver
+    return {
+        "model": plan.model.get("name"),
+        "mesh": str(plan.mesh),
+        "profile": plan.profile["name"],
+        "step_time_s": c["total_s"],
+        "compute_s": c["compute_s"],
+        "comm_s": c["comm_s"],
+        "comm_bytes_per_device": c["comm_bytes"],
+        "peak_memory_bytes_per_device": c["peak_memory_bytes"],
+        "memory_budget_bytes": plan.memory_budget_bytes,
+        "collectives": len(plan.collectives),
+        "fallbacks": len(plan.fallbacks),
+        "solver": {k: s[k] for k in ("status", "method", "objective", "bound", "gap", "wall_s")},
+        "stage_seconds": dict(plan.stage_seconds),
+    }
+
+
+def _print_summary(plan, out_dir: Path | None) -> None:
+    from planner.mesh import format_bytes, format_seconds
+
+    c, s = plan.cost, plan.solver
+    budget = "" if plan.memory_budget_bytes is None else f" of {format_bytes(plan.memory_budget_bytes)} budget"
+    print(f"plan for {plan.model.get('name')} on mesh {plan.mesh} ({plan.profile['name']} profile)")
+    print(f"  predicted step   {format_seconds(c['total_s'])}  (compute {format_seconds(c['compute_s'])}, communication {format_seconds(c['comm_s'])})")
+    print(f"  communication    {format_bytes(c['comm_bytes'])} sent per device in {len(plan.collectives)} collective(s)")
+    print(f"  memory           {format_bytes(c['peak_memory_bytes'])} peak per device{budget}")
+    print(f"  solver           {s['status']} by {s['method']} in {format_seconds(s['wall_s'])}, gap {s['gap']:.2%}")
+    print("  stages           " + ", ".join(f"{k} {format_seconds(v)}" for k, v in plan.stage_seconds.items()))
+    if plan.fallbacks:
+        print(f"  fallbacks        {len(plan.fallbacks)} op(s) replicated: " + ", ".join(sorted({f.op for f in plan.fallbacks})))
+    if out_dir is not None:
+        print(f"  wrote            {out_dir / 'plan.json'}, {out_dir / 'report.html'}")
+
+
+def cmd_compile(args) -> int:
+    from planner.report import write_report
+
+    progress = _Progress(args.quiet or args.json)
+    _, plan = _plan(args, progress)
+    out = Path(args.out)
+    plan.save(out / "plan.json")
+    progress("writing the report")
+    write_report(plan.to_json(), out / "report.html")
+    if args.json:
+        print(json.dumps(_summary(plan), indent=1))
+    else:
+        _print_summary(plan, out)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from dtplan.modelfile import load_model_file
+    from ir.capture import capture
+    from planner.mesh import parse_mesh
+    from planner.plan import Plan, PlanError
+    from runtime.run import run_model_file
+
+    progress = _Progress(args.quiet)
+    if args.plan:
+        plan = Plan.load(args.plan)
+        mesh = parse_mesh(args.mesh)
+        if tuple(mesh.shape) != tuple(plan.mesh.shape):
+            raise PlanError(f"--mesh {mesh} does not match the plan's mesh {plan.mesh}")
+        mf = load_model_file(args.model, _model_args(args.model_arg))
+        plan.check_matches(capture(*mf.build(meta=True)).graph, mesh)
+    else:
+        _, plan = _plan(args, progress)
+    progress(f"running on {plan.mesh.size} rank(s)")
+    reports = run_model_file(args.model, plan, options=_model_args(args.model_arg), check=args.check)
+    ok = True
+    for r in reports:
+        line = f"rank {r['rank']}: collectives {'as planned' if r['collectives_match'] else 'DIFFER from the plan'}"
+        ok &= r["collectives_match"]
+        if args.check:
+            line += f"; max abs error {r['max_abs']:.3g}, max rel error {r['max_rel']:.3g}" + ("" if r["numerics_match"] else " MISMATCH")
+            ok &= r["numerics_match"]
+        print(line)
+        if not r["collectives_match"]:
+            print(f"  issued: {r['collectives_issued']}")
+    print("check passed" if ok else "check FAILED", file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
+
+
+def cmd_report(args) -> int:
+    from planner.plan import Plan
+    from planner.report import write_report
+
+    plan = Plan.load(args.plan)
+    out = Path(args.out) if args.out else Path(args.plan).with_name("report.html")
+    write_report(plan.to_json(), out)
+    print(f"wrote {out}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dtplan", description="Ahead-of-time sharding planner for PyTorch.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def planning(sp, *, mesh_required=True):
+        sp.add_argument("model", help="model file defining build_model() and example_inputs()")
+        sp.add_argument("--mesh", required=mesh_required, help="device mesh: 8, 2x4 or dp=2,tp=4")
+        sp.add_argument("--profile", default="cpu", help="device profile name (h100, a100, cpu) or JSON file")
+        sp.add_argument("--memory", help="per-device memory budget, e.g. 16MiB or 80GiB")
+        sp.add_argument("--input-placements", help='e.g. "S(0),R" for all inputs or "x=S(0),R;y=R,R"')
+        sp.add_argument("--output-placements", help='e.g. "R,R" for all outputs or "0=S(0),R"')
+        sp.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", help="option passed to build_model/example_inputs")
+        sp.add_argument("--time-limit", type=float, default=60.0, help="solver time limit in seconds")
+        sp.add_argument("--quiet", action="store_true", help="no progress messages")
+
+    c = sub.add_parser("compile", help="plan a model and write plan.json and report.html")
+    planning(c)
+    c.add_argument("--out", default="dtplan-out", help="output folder (default dtplan-out/)")
+    c.add_argument("--json", action="store_true", help="print the summary as JSON")
+    c.set_defaults(func=cmd_compile)
+
+    r = sub.add_parser("run", help="run the sharded program on as many ranks as the mesh has")
+    planning(r)
+    r.add_argument("--plan", help="plan.json to run (default: plan first)")
+    r.add_argument("--check", action="store_true", help="compare outputs with the single-device result")
+    r.set_defaults(func=cmd_run)
+
+    rep = sub.add_parser("report", help="render report.html again from a saved plan")
+    rep.add_argument("plan", help="plan.json")
+    rep.add_argument("--out", help="output HTML file (default: beside the plan)")
+    rep.set_defaults(func=cmd_report)
+    return p
+
+
+def quiet_torch_warnings() -> None:
+    """torch's own deprecation chatter (pytree, functional collectives) is not
+    the user's business; keep the terminal for dtplan's output."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    quiet_torch_warnings()
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("dtplan: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one clear line, no traceback (DTPLAN_DEBUG=1 shows it)
+        if os.environ.get("DTPLAN_DEBUG"):
+            raise
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"dtplan: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Make the integer program small before solving it.
+
+`merge_followers`: a node with a single tensor input that can take every
+placement its input may arrive in, unchanged (views, elementwise ops),
+follows its input: it shares the input's choice variable and takes, for each
+of the input's options, its cheapest strategy that consumes that placement
+as is. Its edge from the input then costs nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from ir.graph import Graph
+from planner.pricing import Pricer
+from planner.strategies import NodeStrategies, StrategySpace
+
+__all__ = ["merge_followers"]
+
+log = logging.getLogger(__name__)
+
+
+def merge_followers(graph: Graph, space: StrategySpace, pricer: Pricer) -> StrategySpace:
+    nodes = dict(space.nodes)
+    merged = 0
+    for v in graph:
+        ns = nodes[v.name]
+        refs = v.refs()
+        if v.is_placeholder or ns.source in ("follow", "fallback") or len(refs) != 1 or len(ns.options) == 1:
+            continue
+        u = nodes[refs[0]]
+        aligned = []
+        for opt in u.options:
+            same = [s for s in ns.options if s.inputs[0] == opt.output]
+            if not same:
+                break
+            aligned.append(min(same, key=lambda s: pricer.compute_s(v, s)))
+        else:
+            nodes[v.name] = NodeStrategies(v.name, tuple(aligned), "follow", follows=u.follows or u.name)
+            merged += 1
+    log.debug("merged %d follower nodes", merged)
+    return dataclasses.replace(space, nodes=nodes)
