@@ -17,11 +17,12 @@ few. With edge booleans e[u,v,i,o,r], aggregated rows
 the edge costs Σ c(o,r)·e[o,r], c the redistribution time. When one side has
 a single placement the cost is linear in the other side's z or y.
 
-Memory (`_add_memory`): per device, parameters and buffers Σ bytes(v,s)·x
-plus the activations live at each point t of the schedule; one row per t
-whose live set is not contained in the next one's (the others are dominated):
+Memory (`_add_memory`): per device, parameters and buffers
+M = Σ_stored bytes(v,s)·x (one integer variable), plus the activations live
+at each point t of the schedule; one row per t whose live set is not
+contained in the next one's (the others are dominated):
 
-    Σ_params bytes + Σ_{v live at t} bytes(v,s)·x ≤ budget
+    M + Σ_{v live at t} bytes(v,s)·x ≤ budget
 
 Objective: Σ compute(v,s)·x + Σ edge costs + output redistribution, in
 integer nanoseconds.
@@ -185,9 +186,12 @@ class _Model:
             self._link(f"{u}->output", self.graph[u].tensor_meta, outs, {want: [1]})
 
     # ----------------------------------------------------------------- memory
-    def memory_rows(self) -> list[list[tuple[int, object]]]:
-        """(bytes, variable) terms of per-device memory at each candidate peak."""
-        return [[t for name in row for t in self._bytes_terms(self.graph[name])] for row in peak_rows(self.graph)]
+    def memory_terms(self) -> tuple[list[tuple[int, object]], list[list[tuple[int, object]]]]:
+        """(bytes, variable) terms of stored values, and of the live
+        allocations at each candidate peak."""
+        stored, rows = peak_rows(self.graph)
+        terms = lambda names: [t for name in names for t in self._bytes_terms(self.graph[name])]  # noqa: E731
+        return terms(stored), [terms(r) for r in rows]
 
     def _bytes_terms(self, n: Node) -> list[tuple[int, object]]:
         meta = n.tensor_meta
@@ -197,9 +201,12 @@ class _Model:
         ]
 
     def _add_memory(self, budget: int) -> None:
-        for row in self.memory_rows():
-            const = sum(b * v for b, v in row if isinstance(v, int))
-            self.m.Add(sum(b * v for b, v in row if not isinstance(v, int)) <= budget - const)
+        """One variable for the stored bytes keeps each peak row short."""
+        stored_terms, rows = self.memory_terms()
+        stored = self.m.NewIntVar(0, budget, "stored_bytes")
+        self.m.Add(stored == sum(b * v for b, v in stored_terms))
+        for row in rows:
+            self.m.Add(stored + sum(b * v for b, v in row) <= budget)
 
     def build(self, output_placements, budget: int | None) -> None:
         self._add_choices()
@@ -208,7 +215,19 @@ class _Model:
         self._add_outputs(output_placements)
         if budget is not None:
             self._add_memory(budget)
-        self.m.Minimize(sum(c * v for c, v in self.cost_terms) + self.const_ns)
+        self.m.Minimize(self.scale * (sum(c * v for c, v in self.cost_terms) + self.const_ns) + self._tie_break())
+
+    @property
+    def scale(self) -> int:
+        """Objective units per nanosecond: room below one nanosecond for the tie-break."""
+        return 1 + sum(len(xs) - 1 for xs in self.x.values())
+
+    def _tie_break(self):
+        """Among plans of equal predicted time prefer lower strategy indices
+        (Replicate and low dims come first). Worth less than 1 ns in total, it
+        makes the optimum (nearly always) unique, so parallel search returns
+        the same plan for the same inputs."""
+        return sum(k * x for xs in self.x.values() if len(xs) > 1 for k, x in enumerate(xs))
 
 class _LpBackend:
     """The same model with continuous x, e ∈ [0, 1] (GLOP). Without a memory
@@ -220,6 +239,9 @@ class _LpBackend:
 
     def NewBoolVar(self, name: str):  # noqa: N802 - mirrors cp_model
         return self.s.NumVar(0.0, 1.0, name)
+
+    def NewIntVar(self, lb: int, ub: int, name: str):  # noqa: N802
+        return self.s.NumVar(lb, ub, name)
 
     def AddExactlyOne(self, xs) -> None:  # noqa: N802
         self.s.Add(sum(xs) == 1)
@@ -236,7 +258,7 @@ def _cp_solver(options: SolverOptions) -> cp_model.CpSolver:
     solver.parameters.max_time_in_seconds = options.time_limit_s
     solver.parameters.num_workers = options.workers
     solver.parameters.random_seed = options.seed
-    solver.parameters.interleave_search = True  # deterministic with several workers
+    # parallel portfolio; the tie-break in the objective keeps the answer stable
     return solver
 
 
@@ -275,11 +297,11 @@ def least_memory(graph: Graph, space: StrategySpace, pricer: Pricer, options: So
     """The smallest per-device peak any plan reaches (for error messages)."""
     model = _Model(graph, space, pricer)
     model._add_choices()
-    rows = model.memory_rows()
-    top = sum(max((b for b, _ in row), default=0) for row in rows) + 1
-    peak = model.m.NewIntVar(0, top * max(1, len(rows)), "peak_bytes")
+    stored_terms, rows = model.memory_terms()
+    top = sum(b for b, _ in stored_terms) + sum(b for row in rows for b, _ in row) + 1
+    peak = model.m.NewIntVar(0, top, "peak_bytes")
     for row in rows:
-        model.m.Add(peak >= sum(b * v for b, v in row))
+        model.m.Add(peak >= sum(b * v for b, v in stored_terms + row))
     model.m.Minimize(peak)
     solver = _cp_solver(options)
     if solver.Solve(model.m) not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
@@ -309,7 +331,7 @@ def solve(
     if lp is not None:
         choice = _values(lp[0], graph, lambda v: v.solution_value())
         if choice is not None:
-            obj = int(round(lp[1].Objective().Value()))
+            obj = int(round(lp[1].Objective().Value())) // model.scale
             log.debug("ILP solved by its LP relaxation: %d vars, %.3fs", size["variables"], time.perf_counter() - t0)
             return SolveResult(choice, "OPTIMAL", obj, obj, time.perf_counter() - t0, "lp-relaxation", **size)
         _hint(model, lp[0])
@@ -323,6 +345,6 @@ def solve(
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         raise RuntimeError(f"the solver found no plan: status {name} after {wall:.1f}s")
     choice = _values(model, graph, solver.BooleanValue)
-    return SolveResult(
-        choice, name, int(round(solver.ObjectiveValue())), int(round(solver.BestObjectiveBound())), wall, "cp-sat", **size
-    )
+    objective = int(round(solver.ObjectiveValue())) // model.scale
+    bound = -(-int(round(solver.BestObjectiveBound())) // model.scale)
+    return SolveResult(choice, name, objective, min(bound, objective), wall, "cp-sat", **size)

@@ -17,18 +17,19 @@ def is_allocation(n: Node) -> bool:
     return not getattr(n.target, "is_view", False)
 
 
-def peak_rows(graph: Graph) -> tuple[tuple[str, ...], ...]:
-    """Node names resident at each candidate peak: stored values plus the
-    allocations live at a point t of the schedule. Points whose live set is
-    contained in the next point's are dropped: their row is dominated."""
+def peak_rows(graph: Graph) -> tuple[tuple[str, ...], tuple[tuple[str, ...], ...]]:
+    """(stored values, allocations live at each candidate peak): per-device
+    memory at a point t is the stored values plus that point's allocations.
+    Points whose live set is contained in the next point's are dropped: their
+    row is dominated."""
     stored = tuple(n.name for n in graph if n.role in STORED_ROLES and n.tensor_meta is not None)
     index = {n.name: k for k, n in enumerate(graph)}
     last = graph.last_use()
     allocs = [n.name for n in graph if is_allocation(n)]
     live = [frozenset(a for a in allocs if index[a] <= t <= last[a]) for t in range(len(graph))]
-    rows = [
-        stored + tuple(sorted(s, key=index.__getitem__))
+    rows = tuple(
+        tuple(sorted(s, key=index.__getitem__))
         for t, s in enumerate(live)
         if not (t + 1 < len(live) and s <= live[t + 1])
-    ]
-    return tuple(rows) or (stored,)
+    )
+    return stored, rows or ((),)

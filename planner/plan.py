@@ -12,7 +12,7 @@ from pathlib import Path
 from ir.graph import Graph, Role
 from planner._dtensor import Placements, format_placements, parse_placement
 from planner.cost import bytes_sent_per_rank
-from planner.memory import STORED_ROLES, peak_rows
+from planner.memory import peak_rows
 from planner.mesh import MeshSpec
 from planner.pricing import Pricer, local_shape
 from planner.strategies import Fallback, Strategy, StrategySpace
@@ -214,8 +214,9 @@ def evaluate(
     for u, want in zip(graph.outputs, output_placements, strict=True):
         edge(u, want, "output", graph[u].module)
     per_node = {n.name: pricer.bytes_per_device(n.tensor_meta, chosen[n.name].output) for n in graph if n.tensor_meta is not None}
-    stored = sum(per_node[n.name] for n in graph if n.role in STORED_ROLES)
-    peak = max(sum(per_node[name] for name in row) for row in peak_rows(graph))
+    stored_names, rows = peak_rows(graph)
+    stored = sum(per_node[name] for name in stored_names)
+    peak = stored + max(sum(per_node[name] for name in row) for row in rows)
     return Evaluation(
         nodes=nodes,
         collectives=tuple(colls),

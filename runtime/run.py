@@ -17,7 +17,7 @@ from runtime.launch import launched_by_torchrun, process_group, spawn
 from runtime.params import local_shard
 from runtime.verify import CollectiveRecorder, compare, expected_collectives
 
-__all__ = ["run_model_file", "rank_work"]
+__all__ = ["rank_work", "run_many", "run_model_file"]
 
 
 def rank_work(rank: int, mesh: DeviceMesh, *, path: str, options: Mapping[str, str], plan_json: dict, check: bool) -> dict:
@@ -60,6 +60,20 @@ def _capture_like_planner(mf) -> Captured:
         real = capture(*mf.build(meta=False))
         captured = dataclasses.replace(captured, constants=real.constants)
     return captured
+
+
+def _many(rank: int, mesh: DeviceMesh, *, items: list[dict]) -> list[dict]:
+    return [rank_work(rank, mesh, **item) for item in items]
+
+
+def run_many(items: list[tuple[str, Plan, Mapping[str, str], bool]]) -> list[list[dict]]:
+    """Run several plans (same mesh) in one group of spawned ranks: the start-up
+    of a group costs seconds. Returns per rank, per item, the report."""
+    meshes = {tuple(p.mesh.shape) for _, p, _, _ in items}
+    if len(meshes) != 1:
+        raise ValueError(f"run_many needs plans for one mesh, got {sorted(meshes)}")
+    payload = [dict(path=str(path), options=dict(opts), plan_json=plan.to_json(), check=check) for path, plan, opts, check in items]
+    return spawn(functools.partial(_many, items=payload), items[0][1].mesh)
 
 
 def run_model_file(path: str, plan: Plan, *, options: Mapping[str, str] | None = None, check: bool = False) -> list[dict]:

@@ -76,9 +76,6 @@ def test_default_dims_divisible_by_4(example):
             assert all(d % 4 == 0 for d in mod.weight.shape), (name, tuple(mod.weight.shape))
         elif isinstance(mod, nn.Conv2d):
             assert mod.out_channels % 4 == 0, name
-    if example.__name__.endswith("llama"):
-        # The tiny preset's batch is fixed at 2 by its spec.
-        return
     for t in example.example_inputs():
         assert t.shape[0] % 4 == 0
 
@@ -136,7 +133,7 @@ def test_bad_option_values_raise(example):
 def test_default_input_shapes():
     assert _load("mlp").example_inputs()[0].shape == (8, 64)
     assert _load("gpt").example_inputs()[0].shape == (4, 16)
-    assert _load("llama").example_inputs()[0].shape == (2, 16)
+    assert _load("llama").example_inputs()[0].shape == (4, 16)
     assert _load("cnn").example_inputs()[0].shape == (8, 3, 16, 16)
     assert _load("gpt").build_model()(_load("gpt").example_inputs()[0]).shape == (4, 16, 256)
 
