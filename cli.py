@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -232,6 +233,9 @@ def quiet_torch_warnings() -> None:
     the user's business; keep the terminal for dtplan's output."""
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")
+    import torch._logging
+
+    torch._logging.set_logs(all=logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:

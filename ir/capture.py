@@ -7,12 +7,16 @@ fused so attention can be head-sharded by our own rule.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import logging
 import operator
 import time
+import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch.export import ExportedProgram
@@ -56,7 +60,10 @@ def capture(model: torch.nn.Module, example_inputs: tuple) -> Captured:
     """
     t0 = time.perf_counter()
     try:
-        ep = torch.export.export(model, tuple(example_inputs))
+        # export prints the partial graph to stderr on some failures; the
+        # error we raise says what went wrong and where, in one line
+        with contextlib.redirect_stderr(io.StringIO()):
+            ep = torch.export.export(model, tuple(example_inputs))
         table = torch.export.default_decompositions()
         for op in KEEP_FUSED:
             table.pop(op, None)
@@ -70,7 +77,22 @@ def capture(model: torch.nn.Module, example_inputs: tuple) -> Captured:
 
 def _explain_export_failure(e: Exception) -> str:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return f"torch.export could not trace the model: {type(e).__name__}: {first}"
+    where = _user_frame(e)
+    at = f" (at {where})" if where else ""
+    return f"torch.export could not trace the model{at}: {type(e).__name__}: {first}"
+
+
+def _user_frame(e: BaseException) -> str | None:
+    """The innermost traceback line in the user's code (not torch's nor ours)."""
+    ours = Path(__file__).resolve().parents[1]
+    torch_dir = Path(torch.__file__).resolve().parent
+    found = None
+    for frame in traceback.extract_tb(e.__traceback__):
+        path = Path(frame.filename).resolve()
+        if torch_dir in path.parents or (ours in path.parents and "examples" not in path.parts) or frame.filename.startswith("<"):
+            continue
+        found = f"{frame.filename}:{frame.lineno}: {(frame.line or '').strip()}"
+    return found
 
 
 def lift(ep: ExportedProgram) -> Captured:
@@ -137,7 +159,15 @@ def _to_ref(value):
     return value
 
 
-def _meta_of(val) -> TensorMeta | tuple[TensorMeta | None, ...] | None:
+def _meta_of(fx_node: torch.fx.Node) -> TensorMeta | tuple[TensorMeta | None, ...] | None:
+    val = fx_node.meta.get("val")
+    tensors = val if isinstance(val, (tuple, list)) else (val,)
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and not all(isinstance(d, int) for d in t.shape):
+            raise CaptureError(
+                f"node {fx_node.name} ({fx_node.target}) in module {_module_path(fx_node) or '<root>'!r} has a "
+                f"data-dependent shape {list(t.shape)}; dtplan plans programs with static shapes"
+            )
     if isinstance(val, torch.Tensor):
         return TensorMeta.of(val)
     if isinstance(val, (tuple, list)):
@@ -157,14 +187,14 @@ def _lift_call(fx_node: torch.fx.Node) -> Node:
     target = fx_node.target
     if target is not operator.getitem and not isinstance(target, torch._ops.OpOverload):
         raise CaptureError(f"unsupported call {fx_node.format_node()} (not an ATen op)")
-    val = fx_node.meta.get("val")
+    meta = _meta_of(fx_node)
     flops, nbytes = (0, 0) if target is operator.getitem else node_cost(fx_node)
     return Node(
         name=fx_node.name,
         target=target,
         args=_to_ref(tuple(fx_node.args)),
         kwargs=tuple((k, _to_ref(v)) for k, v in fx_node.kwargs.items()),
-        meta=_meta_of(val),
+        meta=meta,
         role=Role.ACTIVATION,
         module=_module_path(fx_node),
         flops=flops,

@@ -132,12 +132,20 @@ def dtensor_rule_kind(op: object) -> str | None:
     return None
 
 
-def _materialise(args: object, fn: Callable[[Ref], object]) -> object:
-    if isinstance(args, Ref):
-        return fn(args)
-    if isinstance(args, tuple):
-        return tuple(_materialise(a, fn) for a in args)
-    return args
+def _materialise(args: tuple, fn: Callable[[Ref], object], tensor_list: Callable[[list], object] = list) -> tuple:
+    """Rebuild a call's arguments for DTensor: refs through `fn`, nested
+    sequences as lists (the IR stores fx's lists as tuples), lists of tensors
+    through `tensor_list`."""
+
+    def one(a: object) -> object:
+        if isinstance(a, Ref):
+            return fn(a)
+        if isinstance(a, tuple):
+            items = [one(x) for x in a]
+            return tensor_list(items) if a and all(isinstance(x, Ref) for x in a) else items
+        return a
+
+    return tuple(one(a) for a in args)
 
 
 def _to_dt_meta(meta: TensorMeta) -> DTMeta:
@@ -162,8 +170,9 @@ def op_strategies(
     prop = DTensor._op_dispatcher.sharding_propagator
     kind = dtensor_rule_kind(op)
     if kind == "single_dim":
-        args_meta = _materialise(args, lambda r: _to_dt_meta(metas[r.name]))
-        kwargs_meta = {k: _materialise(v, lambda r: _to_dt_meta(metas[r.name])) for k, v in kwargs}
+        to_meta = lambda r: _to_dt_meta(metas[r.name])  # noqa: E731
+        args_meta = _materialise(args, to_meta)
+        kwargs_meta = {k: _materialise((v,), to_meta)[0] for k, v in kwargs}
         rules = prop.op_single_dim_strategy_funcs[op].func(op, args_meta, kwargs_meta)
         n_in = _count_refs((args, tuple(v for _, v in kwargs)))
         return expand_single_dim_rules(mesh_shape, rules, n_in, out_meta)
@@ -173,7 +182,11 @@ def op_strategies(
     def strategy_of(r: Ref) -> OpStrategy:
         return OpStrategy([OpSpec(_spec(mesh, p, metas[r.name])) for p in candidates[r.name]])
 
-    schema = OpSchema(op, _materialise(args, strategy_of), {k: _materialise(v, strategy_of) for k, v in kwargs})
+    schema = OpSchema(
+        op,
+        _materialise(args, strategy_of, TupleStrategy),
+        {k: _materialise((v,), strategy_of, TupleStrategy)[0] for k, v in kwargs},
+    )
     result = prop.op_strategy_funcs[op](schema)
     n_in = _count_refs((args, tuple(v for _, v in kwargs)))
     if isinstance(result, TupleStrategy):

@@ -1,0 +1,125 @@
+"""The command line: what it writes, what it prints, and one clear line for
+every kind of bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import example_path
+
+import cli
+
+
+def run_cli(capsys, *args):
+    code = cli.main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_compile_writes_plan_and_report_and_prints_a_summary(tmp_path, capsys):
+    code, out, err = run_cli(capsys, "compile", example_path("mlp"), "--mesh", "dp=2,tp=2", "--out", tmp_path)
+    assert code == 0, err
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["mesh"] == {"shape": [2, 2], "axis_names": ["dp", "tp"]}
+    html = (tmp_path / "report.html").read_text()
+    assert "<html" in html and "fc1.weight" in html
+    for word in ("predicted step", "communication", "memory", "solver", "stages"):
+        assert word in out
+
+
+def test_compile_json_summary_matches_the_plan(tmp_path, capsys):
+    code, out, _ = run_cli(
+        capsys, "compile", example_path("mlp"), "--mesh", "4", "--memory", "16MiB", "--out", tmp_path, "--json",
+        "--model-arg", "batch=8", "--model-arg", "d=1024", "--model-arg", "hidden=4096",
+    )
+    assert code == 0
+    summary = json.loads(out)
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert summary["step_time_s"] == plan["cost"]["total_s"]
+    assert summary["comm_bytes_per_device"] == plan["cost"]["comm_bytes"]
+    assert summary["peak_memory_bytes_per_device"] == plan["cost"]["peak_memory_bytes"]
+    assert plan["parameters"] == {"fc1.weight": ["S(0)"], "fc2.weight": ["S(1)"]}
+    assert plan["collectives"][0]["kind"] == "all_reduce" and plan["collectives"][0]["bytes"] == 32768
+
+
+def test_input_and_output_placements_flags(tmp_path, capsys):
+    code, _, err = run_cli(
+        capsys, "compile", example_path("mlp"), "--mesh", "2x2", "--out", tmp_path,
+        "--input-placements", "x=S(0),R", "--output-placements", "S(0),R",
+    )
+    assert code == 0, err
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["inputs"] == {"x": ["S(0)", "R"]} and plan["outputs"] == [["S(0)", "R"]]
+
+
+def test_report_renders_again_from_a_saved_plan(tmp_path, capsys):
+    run_cli(capsys, "compile", example_path("cnn"), "--mesh", "2", "--out", tmp_path)
+    code, out, _ = run_cli(capsys, "report", tmp_path / "plan.json", "--out", tmp_path / "again.html")
+    assert code == 0 and (tmp_path / "again.html").read_text().startswith("<!")
+
+
+BAD_MODELS = {
+    "syntax.py": ("def build_model(:\n", "syntax error"),
+    "empty.py": ("x = 1\n", "does not define build_model and example_inputs"),
+    "noinputs.py": ("import torch\ndef build_model():\n    return torch.nn.Linear(2, 2)\n", "does not define example_inputs"),
+    "untraceable.py": (
+        "import torch\n"
+        "class M(torch.nn.Module):\n"
+        "    def forward(self, x):\n"
+        "        if x.sum() > 0:\n"
+        "            return x * 2\n"
+        "        return x\n"
+        "def build_model():\n    return M()\n"
+        "def example_inputs():\n    return (torch.ones(4, 4),)\n",
+        "untraceable.py:4",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_MODELS))
+def test_bad_model_files_get_one_clear_line(tmp_path, capsys, name):
+    text, expected = BAD_MODELS[name]
+    (tmp_path / name).write_text(text)
+    code, _, err = run_cli(capsys, "compile", tmp_path / name, "--mesh", "2", "--out", tmp_path / "o")
+    assert code == 1
+    assert err.count("\n") == 1 and err.startswith("dtplan: error: ")
+    assert expected in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["compile", "missing.py", "--mesh", "4"], "does not exist"),
+        (["compile", example_path("mlp"), "--mesh", "2x0"], "size 0"),
+        (["compile", example_path("mlp"), "--mesh", "two"], "invalid mesh"),
+        (["compile", example_path("mlp"), "--mesh", "4", "--memory", "lots"], "invalid size"),
+        (["compile", example_path("mlp"), "--mesh", "4", "--memory", "1KiB"], "least memory any plan needs"),
+        (["compile", example_path("mlp"), "--mesh", "4", "--profile", "tpu"], "available"),
+        (["compile", example_path("mlp"), "--mesh", "4", "--input-placements", "S(0),R"], "needs 1, one per axis"),
+        (["compile", example_path("mlp"), "--mesh", "4", "--model-arg", "depth=3"], "depth"),
+    ],
+)
+def test_bad_arguments_get_one_clear_line(tmp_path, capsys, args, expected):
+    code, _, err = run_cli(capsys, *args, "--out", tmp_path) if args[0] == "compile" else run_cli(capsys, *args)
+    assert code == 1
+    assert err.startswith("dtplan: error: ") and err.count("\n") == 1
+    assert expected in err
+
+
+def test_run_refuses_a_plan_of_another_version_mesh_or_model(tmp_path, capsys):
+    run_cli(capsys, "compile", example_path("mlp"), "--mesh", "4", "--out", tmp_path)
+    data = json.loads((tmp_path / "plan.json").read_text())
+    code, _, err = run_cli(capsys, "run", example_path("mlp"), "--mesh", "2x2", "--plan", tmp_path / "plan.json")
+    assert code == 1 and "does not match the plan's mesh" in err
+    code, _, err = run_cli(capsys, "run", example_path("mlp"), "--mesh", "4", "--plan", tmp_path / "plan.json", "--model-arg", "hidden=128")
+    assert code == 1 and "does not match this model" in err
+    data["version"] = 0
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    code, _, err = run_cli(capsys, "run", example_path("mlp"), "--mesh", "4", "--plan", tmp_path / "old.json")
+    assert code == 1 and "version 0 is not supported" in err
+
+
+def test_run_check_on_two_ranks(capsys):
+    code, out, err = run_cli(capsys, "run", example_path("mlp"), "--mesh", "2", "--check", "--memory", "100KB")
+    assert code == 0, err
+    assert out.count("collectives as planned") == 2 and "check passed" in out

@@ -1,0 +1,66 @@
+"""Strategy enumeration: DTensor's rules through the adapter, our own rules,
+even shards only, and the redistribution steps the cost model prices."""
+from __future__ import annotations
+
+from conftest import captured_example
+from torch.distributed.tensor import Partial, Replicate, Shard
+
+from ir.graph import TensorMeta
+from planner._dtensor import parse_placement, transform_steps
+from planner.cost import load_profile
+from planner.pricing import Pricer
+from planner.strategies import build_strategies, valid_on
+
+import torch
+
+
+def _space(name, mesh, **opts):
+    c = captured_example(name, **opts)
+    return c.graph, build_strategies(c.graph, mesh, {})
+
+
+def test_mm_offers_megatron_column_and_row_parallel():
+    g, space = _space("mlp", (4,))
+    mm = [n for n in g if n.op_name == "aten.mm.default"]
+    opts = {(s.inputs, s.output) for s in space.nodes[mm[0].name].options}
+    # column parallel: x replicated, W^T sharded on its columns -> output sharded on features
+    assert (((Replicate(),), (Shard(1),)), (Shard(1),)) in opts
+    # row parallel: x and W^T sharded on the contraction dim -> partial sum
+    assert (((Shard(1),), (Shard(0),)), (Partial("sum"),)) in opts
+
+
+def test_every_strategy_shards_evenly_and_uses_plain_placements():
+    g, space = _space("gpt", (2, 2))
+    for n in g:
+        for s in space.nodes[n.name].options:
+            if n.tensor_meta is not None and not isinstance(s.output[0], tuple):
+                assert valid_on(s.output, n.tensor_meta, (2, 2)), (n.name, s)
+            for pl in s.inputs:
+                assert all(type(p) in (Shard, Replicate, Partial) for p in pl)
+
+
+def test_attention_can_be_head_sharded_by_our_rule():
+    g, space = _space("gpt", (4,))
+    sdpa = next(n for n in g if n.op_name == "aten.scaled_dot_product_attention.default")
+    ns = space.nodes[sdpa.name]
+    assert ns.source == "dtplan"
+    assert any(s.output == (Shard(1),) and s.inputs == ((Shard(1),),) * 3 for s in ns.options)
+    assert space.fallbacks == ()
+
+
+def test_uneven_shards_are_not_offered():
+    meta = TensorMeta((6, 8), (8, 1), torch.float32)
+    assert not valid_on((Shard(0),), meta, (4,))
+    assert valid_on((Shard(1),), meta, (4,))
+    assert not valid_on((Shard(1), Shard(1)), meta, (4, 4))
+
+
+def test_redistribution_steps_and_their_price():
+    meta = TensorMeta((8, 16), (16, 1), torch.float32)
+    pricer = Pricer((2, 4), load_profile("h100"))
+    P = parse_placement
+    steps = transform_steps((2, 4), meta, (P("S(0)"), P("P(sum)")), (P("R"), P("R")))
+    assert [s.kind for s in steps] == ["all_reduce", "all_gather"] or [s.kind for s in steps] == ["all_gather", "all_reduce"]
+    colls = pricer.redistribute(meta, (P("R"), P("P(sum)")), (P("R"), P("S(1)")))
+    assert [(c.kind, c.axis, c.bytes) for c in colls] == [("reduce_scatter", 1, 8 * 16 * 4)]
+    assert pricer.redistribute(meta, (P("R"), P("R")), (P("S(0)"), P("S(1)"))) == ()
