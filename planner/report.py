@@ -18,6 +18,8 @@ from typing import Any
 
 import jinja2
 
+import planner.mesh as mesh_format
+
 __all__ = [
     "TEMPLATE_DIR",
     "TEMPLATE_NAME",
@@ -34,8 +36,6 @@ TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 TEMPLATE_NAME = "report.html.j2"
 
 MISSING = "—"
-_BYTE_UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB")
-_SECOND_UNITS = ((1.0, "s"), (1e-3, "ms"), (1e-6, "us"), (1e-9, "ns"))
 _COST_SECONDS = ("total_s", "compute_s", "comm_s")
 _COST_BYTES = ("comm_bytes", "peak_memory_bytes", "parameter_bytes", "activation_bytes")
 
@@ -54,40 +54,16 @@ def _number(value: Any) -> int | float | None:
     return value
 
 
-def _three_digits(value: float) -> str:
-    """Format ``value`` with about three significant digits."""
-    magnitude = abs(value)
-    decimals = 2 if magnitude < 10 else 1 if magnitude < 100 else 0
-    return f"{value:.{decimals}f}"
-
-
 def format_bytes(value: Any) -> str:
-    """Format a byte count with binary units: ``512 B``, ``32.0 KiB``, ``16.0 MiB``."""
+    """`planner.mesh.format_bytes`, with a dash for a missing value."""
     number = _number(value)
-    if number is None:
-        return MISSING
-    if abs(number) < 1024:
-        return f"{number:.0f} B"
-    scaled = float(number)
-    for unit in _BYTE_UNITS:
-        scaled /= 1024.0
-        if abs(scaled) < 1024 or unit == _BYTE_UNITS[-1]:
-            break
-    return f"{scaled:.1f} {unit}"
+    return MISSING if number is None else mesh_format.format_bytes(number)
 
 
 def format_seconds(value: Any) -> str:
-    """Format a duration: ``850 ns``, ``12.3 us``, ``4.56 ms``, ``1.23 s``."""
+    """`planner.mesh.format_seconds`, with a dash for a missing value."""
     number = _number(value)
-    if number is None:
-        return MISSING
-    if number == 0:
-        return "0 s"
-    magnitude = abs(number)
-    scale, unit = next(
-        ((s, u) for s, u in _SECOND_UNITS if magnitude >= s), _SECOND_UNITS[-1]
-    )
-    return f"{_three_digits(number / scale)} {unit}"
+    return MISSING if number is None else mesh_format.format_seconds(number)
 
 
 def format_percent(value: Any, decimals: int = 1) -> str:

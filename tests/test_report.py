@@ -224,7 +224,7 @@ def test_write_report(tmp_path):
 
 @pytest.mark.parametrize("value, text", [
     (None, "—"), (512, "512 B"), (32768, "32.0 KiB"), (16777216, "16.0 MiB"),
-    (3 * 1024 ** 3, "3.0 GiB"),
+    (3 * 1024 ** 3, "3.00 GiB"),
 ])
 def test_format_bytes(value, text):
     assert format_bytes(value) == text
