@@ -72,6 +72,9 @@ class SolverOptions:
     time_limit_s: float = 60.0
     workers: int = 8
     seed: int = 0
+    #: accept the LP solution rounded per group when it fits the memory
+    #: budget and is within this relative gap of the LP bound
+    rounding_gap: float = 0.01
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,11 +218,16 @@ class _Model:
         self._add_outputs(output_placements)
         if budget is not None:
             self._add_memory(budget)
-        self.m.Minimize(self.scale * (sum(c * v for c, v in self.cost_terms) + self.const_ns) + self._tie_break())
+        tie = self._tie_break() if self.scale > 1 else 0
+        self.m.Minimize(self.scale * (sum(c * v for c, v in self.cost_terms) + self.const_ns) + tie)
 
     @property
     def scale(self) -> int:
-        """Objective units per nanosecond: room below one nanosecond for the tie-break."""
+        """Objective units per nanosecond: room below one nanosecond for the
+        tie-break. The LP does without (its simplex answer is deterministic,
+        and huge coefficients would hurt its floating-point arithmetic)."""
+        if isinstance(self.m, _LpBackend):
+            return 1
         return 1 + sum(len(xs) - 1 for xs in self.x.values())
 
     def _tie_break(self):
@@ -320,21 +328,31 @@ def solve(
 ) -> SolveResult:
     """Choose one strategy per node minimising predicted step time.
 
-    The LP relaxation is tried first; when it is integral its solution is
-    optimal for the integer program too. Otherwise CP-SAT solves it."""
+    1. The LP relaxation (GLOP). Integral: optimal for the integer program too.
+    2. Else the LP solution rounded per group, if it fits the memory budget and
+       is within `options.rounding_gap` of the LP bound (status FEASIBLE, the
+       bound and gap reported).
+    3. Else CP-SAT, hinted with the rounded solution."""
     t0 = time.perf_counter()
+    lp = _lp(graph, space, pricer, output_placements, memory_budget)
+    size = {"variables": lp[1].NumVariables(), "constraints": lp[1].NumConstraints()} if lp else {}
+    if lp is not None:
+        lp_model, lp_solver = lp
+        bound = int(lp_solver.Objective().Value()) // lp_model.scale
+        choice = _values(lp_model, graph, lambda v: v.solution_value())
+        if choice is not None:
+            log.debug("ILP solved by its LP relaxation: %d vars, %.3fs", size["variables"], time.perf_counter() - t0)
+            return SolveResult(choice, "OPTIMAL", bound, bound, time.perf_counter() - t0, "lp-relaxation", **size)
+        rounded = _rounded(lp_model, graph)
+        cost_ns, peak = _price(graph, space, pricer, rounded, output_placements)
+        if (memory_budget is None or peak <= memory_budget) and cost_ns - bound <= options.rounding_gap * cost_ns:
+            return SolveResult(rounded, "FEASIBLE", cost_ns, min(bound, cost_ns), time.perf_counter() - t0, "lp-rounding", **size)
     model = _Model(graph, space, pricer)
     model.build(output_placements, memory_budget)
+    if lp is not None:
+        _hint(model, lp[0])
     proto = model.m.Proto()
     size = {"variables": len(proto.variables), "constraints": len(proto.constraints)}
-    lp = _lp(graph, space, pricer, output_placements, memory_budget)
-    if lp is not None:
-        choice = _values(lp[0], graph, lambda v: v.solution_value())
-        if choice is not None:
-            obj = int(round(lp[1].Objective().Value())) // model.scale
-            log.debug("ILP solved by its LP relaxation: %d vars, %.3fs", size["variables"], time.perf_counter() - t0)
-            return SolveResult(choice, "OPTIMAL", obj, obj, time.perf_counter() - t0, "lp-relaxation", **size)
-        _hint(model, lp[0])
     solver = _cp_solver(options)
     status = solver.Solve(model.m)
     wall = time.perf_counter() - t0
@@ -348,3 +366,22 @@ def solve(
     objective = int(round(solver.ObjectiveValue())) // model.scale
     bound = -(-int(round(solver.BestObjectiveBound())) // model.scale)
     return SolveResult(choice, name, objective, min(bound, objective), wall, "cp-sat", **size)
+
+
+def _rounded(model: _Model, graph: Graph) -> dict[str, int]:
+    """Per node, the strategy its group's LP solution weighs most."""
+    choice = {}
+    for n in graph:
+        vals = [1.0 if isinstance(v, int) else v.solution_value() for v in model.xs(n.name)]
+        choice[n.name] = max(range(len(vals)), key=vals.__getitem__)
+    return choice
+
+
+def _price(graph, space, pricer, choice, output_placements) -> tuple[int, int]:
+    """(predicted time in ns, peak bytes per device) of one choice."""
+    from planner.mesh import MeshSpec
+    from planner.plan import evaluate
+
+    shape = pricer.mesh_shape
+    ev = evaluate(graph, space, pricer, MeshSpec(shape, tuple(f"d{i}" for i in range(len(shape)))), choice, output_placements)
+    return to_ns(ev.compute_s + ev.comm_s), ev.peak_memory_bytes
