@@ -25,7 +25,7 @@ LINK = Link(bandwidth=1e9, latency=1e-6)
 
 
 def test_available_profiles() -> None:
-    assert available_profiles() == ("a100", "cpu", "h100")
+    assert available_profiles() == ("a100", "cpu", "h100", "h200")
 
 
 @pytest.mark.parametrize("name", ["h100", "a100", "cpu"])
@@ -134,7 +134,7 @@ def test_unknown_profile_lists_available() -> None:
         load_profile("tpu")
     msg = str(info.value)
     assert "'tpu'" in msg
-    assert "a100, cpu, h100" in msg
+    assert "a100, cpu, h100, h200" in msg
 
 
 def test_profile_json_round_trip(tmp_path: Path) -> None:
