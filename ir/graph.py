@@ -154,14 +154,6 @@ class Graph:
     def __len__(self) -> int:
         return len(self.nodes)
 
-    @cached_property
-    def users(self) -> dict[str, tuple[str, ...]]:
-        users: dict[str, list[str]] = {n.name: [] for n in self.nodes}
-        for n in self.nodes:
-            for r in dict.fromkeys(n.refs()):
-                users[r].append(n.name)
-        return {k: tuple(v) for k, v in users.items()}
-
     def with_role(self, role: Role) -> tuple[Node, ...]:
         return tuple(n for n in self.nodes if n.role is role)
 

@@ -270,16 +270,16 @@ def _cp_solver(options: SolverOptions) -> cp_model.CpSolver:
     return solver
 
 
-def _values(model: _Model, graph: Graph, value) -> dict[str, int] | None:
-    """Chosen strategy per node, or None if some group is fractional."""
-    choice = {}
+def _choice(model: _Model, graph: Graph, value) -> tuple[dict[str, int], bool]:
+    """Per node, the strategy whose variable weighs most, and whether every
+    group's weight is all on one strategy (an integral solution)."""
+    choice, integral = {}, True
     for n in graph:
         vals = [1.0 if isinstance(v, int) else value(v) for v in model.xs(n.name)]
         k = max(range(len(vals)), key=vals.__getitem__)
-        if abs(vals[k] - 1.0) > 1e-6:
-            return None
+        integral &= abs(vals[k] - 1.0) <= 1e-6
         choice[n.name] = k
-    return choice
+    return choice, integral
 
 
 def _lp(graph, space, pricer, output_placements, budget) -> tuple[_Model, pywraplp.Solver] | None:
@@ -289,16 +289,13 @@ def _lp(graph, space, pricer, output_placements, budget) -> tuple[_Model, pywrap
     return (model, lp) if lp.Solve() == pywraplp.Solver.OPTIMAL else None
 
 
-def _hint(model: _Model, lp_model: _Model) -> None:
-    """Start CP-SAT from the LP solution rounded per group (largest x)."""
-    for g, xs in model.x.items():
-        lp_xs = lp_model.x[g]
-        if len(xs) < 2:
-            continue
-        vals = [v.solution_value() for v in lp_xs]
-        best = max(range(len(vals)), key=vals.__getitem__)
-        for k, x in enumerate(xs):
-            model.m.AddHint(x, k == best)
+def _hint(model: _Model, choice: dict[str, int]) -> None:
+    """Start CP-SAT from a choice (the rounded LP solution)."""
+    for n, k in choice.items():
+        xs = model.xs(n)
+        if len(xs) > 1 and model.group[n] == n:
+            for j, x in enumerate(xs):
+                model.m.AddHint(x, j == k)
 
 
 def least_memory(graph: Graph, space: StrategySpace, pricer: Pricer, options: SolverOptions) -> int:
@@ -339,18 +336,17 @@ def solve(
     if lp is not None:
         lp_model, lp_solver = lp
         bound = int(lp_solver.Objective().Value()) // lp_model.scale
-        choice = _values(lp_model, graph, lambda v: v.solution_value())
-        if choice is not None:
+        rounded, integral = _choice(lp_model, graph, lambda v: v.solution_value())
+        if integral:
             log.debug("ILP solved by its LP relaxation: %d vars, %.3fs", size["variables"], time.perf_counter() - t0)
-            return SolveResult(choice, "OPTIMAL", bound, bound, time.perf_counter() - t0, "lp-relaxation", **size)
-        rounded = _rounded(lp_model, graph)
+            return SolveResult(rounded, "OPTIMAL", bound, bound, time.perf_counter() - t0, "lp-relaxation", **size)
         cost_ns, peak = _price(graph, space, pricer, rounded, output_placements)
         if (memory_budget is None or peak <= memory_budget) and cost_ns - bound <= options.rounding_gap * cost_ns:
             return SolveResult(rounded, "FEASIBLE", cost_ns, min(bound, cost_ns), time.perf_counter() - t0, "lp-rounding", **size)
     model = _Model(graph, space, pricer)
     model.build(output_placements, memory_budget)
     if lp is not None:
-        _hint(model, lp[0])
+        _hint(model, rounded)
     proto = model.m.Proto()
     size = {"variables": len(proto.variables), "constraints": len(proto.constraints)}
     solver = _cp_solver(options)
@@ -362,19 +358,10 @@ def solve(
         raise MemoryBudgetError(memory_budget, least_memory(graph, space, pricer, options))
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         raise RuntimeError(f"the solver found no plan: status {name} after {wall:.1f}s")
-    choice = _values(model, graph, solver.BooleanValue)
+    choice, _ = _choice(model, graph, solver.BooleanValue)
     objective = int(round(solver.ObjectiveValue())) // model.scale
     bound = -(-int(round(solver.BestObjectiveBound())) // model.scale)
     return SolveResult(choice, name, objective, min(bound, objective), wall, "cp-sat", **size)
-
-
-def _rounded(model: _Model, graph: Graph) -> dict[str, int]:
-    """Per node, the strategy its group's LP solution weighs most."""
-    choice = {}
-    for n in graph:
-        vals = [1.0 if isinstance(v, int) else v.solution_value() for v in model.xs(n.name)]
-        choice[n.name] = max(range(len(vals)), key=vals.__getitem__)
-    return choice
 
 
 def _price(graph, space, pricer, choice, output_placements) -> tuple[int, int]:

@@ -27,6 +27,7 @@ from ir.capture import Captured
 from ir.graph import Role, TensorMeta
 from planner import rules
 from planner.plan import NodePlan, Plan
+from planner.pricing import local_shape
 from runtime.redistribute import RankMesh, redistribute_local
 
 __all__ = ["LoweringError", "lower"]
@@ -59,8 +60,6 @@ def lower(captured: Captured, plan: Plan, mesh: DeviceMesh, stored: Mapping[str,
 
 
 def _local(meta: TensorMeta, placements, mesh: DeviceMesh) -> tuple[int, ...]:
-    from planner.pricing import local_shape
-
     return local_shape(meta.shape, tuple(mesh.shape), placements)
 
 
