@@ -21,7 +21,8 @@ from planner.cost import DeviceProfile, load_profile
 from planner.ilp import SolverOptions, solve
 from planner.mesh import MeshSpec, parse_mesh, parse_size
 from planner.plan import PLAN_VERSION, Plan, evaluate, parameter_table
-from planner.pricing import Pricer
+from planner.pricing import Pricer, optimizer_state_factor
+from planner.hubs import add_hubs
 from planner.shrink import merge_followers
 from planner.strategies import build_strategies
 from runtime.lower import lower
@@ -71,17 +72,24 @@ def plan_program(
     input_placements: Mapping[str, PlacementSpec] | PlacementSpec | None = None,
     output_placements: Mapping[str, PlacementSpec] | PlacementSpec | None = None,
     solver: SolverOptions = SolverOptions(),
+    optimizer: str = "adamw",
     model_info: Mapping[str, object] | None = None,
     progress: Progress | None = None,
 ) -> Plan:
-    """Choose placements for a captured program. See README for the arguments."""
+    """Choose placements for a captured program (a forward program, or a
+    training step from `ir.capture_training`). See README for the arguments.
+
+    For a training step the outputs are the loss (placements as given, else
+    Replicate) and the gradients, each of which must end in its parameter's
+    placement; `optimizer` sizes the optimizer state in the memory model."""
     say = progress or (lambda _m: None)
     mesh = parse_mesh(mesh) if isinstance(mesh, str) else mesh
     prof = load_profile(profile) if isinstance(profile, str) else profile
     budget = parse_size(memory) if isinstance(memory, str) else memory
     graph = captured.graph
     ins = _resolve(captured.user_inputs, input_placements, mesh, "input")
-    out_names = [str(i) for i in range(len(graph.outputs))]
+    n_free = 1 if captured.train else len(graph.outputs)
+    out_names = [str(i) for i in range(n_free)]
     outs = _resolve(out_names, output_placements, mesh, "output")
     stages: dict[str, float] = dict(captured_stage_seconds(captured))
 
@@ -91,21 +99,26 @@ def plan_program(
     stages["strategies"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    pricer = Pricer(tuple(mesh.shape), prof)
+    pricer = Pricer(tuple(mesh.shape), prof, optimizer_state_factor(optimizer if captured.train else None))
     space = merge_followers(graph, space, pricer)
     stages["shrink"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    out_pl = tuple(outs[n] for n in out_names)
+    wants = tuple(outs[n] for n in out_names) + tuple(captured.gradients[g] for g in graph.outputs[n_free:])
+    space = add_hubs(graph, space, wants)
     say("solving the integer program")
-    result = solve(graph, space, pricer, output_placements=out_pl, memory_budget=budget, options=solver)
+    result = solve(graph, space, pricer, output_placements=wants, memory_budget=budget, options=solver)
     stages["solve"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    ev = evaluate(graph, space, pricer, mesh, result.choice, out_pl)
+    ev = evaluate(graph, space, pricer, mesh, result.choice, wants)
+    out_pl = tuple(ev.nodes[w].output if isinstance(w, str) else w for w in wants)
     params, info = parameter_table(graph, mesh, ev.nodes, pricer)
     stages["evaluate"] = time.perf_counter() - t
-    model = {"name": "model", "num_nodes": len(graph), "graph_signature": graph.signature, "train": False}
+    model = {"name": "model", "num_nodes": len(graph), "graph_signature": graph.signature, "train": captured.train}
+    if captured.train:
+        model["optimizer"] = optimizer
+        model["gradients"] = {graph[p].fqn: g for g, p in captured.gradients.items()}
     model.update(model_info or {})
     return Plan(
         version=PLAN_VERSION,
@@ -118,6 +131,7 @@ def plan_program(
         parameters=params,
         parameter_info=info,
         nodes=ev.nodes,
+        hubs=ev.hubs,
         collectives=ev.collectives,
         fallbacks=space.fallbacks,
         cost={
@@ -127,7 +141,9 @@ def plan_program(
             "comm_bytes": ev.comm_bytes,
             "peak_memory_bytes": ev.peak_memory_bytes,
             "parameter_bytes": ev.parameter_bytes,
-            "activation_bytes": ev.peak_memory_bytes - ev.parameter_bytes,
+            "optimizer_bytes": ev.optimizer_bytes,
+            "gradient_bytes": _gradient_bytes(captured, ev, pricer) if captured.train else 0,
+            "activation_bytes": ev.peak_memory_bytes - ev.parameter_bytes - ev.optimizer_bytes,
         },
         solver={
             "status": result.status,
@@ -141,6 +157,13 @@ def plan_program(
         },
         stage_seconds=stages,
     )
+
+
+def _gradient_bytes(captured: Captured, ev, pricer: Pricer) -> int:
+    """Per device, the gradients once reduced to their parameters' placements
+    (they are inside `activation_bytes` too: live from their producer on)."""
+    graph = captured.graph
+    return sum(pricer.bytes_per_device(graph[p].tensor_meta, ev.nodes[p].output) for p in captured.gradients.values())
 
 
 def captured_stage_seconds(captured: Captured) -> dict[str, float]:

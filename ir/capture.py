@@ -14,18 +14,21 @@ import logging
 import operator
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch._functorch.aot_autograd import aot_export_module
+from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 
 from ir.flops import node_cost
 from ir.graph import Graph, Node, Ref, Role, TensorMeta
 
-__all__ = ["CaptureError", "Captured", "capture", "lift"]
+__all__ = ["CaptureError", "Captured", "capture", "capture_training", "fake_build", "lift"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,12 @@ class Captured:
     constants: Mapping[str, torch.Tensor] = field(default_factory=dict)
     #: wall time of export + decompositions
     seconds: float | None = None
+    #: training graphs: gradient output node -> its parameter's placeholder
+    gradients: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def train(self) -> bool:
+        return bool(self.gradients)
 
 
 def capture(model: torch.nn.Module, example_inputs: tuple) -> Captured:
@@ -97,28 +106,28 @@ def _user_frame(e: BaseException) -> str | None:
 
 def lift(ep: ExportedProgram) -> Captured:
     """Convert an ExportedProgram's graph into frozen IR nodes."""
-    gm = ep.graph_module
     sig = ep.graph_signature
-    kinds = {s.arg.name: s for s in sig.input_specs if hasattr(s.arg, "name")}
-    outputs_spec = [s for s in sig.output_specs]
-    if any(s.kind is not OutputKind.USER_OUTPUT for s in outputs_spec):
-        bad = [s.kind.name for s in outputs_spec if s.kind is not OutputKind.USER_OUTPUT]
+    bad = [o.kind.name for o in sig.output_specs if o.kind is not OutputKind.USER_OUTPUT]
+    if bad:
         raise CaptureError(f"the model mutates state during forward ({bad}); dtplan plans pure programs")
+    roles = {spec.arg.name: _placeholder_role(spec) for spec in sig.input_specs if hasattr(spec.arg, "name")}
+    return _lift_graph(ep.graph_module, roles, dict(ep.constants))
 
+
+def _lift_graph(
+    gm: torch.fx.GraphModule, roles: Mapping[str, tuple[Role, str | None]], constants: Mapping[str, torch.Tensor], **extra
+) -> Captured:
+    """Frozen IR nodes for every node of an ATen graph whose placeholders have `roles`."""
     nodes: list[Node] = []
     placeholders: list[tuple[str, Role, str | None]] = []
-    user_inputs: list[str] = []
     out_names: tuple[str, ...] = ()
     for fx_node in gm.graph.nodes:
         if fx_node.op == "placeholder":
-            spec = kinds[fx_node.name]
-            role, fqn = _placeholder_role(spec)
+            role, fqn = roles[fx_node.name]
             val = fx_node.meta.get("val")
             if not isinstance(val, torch.Tensor):
                 raise CaptureError(f"input {fx_node.name!r} is not a tensor ({type(val).__name__}); dtplan takes tensor inputs")
             placeholders.append((fx_node.name, role, fqn))
-            if role is Role.INPUT:
-                user_inputs.append(fx_node.name)
             nodes.append(Node(fx_node.name, None, (), (), TensorMeta.of(val), role, fqn=fqn))
         elif fx_node.op == "call_function":
             nodes.append(_lift_call(fx_node))
@@ -126,8 +135,60 @@ def lift(ep: ExportedProgram) -> Captured:
             out_names = tuple(_output_names(fx_node.args[0]))
         else:
             raise CaptureError(f"unsupported fx node {fx_node.format_node()}")
-    graph = Graph(tuple(nodes), out_names)
-    return Captured(gm, graph, tuple(placeholders), tuple(user_inputs), dict(ep.constants))
+    user_inputs = tuple(n for n, role, _ in placeholders if role is Role.INPUT)
+    return Captured(gm, Graph(tuple(nodes), out_names), tuple(placeholders), user_inputs, dict(constants), **extra)
+
+
+class _TrainStep(torch.nn.Module):
+    """loss_fn(model(*inputs), *inputs) as one module, so AOT autograd traces
+    forward and backward together."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable[..., torch.Tensor]) -> None:
+        super().__init__()
+        self.m = model
+        self.loss_fn = loss_fn
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.loss_fn(self.m(*inputs), *inputs),)
+
+
+def fake_build(build: Callable[[], tuple[torch.nn.Module, tuple]]) -> tuple[torch.nn.Module, tuple]:
+    """`build()` under a FakeTensorMode: a model and inputs with shapes but no
+    memory, for planning training steps (meta tensors cannot be traced
+    through autograd here; fake ones can)."""
+    with FakeTensorMode():
+        return build()
+
+
+def capture_training(model: torch.nn.Module, example_inputs: tuple, loss_fn: Callable[..., torch.Tensor]) -> Captured:
+    """The joint forward+backward graph of `loss_fn(model(*inputs), *inputs)`.
+
+    Works on real tensors and on fake ones (`fake_build`). Graph outputs are
+    the loss, then one gradient per trainable parameter; `Captured.gradients`
+    maps each gradient node to its parameter's placeholder.
+    """
+    t0 = time.perf_counter()
+    if not any(p.requires_grad for p in model.parameters()):
+        raise CaptureError("the model has no trainable parameters; there is nothing to train")
+    mode = detect_fake_mode((*model.parameters(), *example_inputs))
+    try:
+        with mode if mode is not None else contextlib.nullcontext(), contextlib.redirect_stderr(io.StringIO()):
+            gm, sig = aot_export_module(_TrainStep(model, loss_fn), tuple(example_inputs), trace_joint=True, output_loss_index=0)
+    except Exception as e:  # noqa: BLE001 - re-raised with a one-line cause
+        raise CaptureError(_explain_export_failure(e).replace("torch.export", "AOT autograd")) from e
+    seconds = time.perf_counter() - t0
+    strip = lambda fqn: fqn.removeprefix("m.")  # noqa: E731 - the _TrainStep wrapper's prefix
+    roles: dict[str, tuple[Role, str | None]] = {n: (Role.PARAM, strip(f)) for n, f in sig.inputs_to_parameters.items()}
+    roles.update({n: (Role.BUFFER, strip(f)) for n, f in sig.inputs_to_buffers.items()})
+    roles.update({n: (Role.INPUT, None) for n in sig.user_inputs})
+    grads = sig.backward_signature.gradients_to_parameters
+    param_node = {strip(f): n for n, f in sig.inputs_to_parameters.items()}
+    captured = _lift_graph(gm, roles, {}, gradients={g: param_node[strip(f)] for g, f in grads.items()}, seconds=seconds)
+    loss = captured.graph[captured.graph.outputs[0]].tensor_meta
+    if loss is None or loss.numel != 1:
+        shape = None if loss is None else list(loss.shape)
+        raise CaptureError(f"loss_fn must return a scalar; it returned a tensor of shape {shape}")
+    return captured
 
 
 def _placeholder_role(spec) -> tuple[Role, str | None]:

@@ -49,7 +49,7 @@ from planner.cost import to_ns
 from planner.memory import peak_rows
 from planner.mesh import format_bytes
 from planner.pricing import Pricer
-from planner.strategies import StrategySpace
+from planner.strategies import StrategySpace, hub_name
 
 __all__ = ["MemoryBudgetError", "SolveResult", "SolverOptions", "least_memory", "solve"]
 
@@ -123,6 +123,26 @@ class _Model:
     def xs(self, name: str) -> list:
         return self.x[self.group[name]]
 
+    def _add_hubs(self) -> None:
+        """A value read by several consumers is redistributed once, to its hub
+        placement, and each consumer reads the hub (see `planner.hubs`)."""
+        for u, cands in self.space.hubs.items():
+            if len(cands) == 1:
+                self.x[hub_name(u)] = [1]
+                continue
+            xs = [self.m.NewBoolVar(f"h[n={u},s={k}]") for k in range(len(cands))]
+            self.m.AddExactlyOne(xs)
+            self.x[hub_name(u)] = xs
+
+    def _hub_by_placement(self, u: str) -> dict[Placements, list]:
+        return {p: [x] for p, x in zip(self.space.hubs[u], self.x[hub_name(u)], strict=True)}
+
+    def _source(self, u: str) -> dict[Placements, list]:
+        """Where consumers of `u` read from: its hub, or its own output."""
+        if u in self.space.hubs:
+            return self._hub_by_placement(u)
+        return self._by_placement(u, lambda s: s.output)
+
     def _term(self, coef: int, var) -> None:
         if coef == 0:
             return
@@ -151,6 +171,9 @@ class _Model:
                 continue
             for i, u in enumerate(v.refs()):
                 self._add_edge(u, v, i)
+        for u in self.space.hubs:
+            outs = self._by_placement(u, lambda s: s.output)
+            self._link(f"{u}->hub", self.graph[u].tensor_meta, outs, self._hub_by_placement(u))
 
     def _add_edge(self, u: str, v: Node, i: int) -> None:
         meta = self.graph[u].tensor_meta
@@ -159,9 +182,8 @@ class _Model:
                 src = self.space.nodes[u].options[k].output
                 self._term(to_ns(self.pricer.redistribute_s(meta, src, s.inputs[i])), self.xs(v.name)[k])
             return
-        outs = self._by_placement(u, lambda s: s.output)
         wants = self._by_placement(v.name, lambda s: s.inputs[i])
-        self._link(f"{u}->{v.name}:{i}", meta, outs, wants)
+        self._link(f"{u}->{v.name}:{i}", meta, self._source(u), wants)
 
     def _link(self, label: str, meta, outs: dict, wants: dict) -> None:
         cost = {(o, r): to_ns(self.pricer.redistribute_s(meta, o, r)) for o in outs for r in wants}
@@ -183,25 +205,24 @@ class _Model:
         for key, c in cost.items():
             self._term(c, e[key])
 
-    def _add_outputs(self, output_placements: tuple[Placements, ...]) -> None:
+    def _add_outputs(self, output_placements: tuple[Placements | str, ...]) -> None:
+        """Each output leaves in its placements; a gradient (its want is the
+        parameter's node name) leaves in whatever placement the parameter gets."""
         for u, want in zip(self.graph.outputs, output_placements, strict=True):
-            outs = self._by_placement(u, lambda s: s.output)
-            self._link(f"{u}->output", self.graph[u].tensor_meta, outs, {want: [1]})
+            wants = self._by_placement(want, lambda s: s.output) if isinstance(want, str) else {want: [1]}
+            self._link(f"{u}->output", self.graph[u].tensor_meta, self._source(u), wants)
 
     # ----------------------------------------------------------------- memory
     def memory_terms(self) -> tuple[list[tuple[int, object]], list[list[tuple[int, object]]]]:
         """(bytes, variable) terms of stored values, and of the live
         allocations at each candidate peak."""
         stored, rows = peak_rows(self.graph)
-        terms = lambda names: [t for name in names for t in self._bytes_terms(self.graph[name])]  # noqa: E731
-        return terms(stored), [terms(r) for r in rows]
+        resident = [t for name in stored for t in self._bytes_terms(self.graph[name], self.pricer.resident_bytes)]
+        return resident, [[t for name in r for t in self._bytes_terms(self.graph[name])] for r in rows]
 
-    def _bytes_terms(self, n: Node) -> list[tuple[int, object]]:
-        meta = n.tensor_meta
-        return [
-            (self.pricer.bytes_per_device(meta, s.output), self.xs(n.name)[k])
-            for k, s in enumerate(self.space.nodes[n.name].options)
-        ]
+    def _bytes_terms(self, n: Node, size=None) -> list[tuple[int, object]]:
+        size = size or (lambda node, pl: self.pricer.bytes_per_device(node.tensor_meta, pl))
+        return [(size(n, s.output), self.xs(n.name)[k]) for k, s in enumerate(self.space.nodes[n.name].options)]
 
     def _add_memory(self, budget: int) -> None:
         """One variable for the stored bytes keeps each peak row short."""
@@ -213,6 +234,7 @@ class _Model:
 
     def build(self, output_placements, budget: int | None) -> None:
         self._add_choices()
+        self._add_hubs()
         self._add_compute()
         self._add_edges()
         self._add_outputs(output_placements)
@@ -274,11 +296,12 @@ def _choice(model: _Model, graph: Graph, value) -> tuple[dict[str, int], bool]:
     """Per node, the strategy whose variable weighs most, and whether every
     group's weight is all on one strategy (an integral solution)."""
     choice, integral = {}, True
-    for n in graph:
-        vals = [1.0 if isinstance(v, int) else value(v) for v in model.xs(n.name)]
+    names = [(n.name, model.xs(n.name)) for n in graph] + [(hub_name(u), model.x[hub_name(u)]) for u in model.space.hubs]
+    for name, xs in names:
+        vals = [1.0 if isinstance(v, int) else value(v) for v in xs]
         k = max(range(len(vals)), key=vals.__getitem__)
         integral &= abs(vals[k] - 1.0) <= 1e-6
-        choice[n.name] = k
+        choice[name] = k
     return choice, integral
 
 
@@ -292,8 +315,8 @@ def _lp(graph, space, pricer, output_placements, budget) -> tuple[_Model, pywrap
 def _hint(model: _Model, choice: dict[str, int]) -> None:
     """Start CP-SAT from a choice (the rounded LP solution)."""
     for n, k in choice.items():
-        xs = model.xs(n)
-        if len(xs) > 1 and model.group[n] == n:
+        xs = model.x[n] if n not in model.group else model.xs(n)
+        if len(xs) > 1 and model.group.get(n, n) == n:
             for j, x in enumerate(xs):
                 model.m.AddHint(x, j == k)
 

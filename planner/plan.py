@@ -15,7 +15,8 @@ from planner.cost import bytes_sent_per_rank
 from planner.memory import peak_rows
 from planner.mesh import MeshSpec
 from planner.pricing import Pricer, local_shape
-from planner.strategies import Fallback, Strategy, StrategySpace
+from planner.hubs import reads_via_hub
+from planner.strategies import Fallback, Strategy, StrategySpace, hub_name
 
 __all__ = ["PLAN_VERSION", "NodePlan", "Plan", "PlanError", "PlannedCollective", "evaluate"]
 
@@ -33,6 +34,8 @@ class NodePlan:
     inputs: tuple[Placements, ...]
     output: Placements | tuple[Placements | None, ...]
     compute_s: float
+    #: per input: read through the producer's hub (else its output as is)
+    via_hub: tuple[bool, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +62,8 @@ class Plan:
     parameters: Mapping[str, Placements]
     parameter_info: Mapping[str, Mapping[str, object]]
     nodes: Mapping[str, NodePlan]
+    #: values redistributed once for all their readers (see planner.hubs)
+    hubs: Mapping[str, Placements]
     collectives: tuple[PlannedCollective, ...]
     fallbacks: tuple[Fallback, ...]
     cost: Mapping[str, float]
@@ -78,6 +83,7 @@ class Plan:
             "parameters": {k: format_placements(v) for k, v in self.parameters.items()},
             "parameter_info": {k: dict(v) for k, v in self.parameter_info.items()},
             "nodes": {k: _node_json(v) for k, v in self.nodes.items()},
+            "hubs": {k: format_placements(v) for k, v in self.hubs.items()},
             "collectives": [_collective_json(c) for c in self.collectives],
             "fallbacks": [{"node": f.node, "op": f.op, "reason": f.reason} for f in self.fallbacks],
             "cost": dict(self.cost),
@@ -103,6 +109,7 @@ class Plan:
                 parameters={k: _pl(v) for k, v in d["parameters"].items()},
                 parameter_info=d.get("parameter_info", {}),
                 nodes={k: _node_from_json(v) for k, v in d["nodes"].items()},
+                hubs={k: _pl(v) for k, v in d.get("hubs", {}).items()},
                 collectives=tuple(PlannedCollective(**c) for c in d["collectives"]),
                 fallbacks=tuple(Fallback(**f) for f in d.get("fallbacks", [])),
                 cost=d["cost"],
@@ -154,12 +161,13 @@ def _node_json(n: NodePlan) -> dict:
         "output": out,
         "multi_output": multi,
         "compute_s": n.compute_s,
+        "via_hub": list(n.via_hub),
     }
 
 
 def _node_from_json(d: Mapping) -> NodePlan:
     out = tuple(_pl(o) for o in d["output"]) if d.get("multi_output") else _pl(d["output"])
-    return NodePlan(d["op"], d["module"], tuple(_pl(i) for i in d["inputs"]), out, float(d["compute_s"]))
+    return NodePlan(d["op"], d["module"], tuple(_pl(i) for i in d["inputs"]), out, float(d["compute_s"]), tuple(d.get("via_hub", ())))
 
 
 def _collective_json(c: PlannedCollective) -> dict:
@@ -180,11 +188,15 @@ def _collective_json(c: PlannedCollective) -> dict:
 @dataclass(frozen=True, slots=True)
 class Evaluation:
     nodes: Mapping[str, NodePlan]
+    #: shared values and the placement each is redistributed to once
+    hubs: Mapping[str, Placements]
     collectives: tuple[PlannedCollective, ...]
     compute_s: float
     comm_s: float
     comm_bytes: float
+    #: parameters and buffers per device; optimizer state beside them
     parameter_bytes: int
+    optimizer_bytes: int
     peak_memory_bytes: int
 
 
@@ -199,31 +211,45 @@ def evaluate(
     """Price one choice of strategies under the cost model: the same numbers
     the integer program minimises, itemised."""
     chosen: dict[str, Strategy] = {n.name: space.nodes[n.name].options[choice[n.name]] for n in graph}
-    nodes = {n.name: NodePlan(n.op_name, n.module, s.inputs, s.output, pricer.compute_s(n, s)) for n, s in ((n, chosen[n.name]) for n in graph)}
+    nodes = {
+        n.name: NodePlan(
+            n.op_name, n.module, s.inputs, s.output, pricer.compute_s(n, s), tuple(reads_via_hub(space, u, n.name) for u in n.refs())
+        )
+        for n, s in ((n, chosen[n.name]) for n in graph)
+    }
     colls: list[PlannedCollective] = []
 
-    def edge(u: str, want: Placements, consumer: str, module: str) -> None:
-        for c in pricer.redistribute(graph[u].tensor_meta, chosen[u].output, want):
+    hubs = {u: space.hubs[u][choice[hub_name(u)]] for u in space.hubs}
+
+    def edge(u: str, src: Placements, want: Placements, consumer: str, module: str) -> None:
+        for c in pricer.redistribute(graph[u].tensor_meta, src, want):
             colls.append(PlannedCollective(c.kind, mesh.axis_names[c.axis], c.bytes, c.time_s, u, consumer, module))
 
+    for u, h in hubs.items():  # once per shared value, before its readers
+        edge(u, chosen[u].output, h, "hub", graph[u].module)
     for v in graph:
         if space.nodes[v.name].source == "follow":
             continue
         for i, u in enumerate(v.refs()):
-            edge(u, chosen[v.name].inputs[i], v.name, v.module)
+            src = hubs[u] if reads_via_hub(space, u, v.name) else chosen[u].output
+            edge(u, src, chosen[v.name].inputs[i], v.name, v.module)
     for u, want in zip(graph.outputs, output_placements, strict=True):
-        edge(u, want, "output", graph[u].module)
+        src = hubs.get(u, chosen[u].output)
+        edge(u, src, chosen[want].output if isinstance(want, str) else want, "output", graph[u].module)
     per_node = {n.name: pricer.bytes_per_device(n.tensor_meta, chosen[n.name].output) for n in graph if n.tensor_meta is not None}
     stored_names, rows = peak_rows(graph)
     stored = sum(per_node[name] for name in stored_names)
-    peak = stored + max(sum(per_node[name] for name in row) for row in rows)
+    resident = sum(pricer.resident_bytes(graph[name], chosen[name].output) for name in stored_names)
+    peak = resident + max(sum(per_node[name] for name in row) for row in rows)
     return Evaluation(
         nodes=nodes,
+        hubs=hubs,
         collectives=tuple(colls),
         compute_s=sum(p.compute_s for p in nodes.values()),
         comm_s=sum(c.time_s for c in colls),
         comm_bytes=sum(bytes_sent_per_rank(c.kind, c.bytes, mesh.shape[mesh.axis_index(c.axis)]) for c in colls),
         parameter_bytes=stored,
+        optimizer_bytes=resident - stored,
         peak_memory_bytes=peak,
     )
 

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 
 from torch.distributed.tensor import Shard
 
-from ir.graph import Node, TensorMeta, dtype_name
+from ir.graph import Node, Role, TensorMeta, dtype_name
 from planner._dtensor import Placements, transform_steps
 from planner.cost import DeviceProfile, collective_time, compute_time
 from planner.strategies import Strategy, shard_factor
 
-__all__ = ["Collective", "Pricer", "local_shape", "primary_output"]
+__all__ = ["Collective", "Pricer", "local_shape", "optimizer_state_factor", "primary_output"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +63,9 @@ class Pricer:
 
     mesh_shape: tuple[int, ...]
     profile: DeviceProfile
+    #: optimizer state bytes per parameter byte, sharded as the parameter
+    #: (AdamW: two fp32 moments; plain SGD: none)
+    state_factor: float = 0.0
 
     @functools.cached_property
     def links(self):
@@ -119,6 +122,21 @@ class Pricer:
     def bytes_per_device(self, meta: TensorMeta, placements: Placements) -> int:
         """Bytes one device holds of a tensor with these placements."""
         return meta.nbytes // _storage_factor(placements, self.mesh_shape)
+
+    def resident_bytes(self, node: Node, placements: Placements) -> int:
+        """Bytes a stored value keeps on one device for the whole step: its
+        shard, plus the optimizer state of a trained parameter."""
+        own = self.bytes_per_device(node.tensor_meta, placements)
+        return own + int(own * self.state_factor) if node.role is Role.PARAM else own
+
+
+def optimizer_state_factor(optimizer: str | None, dtype_itemsize: int = 4) -> float:
+    """Optimizer state bytes per parameter byte: AdamW keeps two fp32 moments."""
+    if optimizer is None or optimizer == "sgd":
+        return 0.0
+    if optimizer == "adamw":
+        return 2 * 4 / dtype_itemsize
+    raise ValueError(f"unknown optimizer {optimizer!r}; dtplan knows adamw and sgd")
 
 
 def _storage_factor(placements: Placements, mesh_shape: tuple[int, ...]) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import Partial, Replicate, Shard
 
 from ir.graph import Node, TensorMeta
 
@@ -76,3 +76,24 @@ def convolution_rule(node: Node, metas: dict[str, TensorMeta]) -> list[list]:
     if len(node.refs()) > 2:
         rule.append(Replicate())  # bias
     return [rule]
+
+
+@register_rule(aten._scaled_dot_product_flash_attention_for_cpu_backward.default)
+def sdpa_cpu_flash_backward_rule(node: Node, metas: dict[str, TensorMeta]) -> list[list]:
+    """(grad_q, grad_k, grad_v) from (grad_out, q, k, v, out, logsumexp[, mask]):
+    per batch row and per head, like the forward."""
+    refs = node.refs()
+    masks = [metas[r] for r in refs[6:]]
+    rules = []
+    for dim in (0, 1):
+        s = Shard(dim)
+        rules.append([s] * 9 + [_mask_placement(m, 4 - dim) for m in masks])
+    return rules
+
+
+@register_rule(aten.convolution_backward.default)
+def convolution_backward_rule(node: Node, metas: dict[str, TensorMeta]) -> list[list]:
+    """Batch-parallel: grad_input stays batch-sharded, grad_weight and grad_bias
+    are partial sums over the batch shards."""
+    outs = [Shard(0), Partial("sum"), None if node.meta[2] is None else Partial("sum")]
+    return [outs + [Shard(0), Shard(0), Replicate()]]

@@ -17,7 +17,7 @@ from ir.graph import Graph, Node, Role, TensorMeta
 from planner import rules
 from planner._dtensor import Placements, dtensor_rule_kind, expand_single_dim_rules, op_strategies
 
-__all__ = ["Fallback", "NodeStrategies", "Strategy", "StrategySpace", "build_strategies", "shard_factor", "valid_on"]
+__all__ = ["Fallback", "NodeStrategies", "Strategy", "StrategySpace", "build_strategies", "hub_name", "shard_factor", "valid_on"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,13 @@ class StrategySpace:
     mesh_shape: tuple[int, ...]
     nodes: Mapping[str, NodeStrategies]
     fallbacks: tuple[Fallback, ...] = field(default=())
+    #: values read by several consumers: candidate hub placements (see planner.hubs)
+    hubs: Mapping[str, tuple[Placements, ...]] = field(default_factory=dict)
+
+
+def hub_name(node: str) -> str:
+    """The choice key of a value's hub."""
+    return f"hub:{node}"
 
 
 def shard_factor(placements: Placements, mesh_shape: tuple[int, ...]) -> int:

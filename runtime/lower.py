@@ -30,7 +30,7 @@ from planner.plan import NodePlan, Plan
 from planner.pricing import local_shape
 from runtime.redistribute import RankMesh, redistribute_local
 
-__all__ = ["LoweringError", "lower"]
+__all__ = ["LoweringError", "attr_name", "lower"]
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,8 @@ def lower(captured: Captured, plan: Plan, mesh: DeviceMesh, stored: Mapping[str,
         for n in user
     ]
     gm = make_fx(lambda *a: interp.run(dict(zip(names + user, a, strict=True))), tracing_mode="fake")(*examples)
-    _attach_stored(gm, names, stored)
+    params = {n for n, role, _ in captured.placeholders if role is Role.PARAM}
+    _attach_stored(gm, names, stored, params)
     log.debug("lowering: %.3fs, %d nodes", time.perf_counter() - t0, len(gm.graph.nodes))
     return gm
 
@@ -63,13 +64,17 @@ def _local(meta: TensorMeta, placements, mesh: DeviceMesh) -> tuple[int, ...]:
     return local_shape(meta.shape, tuple(mesh.shape), placements)
 
 
-def _attach_stored(gm: torch.fx.GraphModule, names: list[str], stored: Mapping[str, torch.Tensor]) -> None:
-    """Replace the stored placeholders by attributes holding the local shards."""
+def _attach_stored(gm: torch.fx.GraphModule, names: list[str], stored: Mapping[str, torch.Tensor], params: set[str]) -> None:
+    """Replace the stored placeholders by attributes holding the local shards
+    (parameters as nn.Parameter, so an optimizer can update them in place)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"][: len(names)]
     first_real = next((n for n in gm.graph.nodes if n.op != "placeholder"), None)
     for node, name in zip(placeholders, names, strict=True):
-        attr = _attr_name(name)
-        gm.register_buffer(attr, stored[name])
+        attr = attr_name(name)
+        if name in params:
+            gm.register_parameter(attr, torch.nn.Parameter(stored[name]))
+        else:
+            gm.register_buffer(attr, stored[name])
         with gm.graph.inserting_before(first_real):
             getter = gm.graph.get_attr(attr)
         node.replace_all_uses_with(getter)
@@ -78,7 +83,8 @@ def _attach_stored(gm: torch.fx.GraphModule, names: list[str], stored: Mapping[s
     gm.recompile()
 
 
-def _attr_name(name: str) -> str:
+def attr_name(name: str) -> str:
+    """The GraphModule attribute holding a stored placeholder's local shard."""
     return "s_" + re.sub(r"\W", "_", name)
 
 
@@ -92,6 +98,7 @@ class _Interpreter:
 
     def run(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         env: dict[str, object] = {}
+        self.hub_values: dict[str, DTensor] = {}
         for name, local in inputs.items():
             env[name] = self._wrap(local, self.plan.nodes[name].output, self.graph[name].tensor_meta)
         for fx_node in self.captured.gm.graph.nodes:
@@ -99,7 +106,8 @@ class _Interpreter:
                 env[fx_node.name] = self._call(fx_node, env)
         outs = []
         for name, want in zip(self.graph.outputs, self.plan.outputs, strict=True):
-            outs.append(self._to(env[name], want, self.graph[name].tensor_meta))
+            src = self._hub(name, env) if name in self.plan.hubs else env[name]
+            outs.append(self._to(src, want, self.graph[name].tensor_meta))
         return tuple(outs)
 
     def _wrap(self, local: torch.Tensor, placements, meta: TensorMeta) -> DTensor:
@@ -108,6 +116,13 @@ class _Interpreter:
     def _to(self, value: DTensor, placements, meta: TensorMeta) -> torch.Tensor:
         """The local shard of `value` redistributed to `placements`."""
         return redistribute_local(value.to_local(), self.rank_mesh, meta, value.placements, placements)
+
+    def _hub(self, name: str, env: dict[str, object]) -> DTensor:
+        """The shared value in its hub placement, redistributed on first read."""
+        if name not in self.hub_values:
+            meta, want = self.graph[name].tensor_meta, self.plan.hubs[name]
+            self.hub_values[name] = self._wrap(self._to(env[name], want, meta), want, meta)
+        return self.hub_values[name]
 
     def _call(self, fx_node: torch.fx.Node, env: dict[str, object]) -> object:
         np = self.plan.nodes[fx_node.name]
@@ -119,7 +134,8 @@ class _Interpreter:
             if isinstance(a, torch.fx.Node):
                 k = next(counter)
                 meta = self.graph[a.name].tensor_meta
-                return self._wrap(self._to(env[a.name], np.inputs[k], meta), np.inputs[k], meta)
+                src = self._hub(a.name, env) if np.via_hub and np.via_hub[k] else env[a.name]
+                return self._wrap(self._to(src, np.inputs[k], meta), np.inputs[k], meta)
             return a
 
         args, kwargs = tree_map(arg, (tuple(fx_node.args), dict(fx_node.kwargs)))

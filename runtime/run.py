@@ -10,14 +10,15 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 
 from dtplan.api import sharded_program
-from dtplan.modelfile import load_model_file
-from ir.capture import Captured, capture
+from dtplan.modelfile import ModelFileError, load_model_file
+from ir.capture import Captured, capture, capture_training, fake_build
 from planner.plan import Plan
 from runtime.launch import launched_by_torchrun, process_group, spawn
 from runtime.params import local_shard
+from runtime.train import make_optimizer, sharded_trainer
 from runtime.verify import CollectiveRecorder, compare, expected_collectives
 
-__all__ = ["rank_work", "run_many", "run_model_file"]
+__all__ = ["rank_work", "require_loss_fn", "run_many", "run_model_file", "single_device_training", "train_rank_work"]
 
 
 def rank_work(rank: int, mesh: DeviceMesh, *, path: str, options: Mapping[str, str], plan_json: dict, check: bool) -> dict:
@@ -62,25 +63,98 @@ def _capture_like_planner(mf) -> Captured:
     return captured
 
 
+def train_rank_work(
+    rank: int, mesh: DeviceMesh, *, path: str, options: Mapping[str, str], plan_json: dict, check: bool, steps: int, lr: float = 1e-3
+) -> dict:
+    """One rank: `steps` sharded training steps on the example inputs; with
+    `check`, the same steps on one device, compared loss by loss and
+    parameter by parameter."""
+    mf = load_model_file(path, options)
+    loss_fn = require_loss_fn(mf)
+    model, inputs = mf.build(meta=False)
+    captured = capture_training(*fake_build(lambda: mf.build(meta=False)), loss_fn)
+    plan = Plan.from_json(plan_json)
+    optimizer = str(plan.model.get("optimizer", "adamw"))
+    trainer = sharded_trainer(model, captured, plan, mesh, optimizer=optimizer, lr=lr)
+    recorder = CollectiveRecorder(mesh, tuple(plan.mesh.axis_names))
+    losses = []
+    for i in range(steps):
+        if i == 0:
+            with recorder:  # every step issues the same collectives; check the first
+                losses.append(trainer.step(*inputs))
+        else:
+            losses.append(trainer.step(*inputs))
+    issued = Counter(recorder.calls)
+    report = {
+        "rank": rank,
+        "losses": losses,
+        "collectives_issued": sorted([list(k) + [v] for k, v in issued.items()]),
+        "collectives_match": issued == expected_collectives(plan),
+    }
+    if check:
+        ref_losses, ref_params = single_device_training(mf, loss_fn, steps=steps, lr=lr, optimizer=optimizer)
+        state = trainer.full_state_dict()
+        loss_cmp = compare(torch.tensor(losses), torch.tensor(ref_losses))
+        param_cmps = [compare(state[fqn], p) for fqn, p in ref_params.items()]
+        report.update(
+            reference_losses=ref_losses,
+            max_loss_rel=loss_cmp.max_rel,
+            max_abs=max(c.max_abs for c in param_cmps),
+            max_rel=max(c.max_rel for c in param_cmps),
+            numerics_match=loss_cmp.ok and all(c.ok for c in param_cmps),
+        )
+    return report
+
+
+def require_loss_fn(mf):
+    if mf.loss_fn is None:
+        raise ModelFileError(f"{mf.path}: does not define loss_fn(output, *inputs); training (--train) needs one")
+    return mf.loss_fn
+
+
+def single_device_training(mf, loss_fn, *, steps: int, lr: float, optimizer: str) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """The reference: the same steps with plain autograd on one device."""
+    model, inputs = mf.build(meta=False)
+    model.train()
+    opt = make_optimizer(optimizer, model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = loss_fn(model(*inputs), *inputs)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+    return losses, {k: v.detach() for k, v in model.named_parameters()}
+
+
 def _many(rank: int, mesh: DeviceMesh, *, items: list[dict]) -> list[dict]:
-    return [rank_work(rank, mesh, **item) for item in items]
+    return [train_rank_work(rank, mesh, **item) if item.get("steps") else rank_work(rank, mesh, **item) for item in items]
 
 
-def run_many(items: list[tuple[str, Plan, Mapping[str, str], bool]]) -> list[list[dict]]:
+def run_many(items: list[tuple[str, Plan, Mapping[str, str], bool]], *, steps: int = 0) -> list[list[dict]]:
     """Run several plans (same mesh) in one group of spawned ranks: the start-up
-    of a group costs seconds. Returns per rank, per item, the report."""
+    of a group costs seconds. With `steps`, training plans run that many
+    steps. Returns per rank, per item, the report."""
     meshes = {tuple(p.mesh.shape) for _, p, _, _ in items}
     if len(meshes) != 1:
         raise ValueError(f"run_many needs plans for one mesh, got {sorted(meshes)}")
-    payload = [dict(path=str(path), options=dict(opts), plan_json=plan.to_json(), check=check) for path, plan, opts, check in items]
+    extra = {"steps": steps} if steps else {}
+    payload = [dict(path=str(path), options=dict(opts), plan_json=plan.to_json(), check=check, **extra) for path, plan, opts, check in items]
     return spawn(functools.partial(_many, items=payload), items[0][1].mesh)
 
 
-def run_model_file(path: str, plan: Plan, *, options: Mapping[str, str] | None = None, check: bool = False) -> list[dict]:
+def run_model_file(
+    path: str, plan: Plan, *, options: Mapping[str, str] | None = None, check: bool = False, steps: int = 0, lr: float = 1e-3
+) -> list[dict]:
     """Run the plan on as many ranks as its mesh has; one report per rank.
+    A training plan runs `steps` optimizer steps.
 
     Under torchrun this rank runs alone and returns its own report."""
-    work = functools.partial(rank_work, path=str(path), options=dict(options or {}), plan_json=plan.to_json(), check=check)
+    common = dict(path=str(path), options=dict(options or {}), plan_json=plan.to_json(), check=check)
+    if plan.model.get("train"):
+        work = functools.partial(train_rank_work, steps=max(steps, 1), lr=lr, **common)
+    else:
+        work = functools.partial(rank_work, **common)
     if launched_by_torchrun():
         with process_group(plan.mesh) as mesh:
             return [work(mesh.get_rank(), mesh)]
