@@ -1,7 +1,7 @@
 """The `dtplan` command line: a thin layer over the Python API.
 
-    dtplan compile MODEL.py --mesh 2x4 [--memory 80GiB] [--profile h100] [--out DIR]
-    dtplan run MODEL.py --mesh 2x2 [--plan FILE] [--check]
+    dtplan compile MODEL.py --mesh 2x4 [--memory 80GiB] [--profile h100] [--train] [--out DIR]
+    dtplan run MODEL.py --mesh 2x2 [--plan FILE] [--check] [--train --steps N]
     dtplan report PLAN.json [--out FILE]
 """
 from __future__ import annotations
@@ -73,7 +73,8 @@ def _model_args(pairs: list[str]) -> dict[str, str]:
 def _plan(args, progress):
     from dtplan.api import plan_program
     from dtplan.modelfile import load_model_file
-    from ir.capture import capture
+    from ir.capture import capture, capture_training, fake_build
+    from runtime.run import require_loss_fn
     from planner.ilp import SolverOptions
     from planner.mesh import parse_mesh, parse_size
 
@@ -81,9 +82,13 @@ def _plan(args, progress):
     if args.memory is not None:
         parse_size(args.memory)
     mf = load_model_file(args.model, _model_args(args.model_arg))
-    progress(f"capturing {mf.path} on the meta device")
-    model, inputs = mf.build(meta=True)
-    captured = capture(model, inputs)
+    if args.train:
+        loss_fn = require_loss_fn(mf)
+        progress(f"capturing the training step of {mf.path} on fake tensors")
+        captured = capture_training(*fake_build(lambda: mf.build(meta=False)), loss_fn)
+    else:
+        progress(f"capturing {mf.path} on the meta device")
+        captured = capture(*mf.build(meta=True))
     plan = plan_program(
         captured,
         mesh=args.mesh,
@@ -92,6 +97,7 @@ def _plan(args, progress):
         input_placements=_placement_arg(args.input_placements),
         output_placements=_placement_arg(args.output_placements),
         solver=SolverOptions(time_limit_s=args.time_limit),
+        optimizer=args.optimizer,
         model_info={"name": mf.name, "source": str(mf.path), "options": dict(mf.options)},
         progress=progress,
     )
@@ -112,6 +118,8 @@ def _summary(plan) -> dict:
         "memory_budget_bytes": plan.memory_budget_bytes,
         "collectives": len(plan.collectives),
         "fallbacks": len(plan.fallbacks),
+        "train": bool(plan.model.get("train")),
+        "memory_parts_bytes": {k: c.get(k) for k in ("parameter_bytes", "gradient_bytes", "optimizer_bytes", "activation_bytes")},
         "solver": {k: s[k] for k in ("status", "method", "objective", "bound", "gap", "wall_s")},
         "stage_seconds": dict(plan.stage_seconds),
     }
@@ -126,6 +134,9 @@ def _print_summary(plan, out_dir: Path | None) -> None:
     print(f"  predicted step   {format_seconds(c['total_s'])}  (compute {format_seconds(c['compute_s'])}, communication {format_seconds(c['comm_s'])})")
     print(f"  communication    {format_bytes(c['comm_bytes'])} sent per device in {len(plan.collectives)} collective(s)")
     print(f"  memory           {format_bytes(c['peak_memory_bytes'])} peak per device{budget}")
+    if plan.model.get("train"):
+        parts = ", ".join(f"{k.removesuffix('_bytes')} {format_bytes(c.get(k, 0))}" for k in ("parameter_bytes", "gradient_bytes", "optimizer_bytes", "activation_bytes"))
+        print(f"  memory parts     {parts} ({plan.model.get('optimizer')})")
     print(f"  solver           {s['status']} by {s['method']} in {format_seconds(s['wall_s'])}, gap {s['gap']:.2%}")
     print("  stages           " + ", ".join(f"{k} {format_seconds(v)}" for k, v in plan.stage_seconds.items()))
     if plan.fallbacks:
@@ -152,10 +163,10 @@ def cmd_compile(args) -> int:
 
 def cmd_run(args) -> int:
     from dtplan.modelfile import load_model_file
-    from ir.capture import capture
+    from ir.capture import capture, capture_training, fake_build
     from planner.mesh import parse_mesh
     from planner.plan import Plan, PlanError
-    from runtime.run import run_model_file
+    from runtime.run import require_loss_fn, run_model_file
 
     progress = _Progress(args.quiet)
     if args.plan:
@@ -164,17 +175,30 @@ def cmd_run(args) -> int:
         if tuple(mesh.shape) != tuple(plan.mesh.shape):
             raise PlanError(f"--mesh {mesh} does not match the plan's mesh {plan.mesh}")
         mf = load_model_file(args.model, _model_args(args.model_arg))
-        plan.check_matches(capture(*mf.build(meta=True)).graph, mesh)
+        if plan.model.get("train"):
+            captured = capture_training(*fake_build(lambda: mf.build(meta=False)), require_loss_fn(mf))
+        else:
+            captured = capture(*mf.build(meta=True))
+        plan.check_matches(captured.graph, mesh)
     else:
         _, plan = _plan(args, progress)
+    if args.train and not plan.model.get("train"):
+        raise PlanError("--train was given but the plan is for inference; plan with --train")
     progress(f"running on {plan.mesh.size} rank(s)")
-    reports = run_model_file(args.model, plan, options=_model_args(args.model_arg), check=args.check)
+    reports = run_model_file(args.model, plan, options=_model_args(args.model_arg), check=args.check, steps=args.steps, lr=args.lr)
     ok = True
     for r in reports:
         line = f"rank {r['rank']}: collectives {'as planned' if r['collectives_match'] else 'DIFFER from the plan'}"
         ok &= r["collectives_match"]
+        if "losses" in r:
+            line += "; losses " + " ".join(f"{x:.6g}" for x in r["losses"])
         if args.check:
-            line += f"; max abs error {r['max_abs']:.3g}, max rel error {r['max_rel']:.3g}" + ("" if r["numerics_match"] else " MISMATCH")
+            if "losses" in r:
+                line += f"; largest loss difference (relative) {r['max_loss_rel']:.3g}"
+                line += f"; final parameters max abs error {r['max_abs']:.3g}, max rel error {r['max_rel']:.3g}"
+            else:
+                line += f"; max abs error {r['max_abs']:.3g}, max rel error {r['max_rel']:.3g}"
+            line += "" if r["numerics_match"] else " MISMATCH" + (f" in {r['mismatched_parameters']}" if r.get("mismatched_parameters") else "")
             ok &= r["numerics_match"]
         print(line)
         if not r["collectives_match"]:
@@ -207,6 +231,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--output-placements", help='e.g. "R,R" for all outputs or "0=S(0),R"')
         sp.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", help="option passed to build_model/example_inputs")
         sp.add_argument("--time-limit", type=float, default=60.0, help="solver time limit in seconds")
+        sp.add_argument("--train", action="store_true", help="plan a training step (needs loss_fn in the model file)")
+        sp.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw", help="optimizer whose state the memory model counts")
         sp.add_argument("--quiet", action="store_true", help="no progress messages")
 
     c = sub.add_parser("compile", help="plan a model and write plan.json and report.html")
@@ -218,7 +244,9 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run the sharded program on as many ranks as the mesh has")
     planning(r)
     r.add_argument("--plan", help="plan.json to run (default: plan first)")
-    r.add_argument("--check", action="store_true", help="compare outputs with the single-device result")
+    r.add_argument("--check", action="store_true", help="compare outputs (training: every loss and the final parameters) with one device")
+    r.add_argument("--steps", type=int, default=5, help="training steps to run (with --train)")
+    r.add_argument("--lr", type=float, default=1e-3, help="learning rate (with --train)")
     r.set_defaults(func=cmd_run)
 
     rep = sub.add_parser("report", help="render report.html again from a saved plan")

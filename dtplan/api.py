@@ -71,6 +71,7 @@ def plan_program(
     memory: int | str | None = None,
     input_placements: Mapping[str, PlacementSpec] | PlacementSpec | None = None,
     output_placements: Mapping[str, PlacementSpec] | PlacementSpec | None = None,
+    parameter_placements: Mapping[str, PlacementSpec] | None = None,
     solver: SolverOptions = SolverOptions(),
     optimizer: str = "adamw",
     model_info: Mapping[str, object] | None = None,
@@ -81,7 +82,9 @@ def plan_program(
 
     For a training step the outputs are the loss (placements as given, else
     Replicate) and the gradients, each of which must end in its parameter's
-    placement; `optimizer` sizes the optimizer state in the memory model."""
+    placement; `optimizer` sizes the optimizer state in the memory model.
+    `parameter_placements` pins parameters (by FQN) to given placements, for
+    hand-written plans and for comparing against them."""
     say = progress or (lambda _m: None)
     mesh = parse_mesh(mesh) if isinstance(mesh, str) else mesh
     prof = load_profile(profile) if isinstance(profile, str) else profile
@@ -95,7 +98,7 @@ def plan_program(
 
     t = time.perf_counter()
     say(f"strategies for {len(graph)} nodes on mesh {mesh}")
-    space = build_strategies(graph, tuple(mesh.shape), ins)
+    space = build_strategies(graph, tuple(mesh.shape), {**ins, **_pinned(captured, parameter_placements, mesh)})
     stages["strategies"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -157,6 +160,17 @@ def plan_program(
         },
         stage_seconds=stages,
     )
+
+
+def _pinned(captured: Captured, given: Mapping[str, PlacementSpec] | None, mesh: MeshSpec) -> dict[str, Placements]:
+    """Placeholder node -> placements for the parameters (by FQN) the caller pins."""
+    if not given:
+        return {}
+    by_fqn = {fqn: name for name, role, fqn in captured.placeholders if role in (Role.PARAM, Role.BUFFER)}
+    unknown = sorted(set(given) - set(by_fqn))
+    if unknown:
+        raise ValueError(f"pinned parameters {unknown} are not in the model; it has {sorted(by_fqn)[:8]}...")
+    return {by_fqn[f]: _placements(spec, mesh, f"parameter {f!r}") for f, spec in given.items()}
 
 
 def _gradient_bytes(captured: Captured, ev, pricer: Pricer) -> int:

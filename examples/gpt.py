@@ -77,7 +77,9 @@ class Attention(nn.Module):
         self.heads = heads
         self.head_dim = dim // heads
         self.q = nn.Linear(dim, dim, bias=True)
-        self.k = nn.Linear(dim, dim, bias=True)
+        # no key bias: softmax ignores it, so its gradient is pure rounding
+        # noise, which Adam turns into lr-sized steps that no two runs share
+        self.k = nn.Linear(dim, dim, bias=False)
         self.v = nn.Linear(dim, dim, bias=True)
         self.o = nn.Linear(dim, dim, bias=True)
 

@@ -135,8 +135,37 @@ def _lift_graph(
             out_names = tuple(_output_names(fx_node.args[0]))
         else:
             raise CaptureError(f"unsupported fx node {fx_node.format_node()}")
+    if not any(n.module for n in nodes):
+        nodes = _modules_from_parameters(nodes)
     user_inputs = tuple(n for n, role, _ in placeholders if role is Role.INPUT)
     return Captured(gm, Graph(tuple(nodes), out_names), tuple(placeholders), user_inputs, dict(constants), **extra)
+
+
+def _modules_from_parameters(nodes: list[Node]) -> list[Node]:
+    """AOT joint graphs carry no module stack: attribute each op to the module
+    of a parameter it reads (directly or through views of it), else to its
+    first input's module. Forward and backward matmuls of a layer then both
+    name that layer."""
+    module: dict[str, str] = {}
+    from_param: set[str] = set()
+    out = []
+    for n in nodes:
+        refs = n.refs()
+        if n.fqn is not None and n.role in (Role.PARAM, Role.BUFFER):
+            module[n.name] = n.fqn.rpartition(".")[0]
+            from_param.add(n.name)
+            out.append(n)
+            continue
+        params = [module[r] for r in refs if r in from_param]
+        m = params[0] if params else next((module[r] for r in refs if module.get(r)), "")
+        if params and len(refs) == 1 and (getattr(n.target, "is_view", False) or n.op_name in _PARAM_VIEWS):
+            from_param.add(n.name)
+        module[n.name] = m
+        out.append(dataclasses.replace(n, module=m))
+    return out
+
+
+_PARAM_VIEWS = ("aten.t.default", "aten.detach.default")
 
 
 class _TrainStep(torch.nn.Module):

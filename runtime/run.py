@@ -91,17 +91,26 @@ def train_rank_work(
         "collectives_issued": sorted([list(k) + [v] for k, v in issued.items()]),
         "collectives_match": issued == expected_collectives(plan),
     }
+    state = trainer.full_state_dict()
+    trainer.load_state_dict(state)
+    again = trainer.full_state_dict()
+    report["state_dict_round_trip"] = all(torch.equal(state[k], again[k]) for k in state)
     if check:
         ref_losses, ref_params = single_device_training(mf, loss_fn, steps=steps, lr=lr, optimizer=optimizer)
-        state = trainer.full_state_dict()
         loss_cmp = compare(torch.tensor(losses), torch.tensor(ref_losses))
-        param_cmps = [compare(state[fqn], p) for fqn, p in ref_params.items()]
+        # Adam normalises every update to about lr, so an element whose true
+        # gradient is below the reduction's rounding noise may step either way:
+        # parameters compare at rtol 1e-4 plus an absolute 5% of one step
+        param_cmps = {fqn: compare(state[fqn], p, atol=0.05 * lr) for fqn, p in ref_params.items()}
+        worst = max(param_cmps, key=lambda f: param_cmps[f].max_abs)
         report.update(
             reference_losses=ref_losses,
             max_loss_rel=loss_cmp.max_rel,
-            max_abs=max(c.max_abs for c in param_cmps),
-            max_rel=max(c.max_rel for c in param_cmps),
-            numerics_match=loss_cmp.ok and all(c.ok for c in param_cmps),
+            max_abs=param_cmps[worst].max_abs,
+            max_rel=max(c.max_rel for c in param_cmps.values()),
+            worst_parameter=worst,
+            mismatched_parameters=sorted(f for f, c in param_cmps.items() if not c.ok),
+            numerics_match=loss_cmp.ok and all(c.ok for c in param_cmps.values()),
         )
     return report
 
@@ -123,7 +132,7 @@ def single_device_training(mf, loss_fn, *, steps: int, lr: float, optimizer: str
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses, {k: v.detach() for k, v in model.named_parameters()}
 
 
