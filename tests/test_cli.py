@@ -123,3 +123,26 @@ def test_run_check_on_two_ranks(capsys):
     code, out, err = run_cli(capsys, "run", example_path("mlp"), "--mesh", "2", "--check", "--memory", "100KB")
     assert code == 0, err
     assert out.count("collectives as planned") == 2 and "check passed" in out
+
+
+def test_train_needs_a_loss_fn(tmp_path, capsys):
+    (tmp_path / "noloss.py").write_text(
+        "import torch\ndef build_model():\n    return torch.nn.Linear(4, 4)\ndef example_inputs():\n    return (torch.ones(2, 4),)\n"
+    )
+    code, _, err = run_cli(capsys, "compile", tmp_path / "noloss.py", "--mesh", "2", "--train", "--out", tmp_path)
+    assert code == 1 and "loss_fn" in err and err.count("\n") == 1
+
+
+def test_compile_train_reports_memory_parts(tmp_path, capsys):
+    code, out, err = run_cli(capsys, "compile", example_path("mlp"), "--mesh", "2", "--train", "--optimizer", "sgd", "--out", tmp_path, "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["train"] and summary["memory_parts_bytes"]["optimizer_bytes"] == 0
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["model"]["optimizer"] == "sgd" and set(plan["model"]["gradients"]) == {"fc1.weight", "fc2.weight"}
+
+
+def test_run_train_check_on_two_ranks(tmp_path, capsys):
+    code, out, err = run_cli(capsys, "run", example_path("mlp"), "--mesh", "2", "--train", "--steps", "3", "--check", "--memory", "350KB")
+    assert code == 0, err
+    assert out.count("losses") == 2 and "check passed" in out
