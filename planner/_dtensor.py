@@ -101,7 +101,7 @@ class TransformStep:
         return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=1 << 16)  # bounded: shared by every plan in a process
 def transform_steps(mesh_shape: tuple[int, ...], meta: TensorMeta, src: Placements, dst: Placements) -> tuple[TransformStep, ...]:
     """The per-axis steps DTensor's redistribute planner takes from `src` to `dst`."""
     if src == dst:

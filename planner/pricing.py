@@ -8,7 +8,7 @@ what a run issues.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch.distributed.tensor import Shard
 
@@ -58,14 +58,14 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 @dataclass(frozen=True)
 class Pricer:
-    """Costs on one mesh under one profile. Cached: every edge of a repeated
-    layer asks the same questions."""
+    """Costs on one mesh under one profile."""
 
     mesh_shape: tuple[int, ...]
     profile: DeviceProfile
     #: optimizer state bytes per parameter byte, sharded as the parameter
     #: (AdamW: two fp32 moments; plain SGD: none)
     state_factor: float = 0.0
+    _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @functools.cached_property
     def links(self):
@@ -81,9 +81,15 @@ class Pricer:
         dt = dtype_name(meta.dtype) if meta is not None else "float32"
         return compute_time(node.flops / f, node.bytes / f, self.profile, dt)
 
-    @functools.lru_cache(maxsize=None)  # noqa: B019 - the pricer lives for one planning run
     def redistribute(self, meta: TensorMeta, src: Placements, dst: Placements) -> tuple[Collective, ...]:
-        """The collectives taking a tensor from `src` to `dst` placements."""
+        """The collectives taking a tensor from `src` to `dst` placements
+        (memoised per pricer: every edge of a repeated layer asks the same)."""
+        key = (meta, src, dst)
+        if key not in self._memo:
+            self._memo[key] = self._redistribute(meta, src, dst)
+        return self._memo[key]
+
+    def _redistribute(self, meta: TensorMeta, src: Placements, dst: Placements) -> tuple[Collective, ...]:
         if src == dst:
             return ()
         out: list[Collective] = []
