@@ -98,6 +98,7 @@ def _plan(args, progress):
         output_placements=_placement_arg(args.output_placements),
         solver=SolverOptions(time_limit_s=args.time_limit),
         optimizer=args.optimizer,
+        compare=getattr(args, "compare", False),
         model_info={"name": mf.name, "source": str(mf.path), "options": dict(mf.options)},
         progress=progress,
     )
@@ -122,6 +123,7 @@ def _summary(plan) -> dict:
         "memory_parts_bytes": {k: c.get(k) for k in ("parameter_bytes", "gradient_bytes", "optimizer_bytes", "activation_bytes")},
         "solver": {k: s[k] for k in ("status", "method", "objective", "bound", "gap", "wall_s")},
         "stage_seconds": dict(plan.stage_seconds),
+        "comparison": {r["name"]: {"step_time_s": r["cost"]["total_s"], "fits": r["fits"]} for r in plan.comparison},
     }
 
 
@@ -139,6 +141,9 @@ def _print_summary(plan, out_dir: Path | None) -> None:
         print(f"  memory parts     {parts} ({plan.model.get('optimizer')})")
     print(f"  solver           {s['status']} by {s['method']} in {format_seconds(s['wall_s'])}, gap {s['gap']:.2%}")
     print("  stages           " + ", ".join(f"{k} {format_seconds(v)}" for k, v in plan.stage_seconds.items()))
+    for row in plan.comparison:
+        fits = "" if row["fits"] else " (does not fit the budget)"
+        print(f"  vs {row['name']:<15} {format_seconds(row['cost']['total_s'])}{fits}")
     if plan.fallbacks:
         print(f"  fallbacks        {len(plan.fallbacks)} op(s) replicated: " + ", ".join(sorted({f.op for f in plan.fallbacks})))
     if out_dir is not None:
@@ -239,6 +244,7 @@ def _parser() -> argparse.ArgumentParser:
     planning(c)
     c.add_argument("--out", default="dtplan-out", help="output folder (default dtplan-out/)")
     c.add_argument("--json", action="store_true", help="print the summary as JSON")
+    c.add_argument("--no-compare", dest="compare", action="store_false", help="skip planning the classic layouts for the report's comparison")
     c.set_defaults(func=cmd_compile)
 
     r = sub.add_parser("run", help="run the sharded program on as many ranks as the mesh has")

@@ -17,6 +17,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from ir.capture import Captured, capture
 from ir.graph import Role
 from planner._dtensor import Placements, parse_placement
+from planner.classic import compare_classic
 from planner.cost import DeviceProfile, load_profile
 from planner.ilp import SolverOptions, solve
 from planner.mesh import MeshSpec, parse_mesh, parse_size
@@ -74,6 +75,7 @@ def plan_program(
     parameter_placements: Mapping[str, PlacementSpec] | None = None,
     solver: SolverOptions = SolverOptions(),
     optimizer: str = "adamw",
+    compare: bool = False,
     model_info: Mapping[str, object] | None = None,
     progress: Progress | None = None,
 ) -> Plan:
@@ -84,7 +86,8 @@ def plan_program(
     Replicate) and the gradients, each of which must end in its parameter's
     placement; `optimizer` sizes the optimizer state in the memory model.
     `parameter_placements` pins parameters (by FQN) to given placements, for
-    hand-written plans and for comparing against them."""
+    hand-written plans and for comparing against them. `compare` also plans
+    the classic layouts (`planner.classic`) and records them in the plan."""
     say = progress or (lambda _m: None)
     mesh = parse_mesh(mesh) if isinstance(mesh, str) else mesh
     prof = load_profile(profile) if isinstance(profile, str) else profile
@@ -123,8 +126,16 @@ def plan_program(
         model["optimizer"] = optimizer
         model["gradients"] = {graph[p].fqn: g for g, p in captured.gradients.items()}
     model.update(model_info or {})
+    comparison: tuple[dict, ...] = ()
+    if compare:
+        t = time.perf_counter()
+        say("evaluating the classic plans for comparison")
+        kwargs = dict(profile=prof, input_placements=input_placements, output_placements=output_placements, solver=solver, optimizer=optimizer)
+        comparison = tuple(r.to_json() for r in compare_classic(captured, mesh=mesh, budget=budget, plan_kwargs=kwargs))
+        stages["compare"] = time.perf_counter() - t
     return Plan(
         version=PLAN_VERSION,
+        comparison=comparison,
         model=model,
         mesh=mesh,
         profile={"name": prof.name, "description": prof.description},

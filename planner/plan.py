@@ -69,6 +69,8 @@ class Plan:
     cost: Mapping[str, float]
     solver: Mapping[str, object]
     stage_seconds: Mapping[str, float] = field(default_factory=dict)
+    #: the classic plans under the same cost model (planner.classic), if asked
+    comparison: tuple[Mapping[str, object], ...] = ()
 
     # ------------------------------------------------------------------ json
     def to_json(self) -> dict:
@@ -89,6 +91,7 @@ class Plan:
             "cost": dict(self.cost),
             "solver": dict(self.solver),
             "stage_seconds": dict(self.stage_seconds),
+            "comparison": [dict(c) for c in self.comparison],
         }
 
     @classmethod
@@ -115,6 +118,7 @@ class Plan:
                 cost=d["cost"],
                 solver=d["solver"],
                 stage_seconds=d.get("stage_seconds", {}),
+                comparison=tuple(d.get("comparison", ())),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise PlanError(f"malformed plan file: {type(e).__name__}: {e}") from e

@@ -328,7 +328,38 @@ def build_report_data(plan: Mapping[str, Any]) -> dict[str, Any]:
             "by_axis": _totals(collectives, "axis"),
         },
         "fallbacks": fallbacks,
+        "comparison": _comparison_rows(plan),
     }
+
+
+def _comparison_rows(plan: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The planner's plan beside the classic plans (planner.classic), each with
+    compute and communication as shares of the slowest, for a bar chart."""
+    cost = _mapping(plan.get("cost"))
+    rows = [{"name": "dtplan", "ours": True, "fits": True, "cost": cost}]
+    rows += [
+        {"name": str(c.get("name")), "ours": False, "fits": bool(c.get("fits")), "cost": _mapping(c.get("cost"))}
+        for c in _sequence(plan.get("comparison"))
+    ]
+    if len(rows) == 1:
+        return []
+    slowest = max((_number(r["cost"].get("total_s")) or 0.0) for r in rows) or 1.0
+    out = []
+    for r in rows:
+        c = r["cost"]
+        out.append({
+            "name": r["name"],
+            "ours": r["ours"],
+            "fits": r["fits"],
+            "total_s": _quantity(c.get("total_s"), format_seconds),
+            "compute_s": _quantity(c.get("compute_s"), format_seconds),
+            "comm_s": _quantity(c.get("comm_s"), format_seconds),
+            "comm_bytes": _quantity(c.get("comm_bytes"), format_bytes),
+            "peak_memory_bytes": _quantity(c.get("peak_memory_bytes"), format_bytes),
+            "compute_pct": 100.0 * (_number(c.get("compute_s")) or 0.0) / slowest,
+            "comm_pct": 100.0 * (_number(c.get("comm_s")) or 0.0) / slowest,
+        })
+    return out
 
 
 @functools.lru_cache(maxsize=1)
