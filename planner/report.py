@@ -329,7 +329,64 @@ def build_report_data(plan: Mapping[str, Any]) -> dict[str, Any]:
         },
         "fallbacks": fallbacks,
         "comparison": _comparison_rows(plan),
+        "modules": _module_tree(plan),
+        "memory_parts": _memory_parts(plan),
     }
+
+
+def _module_tree(plan: Mapping[str, Any]) -> dict[str, Any]:
+    """Compute (from nodes) and communication (from collectives) summed up the
+    module hierarchy, from the whole model down to one layer's projections."""
+    root: dict[str, Any] = {"name": "(model)", "path": "", "compute": 0.0, "comm": 0.0, "children": {}}
+
+    def add(module: str, key: str, value: float) -> None:
+        node = root
+        node[key] += value
+        for part in [p for p in module.split(".") if p] if module else []:
+            path = f"{node['path']}.{part}" if node["path"] else part
+            node = node["children"].setdefault(part, {"name": part, "path": path, "compute": 0.0, "comm": 0.0, "children": {}})
+            node[key] += value
+
+    for n in _mapping(plan.get("nodes")).values():
+        add(str(_mapping(n).get("module") or ""), "compute", _number(_mapping(n).get("compute_s")) or 0.0)
+    for c in _sequence(plan.get("collectives")):
+        add(str(_mapping(c).get("module") or ""), "comm", _number(_mapping(c).get("time_s")) or 0.0)
+    top = (root["compute"] + root["comm"]) or 1.0
+
+    def finish(node: dict[str, Any]) -> dict[str, Any]:
+        kids = sorted(node["children"].values(), key=lambda k: -(k["compute"] + k["comm"]))
+        return {
+            "name": node["name"],
+            "path": node["path"],
+            "total": _quantity(node["compute"] + node["comm"], format_seconds),
+            "compute": _quantity(node["compute"], format_seconds),
+            "comm": _quantity(node["comm"], format_seconds),
+            "compute_pct": round(100.0 * node["compute"] / top, 3),
+            "comm_pct": round(100.0 * node["comm"] / top, 3),
+            "children": [finish(k) for k in kids],
+        }
+
+    return finish(root)
+
+
+def _memory_parts(plan: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Peak memory per device split into parameters, optimizer state and
+    activations (gradients included as produced; reduced gradients listed
+    beside, not stacked), as shares
+    of the budget (or of the peak when there is none)."""
+    cost = _mapping(plan.get("cost"))
+    whole = _number(plan.get("memory_budget_bytes")) or _number(cost.get("peak_memory_bytes")) or 1
+    parts = [("parameters", "parameter_bytes"), ("optimizer state", "optimizer_bytes"), ("activations", "activation_bytes")]
+    out = []
+    for label, key in parts:
+        value = _number(cost.get(key))
+        if value is None or (key == "optimizer_bytes" and not value):
+            continue
+        out.append({"label": label, "key": key, "bytes": _quantity(value, format_bytes), "pct": round(100.0 * value / whole, 3)})
+    grads = _number(cost.get("gradient_bytes"))
+    if grads:
+        out.append({"label": "gradients after reduction", "key": "gradient_bytes", "bytes": _quantity(grads, format_bytes), "pct": 0.0})
+    return out
 
 
 def _comparison_rows(plan: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -79,3 +79,19 @@ def test_model_names_render_as_text(browser, tmp_path):
     page, problems = open_page(browser, path)
     assert problems == []
     assert evil in page.inner_text("body")
+
+
+def test_training_report_shows_memory_parts_and_module_tree(browser, tmp_path, capsys):
+    args = ["compile", str(example_path("gpt")), "--mesh", "4", "--train", "--memory", "1200KB", "--out", str(tmp_path), "--quiet"]
+    assert cli.main(args) == 0
+    capsys.readouterr()
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    page, problems = open_page(browser, tmp_path / "report.html")
+    assert problems == []
+    for key in ("parameter_bytes", "optimizer_bytes", "activation_bytes", "gradient_bytes"):
+        assert float(page.get_attribute(f"#mem-{key}", "data-value")) == plan["cost"][key]
+    tree = page.text_content("#modules")  # closed <details> included
+    assert "blocks" in tree and "attn" in tree
+    page.fill("#parameter-filter", "attn.q")
+    visible = page.eval_on_selector_all("#parameters-table tbody tr", "rows => rows.filter(r => r.style.display !== 'none').map(r => r.dataset.name)")
+    assert visible and all("attn.q" in name for name in visible)
