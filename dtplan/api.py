@@ -23,6 +23,7 @@ from planner.ilp import SolverOptions, solve
 from planner.mesh import MeshSpec, parse_mesh, parse_size
 from planner.plan import PLAN_VERSION, Plan, evaluate, parameter_table
 from planner.pricing import Pricer, optimizer_state_factor
+from planner.fold import fold_layers
 from planner.hubs import add_hubs
 from planner.shrink import merge_followers
 from planner.strategies import build_strategies
@@ -76,6 +77,7 @@ def plan_program(
     solver: SolverOptions = SolverOptions(),
     optimizer: str = "adamw",
     compare: bool = False,
+    fold: bool = True,
     model_info: Mapping[str, object] | None = None,
     progress: Progress | None = None,
 ) -> Plan:
@@ -107,6 +109,8 @@ def plan_program(
     t = time.perf_counter()
     pricer = Pricer(tuple(mesh.shape), prof, optimizer_state_factor(optimizer if captured.train else None))
     space = merge_followers(graph, space, pricer)
+    folded = fold_layers(graph, space) if fold else None
+    space = folded.space if folded else space
     stages["shrink"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -130,7 +134,9 @@ def plan_program(
     if compare:
         t = time.perf_counter()
         say("evaluating the classic plans for comparison")
-        kwargs = dict(profile=prof, input_placements=input_placements, output_placements=output_placements, solver=solver, optimizer=optimizer)
+        kwargs = dict(
+            profile=prof, input_placements=input_placements, output_placements=output_placements, solver=solver, optimizer=optimizer, fold=fold
+        )
         comparison = tuple(r.to_json() for r in compare_classic(captured, mesh=mesh, budget=budget, plan_kwargs=kwargs))
         stages["compare"] = time.perf_counter() - t
     return Plan(
@@ -168,6 +174,8 @@ def plan_program(
             "method": result.method,
             "variables": result.variables,
             "constraints": result.constraints,
+            "layers_folded": folded.layers_folded if folded else 0,
+            "nodes_folded": folded.nodes_folded if folded else 0,
         },
         stage_seconds=stages,
     )

@@ -103,6 +103,7 @@ class _Model:
         self.m = backend if backend is not None else cp_model.CpModel()
         self.group = {n.name: (space.nodes[n.name].follows or n.name) for n in graph}
         self.x: dict[str, list] = {}
+        self._links: dict[tuple, dict] = {}
         self.cost_terms: list[tuple[int, object]] = []
         self.const_ns = 0
 
@@ -186,6 +187,15 @@ class _Model:
         self._link(f"{u}->{v.name}:{i}", meta, self._source(u), wants)
 
     def _link(self, label: str, meta, outs: dict, wants: dict) -> None:
+        # folded layers repeat the same link between the same choices: one set
+        # of edge variables serves every copy, each copy adding its cost
+        key = (meta, tuple((o, tuple(map(id, xs))) for o, xs in outs.items()), tuple((r, tuple(map(id, xs))) for r, xs in wants.items()))
+        shared = self._links.get(key)
+        if shared is not None:
+            e, cost = shared
+            for pair, c in cost.items():
+                self._term(c, e[pair])
+            return
         cost = {(o, r): to_ns(self.pricer.redistribute_s(meta, o, r)) for o in outs for r in wants}
         if not any(cost.values()):
             return
@@ -198,6 +208,7 @@ class _Model:
         oi = {o: k for k, o in enumerate(outs)}
         ri = {r: k for k, r in enumerate(wants)}
         e = {(o, r): self.m.NewBoolVar(f"e[{label},o={oi[o]},r={ri[r]}]") for o in outs for r in wants}
+        self._links[key] = (e, cost)
         for o, xs in outs.items():
             self.m.Add(sum(e[o, r] for r in wants) == sum(xs))
         for r, xs in wants.items():
@@ -241,7 +252,16 @@ class _Model:
         if budget is not None:
             self._add_memory(budget)
         tie = self._tie_break() if self.scale > 1 else 0
-        self.m.Minimize(self.scale * (sum(c * v for c, v in self.cost_terms) + self.const_ns) + tie)
+        self.m.Minimize(self.scale * (sum(c * v for c, v in self._merged_terms()) + self.const_ns) + tie)
+
+    def _merged_terms(self) -> list[tuple[int, object]]:
+        """One coefficient per variable (folded layers add the same edge terms
+        once per copy)."""
+        merged: dict[int, list] = {}
+        for c, v in self.cost_terms:
+            slot = merged.setdefault(id(v), [0, v])
+            slot[0] += c
+        return [(c, v) for c, v in merged.values() if c]
 
     @property
     def scale(self) -> int:

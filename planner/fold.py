@@ -1,0 +1,83 @@
+"""Fold repeated layers: every copy of a layer shares the first copy's choices.
+
+Layers are found by module path: nodes under `<prefix>.<k>` for several k
+(`layers.0`, `layers.1`, ... or `blocks.0`, ...). When layer k's nodes match
+layer 0's one for one (op, shapes, module path below the index), each
+decision node of layer k whose strategies equal its twin's becomes a follower
+of the twin, so it shares the twin's choice variables. The integer program
+then has one layer's decisions, and `planner.ilp` builds each distinct edge
+link once, whatever the depth. A node whose strategies differ (the first op
+of a layer reads the previous layer, not the embedding) keeps its own choice.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from collections import defaultdict
+
+from ir.graph import Graph, Node
+from planner.strategies import NodeStrategies, StrategySpace
+
+__all__ = ["FoldResult", "fold_layers"]
+
+log = logging.getLogger(__name__)
+
+_LAYER = re.compile(r"^(?P<prefix>.*?)(?P<index>\d+)(?P<rest>(\..*)?)$")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FoldResult:
+    space: StrategySpace
+    #: layers that share the first layer's choices, and nodes folded
+    layers_folded: int
+    nodes_folded: int
+
+
+def _layers(graph: Graph) -> dict[str, dict[int, list[Node]]]:
+    """prefix -> layer index -> its nodes in graph order."""
+    found: dict[str, dict[int, list[Node]]] = defaultdict(lambda: defaultdict(list))
+    for n in graph:
+        m = _LAYER.match(n.module or "")
+        if m and m.group("prefix").endswith("."):
+            found[m.group("prefix")][int(m.group("index"))].append(n)
+    return {p: dict(v) for p, v in found.items() if len(v) > 1}
+
+
+def _shape(n: Node, prefix: str) -> tuple:
+    m = _LAYER.match(n.module)
+    return (n.op_name, str(n.meta), m.group("rest") if m else n.module)
+
+
+def fold_layers(graph: Graph, space: StrategySpace) -> FoldResult:
+    """Point every decision of layers 1.. at its twin in layer 0 (see module doc)."""
+    nodes = dict(space.nodes)
+    followers: dict[str, list[str]] = defaultdict(list)
+    for name, ns in nodes.items():
+        if ns.follows is not None:
+            followers[ns.follows].append(name)
+    layers_folded = folded = 0
+    for prefix, layers in _layers(graph).items():
+        first_index = min(layers)
+        first = layers[first_index]
+        for k, layer in sorted(layers.items()):
+            if k == first_index or [_shape(n, prefix) for n in layer] != [_shape(n, prefix) for n in first]:
+                continue
+            n_before = folded
+            for twin, v in zip(first, layer, strict=True):
+                folded += _fold_one(nodes, followers, v.name, twin.name)
+            layers_folded += folded > n_before
+    log.debug("folded %d nodes in %d layers", folded, layers_folded)
+    return FoldResult(dataclasses.replace(space, nodes=nodes), layers_folded, folded)
+
+
+def _fold_one(nodes: dict[str, NodeStrategies], followers: dict[str, list[str]], name: str, twin: str) -> int:
+    ns, tw = nodes[name], nodes[twin]
+    if ns.follows is not None or tw.follows is not None or len(ns.options) < 2 or ns.options != tw.options:
+        return 0
+    nodes[name] = NodeStrategies(name, ns.options, "fold", follows=twin)
+    for other in followers.pop(name, []):  # its followers now follow the twin
+        nodes[other] = dataclasses.replace(nodes[other], follows=twin)
+        followers[twin].append(other)
+    followers[twin].append(name)
+    return 1
