@@ -13,7 +13,7 @@ from dtplan import plan_program
 )
 def test_folded_plan_costs_what_the_unfolded_plan_costs(mesh, memory):
     c = captured_example("llama", layers=4)
-    folded = plan_program(c, mesh=mesh, memory=memory, profile="h100")
+    folded = plan_program(c, mesh=mesh, memory=memory, profile="h100", fold=True)
     unfolded = plan_program(c, mesh=mesh, memory=memory, profile="h100", fold=False)
     assert folded.solver["layers_folded"] == 3 and unfolded.solver["layers_folded"] == 0
     assert folded.solver["variables"] < 0.6 * unfolded.solver["variables"]
