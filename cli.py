@@ -72,9 +72,7 @@ def _model_args(pairs: list[str]) -> dict[str, str]:
 
 def _plan(args, progress):
     from dtplan.api import plan_program
-    from dtplan.modelfile import load_model_file
-    from ir.capture import capture, capture_training, fake_build
-    from runtime.run import require_loss_fn
+    from dtplan.modelfile import capture_model_file, load_model_file
     from planner.ilp import SolverOptions
     from planner.mesh import parse_mesh, parse_size
 
@@ -82,13 +80,8 @@ def _plan(args, progress):
     if args.memory is not None:
         parse_size(args.memory)
     mf = load_model_file(args.model, _model_args(args.model_arg))
-    if args.train:
-        loss_fn = require_loss_fn(mf)
-        progress(f"capturing the training step of {mf.path} on fake tensors")
-        captured = capture_training(*fake_build(lambda: mf.build(meta=False)), loss_fn)
-    else:
-        progress(f"capturing {mf.path} on the meta device")
-        captured = capture(*mf.build(meta=True))
+    progress(f"capturing {'the training step of ' if args.train else ''}{mf.path}")
+    captured = capture_model_file(mf, train=args.train)
     plan = plan_program(
         captured,
         mesh=args.mesh,
@@ -167,11 +160,10 @@ def cmd_compile(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from dtplan.modelfile import load_model_file
-    from ir.capture import capture, capture_training, fake_build
+    from dtplan.modelfile import capture_model_file, load_model_file
     from planner.mesh import parse_mesh
     from planner.plan import Plan, PlanError
-    from runtime.run import require_loss_fn, run_model_file
+    from runtime.run import run_model_file
 
     progress = _Progress(args.quiet)
     if args.plan:
@@ -180,11 +172,7 @@ def cmd_run(args) -> int:
         if tuple(mesh.shape) != tuple(plan.mesh.shape):
             raise PlanError(f"--mesh {mesh} does not match the plan's mesh {plan.mesh}")
         mf = load_model_file(args.model, _model_args(args.model_arg))
-        if plan.model.get("train"):
-            captured = capture_training(*fake_build(lambda: mf.build(meta=False)), require_loss_fn(mf))
-        else:
-            captured = capture(*mf.build(meta=True))
-        plan.check_matches(captured.graph, mesh)
+        plan.check_matches(capture_model_file(mf, train=bool(plan.model.get("train"))).graph, mesh)
     else:
         _, plan = _plan(args, progress)
     if args.train and not plan.model.get("train"):

@@ -4,13 +4,14 @@
     program = dtplan.shard(model, example_inputs, mesh=device_mesh, plan=plan)
 """
 from dtplan.api import PlacementSpec, ShardedProgram, compile, plan_program, shard, sharded_program
-from dtplan.modelfile import ModelFile, ModelFileError, load_model_file
+from dtplan.modelfile import ModelFile, ModelFileError, capture_model_file, load_model_file
 
 __all__ = [
     "ModelFile",
     "ModelFileError",
     "PlacementSpec",
     "ShardedProgram",
+    "capture_model_file",
     "compile",
     "load_model_file",
     "plan_program",

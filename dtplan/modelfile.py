@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ModelFile", "ModelFileError", "load_model_file"]
+__all__ = ["ModelFile", "ModelFileError", "capture_model_file", "load_model_file", "require_loss_fn"]
 
 
 class ModelFileError(ValueError):
@@ -66,3 +66,30 @@ def load_model_file(path: str | Path, options: Mapping[str, str] | None = None) 
     if missing:
         raise ModelFileError(f"{path}: does not define {' and '.join(missing)}(); a model file needs build_model() and example_inputs()")
     return ModelFile(p, module.build_model, module.example_inputs, getattr(module, "loss_fn", None), dict(options or {}))
+
+
+def require_loss_fn(mf: ModelFile) -> Callable[..., torch.Tensor]:
+    """The model file's loss_fn, or a clear error: training needs one."""
+    if mf.loss_fn is None:
+        raise ModelFileError(f"{mf.path}: does not define loss_fn(output, *inputs); training (--train) needs one")
+    return mf.loss_fn
+
+
+def capture_model_file(mf: ModelFile, *, train: bool):
+    """The graph a model file plans and runs as, the same on every side.
+
+    Inference: captured on meta (a real-device export may differ in
+    layout-driven ops such as clones), lifted constants taken from a real
+    capture. Training: the joint graph on fake tensors.
+    """
+    import dataclasses
+
+    from ir.capture import capture, capture_training, fake_build
+
+    if train:
+        return capture_training(*fake_build(lambda: mf.build(meta=False)), require_loss_fn(mf))
+    captured = capture(*mf.build(meta=True))
+    if captured.constants:
+        real = capture(*mf.build(meta=False))
+        captured = dataclasses.replace(captured, constants=real.constants)
+    return captured

@@ -1,7 +1,6 @@
 """`dtplan run`: execute a plan for a model file on every rank and check it."""
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections import Counter
 from collections.abc import Mapping
@@ -10,22 +9,21 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 
 from dtplan.api import sharded_program
-from dtplan.modelfile import ModelFileError, load_model_file
-from ir.capture import Captured, capture, capture_training, fake_build
+from dtplan.modelfile import capture_model_file, load_model_file, require_loss_fn
 from planner.plan import Plan
 from runtime.launch import launched_by_torchrun, process_group, spawn
 from runtime.params import local_shard
 from runtime.train import make_optimizer, sharded_trainer
 from runtime.verify import CollectiveRecorder, compare, expected_collectives
 
-__all__ = ["rank_work", "require_loss_fn", "run_many", "run_model_file", "single_device_training", "train_rank_work"]
+__all__ = ["rank_work", "run_many", "run_model_file", "single_device_training", "train_rank_work"]
 
 
 def rank_work(rank: int, mesh: DeviceMesh, *, path: str, options: Mapping[str, str], plan_json: dict, check: bool) -> dict:
     """One rank: build the real model, shard it, run one step, report."""
     mf = load_model_file(path, options)
     model, inputs = mf.build(meta=False)
-    captured = _capture_like_planner(mf)
+    captured = capture_model_file(mf, train=False)
     plan = Plan.from_json(plan_json)
     program = sharded_program(model, captured, plan, mesh)
     recorder = CollectiveRecorder(mesh, tuple(plan.mesh.axis_names))
@@ -52,17 +50,6 @@ def rank_work(rank: int, mesh: DeviceMesh, *, path: str, options: Mapping[str, s
     return report
 
 
-def _capture_like_planner(mf) -> Captured:
-    """The graph the planner saw: captured on meta (a real-device export may
-    differ in layout-driven ops such as clones), with lifted constants taken
-    from a real capture."""
-    captured = capture(*mf.build(meta=True))
-    if captured.constants:
-        real = capture(*mf.build(meta=False))
-        captured = dataclasses.replace(captured, constants=real.constants)
-    return captured
-
-
 def train_rank_work(
     rank: int, mesh: DeviceMesh, *, path: str, options: Mapping[str, str], plan_json: dict, check: bool, steps: int, lr: float = 1e-3
 ) -> dict:
@@ -72,7 +59,7 @@ def train_rank_work(
     mf = load_model_file(path, options)
     loss_fn = require_loss_fn(mf)
     model, inputs = mf.build(meta=False)
-    captured = capture_training(*fake_build(lambda: mf.build(meta=False)), loss_fn)
+    captured = capture_model_file(mf, train=True)
     plan = Plan.from_json(plan_json)
     optimizer = str(plan.model.get("optimizer", "adamw"))
     trainer = sharded_trainer(model, captured, plan, mesh, optimizer=optimizer, lr=lr)
@@ -113,12 +100,6 @@ def train_rank_work(
             numerics_match=loss_cmp.ok and all(c.ok for c in param_cmps.values()),
         )
     return report
-
-
-def require_loss_fn(mf):
-    if mf.loss_fn is None:
-        raise ModelFileError(f"{mf.path}: does not define loss_fn(output, *inputs); training (--train) needs one")
-    return mf.loss_fn
 
 
 def single_device_training(mf, loss_fn, *, steps: int, lr: float, optimizer: str) -> tuple[list[float], dict[str, torch.Tensor]]:
