@@ -44,7 +44,7 @@ def _layers(graph: Graph) -> dict[str, dict[int, list[Node]]]:
     return {p: dict(v) for p, v in found.items() if len(v) > 1}
 
 
-def _shape(n: Node, prefix: str) -> tuple:
+def _shape(n: Node) -> tuple:
     m = _LAYER.match(n.module)
     return (n.op_name, str(n.meta), m.group("rest") if m else n.module)
 
@@ -61,7 +61,7 @@ def fold_layers(graph: Graph, space: StrategySpace) -> FoldResult:
         first_index = min(layers)
         first = layers[first_index]
         for k, layer in sorted(layers.items()):
-            if k == first_index or [_shape(n, prefix) for n in layer] != [_shape(n, prefix) for n in first]:
+            if k == first_index or [_shape(n) for n in layer] != [_shape(n) for n in first]:
                 continue
             n_before = folded
             for twin, v in zip(first, layer, strict=True):

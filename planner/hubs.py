@@ -23,10 +23,12 @@ __all__ = ["add_hubs", "reads_via_hub"]
 
 def reads_via_hub(space: StrategySpace, producer: str, consumer: str) -> bool:
     """Does `consumer` read `producer` through its hub (not as a follower)?"""
-    if producer not in space.hubs:
-        return False
-    ns = space.nodes[consumer]
-    return not (ns.source == "follow" and _group(space, consumer) == _group(space, producer))
+    return producer in space.hubs and not _reads_directly(space, producer, consumer)
+
+
+def _reads_directly(space: StrategySpace, producer: str, consumer: str) -> bool:
+    """A follower sharing its producer's choice reads the value as it is."""
+    return space.nodes[consumer].source == "follow" and _group(space, consumer) == _group(space, producer)
 
 
 def _group(space: StrategySpace, name: str) -> str:
@@ -40,7 +42,7 @@ def add_hubs(graph: Graph, space: StrategySpace, output_wants: Sequence[Placemen
     edges: Counter[str] = Counter()
     for v in graph:
         for i, u in enumerate(v.refs()):
-            if space.nodes[v.name].source == "follow" and _group(space, v.name) == _group(space, u):
+            if _reads_directly(space, u, v.name):
                 continue
             edges[u] += 1
             for s in space.nodes[v.name].options:

@@ -110,16 +110,16 @@ class _Model:
     # ----------------------------------------------------------------- variables
     def _add_choices(self) -> None:
         for n in self.graph:
-            g = self.group[n.name]
-            if g != n.name:
-                continue
-            opts = self.space.nodes[n.name].options
-            if len(opts) == 1:
-                self.x[g] = [1]
-                continue
-            xs = [self.m.NewBoolVar(f"x[n={g},s={k}]") for k in range(len(opts))]
-            self.m.AddExactlyOne(xs)
-            self.x[g] = xs
+            if self.group[n.name] == n.name:
+                self.x[n.name] = self._one_of(f"x[n={n.name}", len(self.space.nodes[n.name].options))
+
+    def _one_of(self, label: str, n: int) -> list:
+        """n booleans of which exactly one is true (a constant 1 when n is 1)."""
+        if n == 1:
+            return [1]
+        xs = [self.m.NewBoolVar(f"{label},s={k}]") for k in range(n)]
+        self.m.AddExactlyOne(xs)
+        return xs
 
     def xs(self, name: str) -> list:
         return self.x[self.group[name]]
@@ -128,12 +128,7 @@ class _Model:
         """A value read by several consumers is redistributed once, to its hub
         placement, and each consumer reads the hub (see `planner.hubs`)."""
         for u, cands in self.space.hubs.items():
-            if len(cands) == 1:
-                self.x[hub_name(u)] = [1]
-                continue
-            xs = [self.m.NewBoolVar(f"h[n={u},s={k}]") for k in range(len(cands))]
-            self.m.AddExactlyOne(xs)
-            self.x[hub_name(u)] = xs
+            self.x[hub_name(u)] = self._one_of(f"h[n={u}", len(cands))
 
     def _hub_by_placement(self, u: str) -> dict[Placements, list]:
         return {p: [x] for p, x in zip(self.space.hubs[u], self.x[hub_name(u)], strict=True)}

@@ -30,13 +30,7 @@ def rank_work(rank: int, mesh: DeviceMesh, *, path: str, options: Mapping[str, s
     local_inputs = program.shard_inputs(*inputs)
     with recorder:
         outs = program.graph_module(*local_inputs)
-    issued = Counter(recorder.calls)
-    report = {
-        "rank": rank,
-        "collectives_issued": sorted([list(k) + [v] for k, v in issued.items()]),
-        "collectives_match": issued == expected_collectives(plan),
-        "outputs": len(outs),
-    }
+    report = {"rank": rank, **_collectives_report(recorder, plan), "outputs": len(outs)}
     if check:
         with torch.no_grad():
             ref = model(*inputs)
@@ -64,20 +58,10 @@ def train_rank_work(
     optimizer = str(plan.model.get("optimizer", "adamw"))
     trainer = sharded_trainer(model, captured, plan, mesh, optimizer=optimizer, lr=lr)
     recorder = CollectiveRecorder(mesh, tuple(plan.mesh.axis_names))
-    losses = []
-    for i in range(steps):
-        if i == 0:
-            with recorder:  # every step issues the same collectives; check the first
-                losses.append(trainer.step(*inputs))
-        else:
-            losses.append(trainer.step(*inputs))
-    issued = Counter(recorder.calls)
-    report = {
-        "rank": rank,
-        "losses": losses,
-        "collectives_issued": sorted([list(k) + [v] for k, v in issued.items()]),
-        "collectives_match": issued == expected_collectives(plan),
-    }
+    with recorder:  # every step issues the same collectives; check the first
+        losses = [trainer.step(*inputs)]
+    losses += [trainer.step(*inputs) for _ in range(steps - 1)]
+    report = {"rank": rank, "losses": losses, **_collectives_report(recorder, plan)}
     state = trainer.full_state_dict()
     trainer.load_state_dict(state)
     again = trainer.full_state_dict()
@@ -100,6 +84,15 @@ def train_rank_work(
             numerics_match=loss_cmp.ok and all(c.ok for c in param_cmps.values()),
         )
     return report
+
+
+def _collectives_report(recorder: CollectiveRecorder, plan: Plan) -> dict:
+    """What one step issued, and whether it is exactly the plan's list."""
+    issued = Counter(recorder.calls)
+    return {
+        "collectives_issued": sorted([list(k) + [v] for k, v in issued.items()]),
+        "collectives_match": issued == expected_collectives(plan),
+    }
 
 
 def single_device_training(mf, loss_fn, *, steps: int, lr: float, optimizer: str) -> tuple[list[float], dict[str, torch.Tensor]]:
