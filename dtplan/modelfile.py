@@ -80,14 +80,16 @@ def capture_model_file(mf: ModelFile, *, train: bool):
 
     Inference: captured on meta (a real-device export may differ in
     layout-driven ops such as clones), lifted constants taken from a real
-    capture. Training: the joint graph on fake tensors.
+    capture. Training: the joint graph on fake tensors, stamped from a few
+    traced layers where the model repeats a block (`ir.stamp`), so deep
+    models capture in seconds.
     """
     import dataclasses
 
     from ir.capture import capture, capture_training, fake_build
 
     if train:
-        return capture_training(*fake_build(lambda: mf.build(meta=False)), require_loss_fn(mf))
+        return capture_training(*fake_build(lambda: mf.build(meta=False)), require_loss_fn(mf), stamp=True)
     captured = capture(*mf.build(meta=True))
     if captured.constants:
         real = capture(*mf.build(meta=False))

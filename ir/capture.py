@@ -115,9 +115,17 @@ def lift(ep: ExportedProgram) -> Captured:
 
 
 def _lift_graph(
-    gm: torch.fx.GraphModule, roles: Mapping[str, tuple[Role, str | None]], constants: Mapping[str, torch.Tensor], **extra
+    gm: torch.fx.GraphModule,
+    roles: Mapping[str, tuple[Role, str | None]],
+    constants: Mapping[str, torch.Tensor],
+    *,
+    costs: Mapping[str, tuple[int, int]] | None = None,
+    **extra,
 ) -> Captured:
-    """Frozen IR nodes for every node of an ATen graph whose placeholders have `roles`."""
+    """Frozen IR nodes for every node of an ATen graph whose placeholders have `roles`.
+
+    `costs` optionally gives nodes' (flops, bytes) by name, known already
+    (`ir.stamp` copies them from the node a node was stamped from)."""
     nodes: list[Node] = []
     placeholders: list[tuple[str, Role, str | None]] = []
     out_names: tuple[str, ...] = ()
@@ -130,7 +138,7 @@ def _lift_graph(
             placeholders.append((fx_node.name, role, fqn))
             nodes.append(Node(fx_node.name, None, (), (), TensorMeta.of(val), role, fqn=fqn))
         elif fx_node.op == "call_function":
-            nodes.append(_lift_call(fx_node))
+            nodes.append(_lift_call(fx_node, costs.get(fx_node.name) if costs else None))
         elif fx_node.op == "output":
             out_names = tuple(_output_names(fx_node.args[0]))
         else:
@@ -143,21 +151,26 @@ def _lift_graph(
 
 def _modules_from_parameters(nodes: list[Node]) -> list[Node]:
     """AOT joint graphs carry no module stack: attribute each op to the module
-    of a parameter it reads (directly or through views of it), else to its
-    first input's module. Forward and backward matmuls of a layer then both
-    name that layer."""
+    of a parameter it reads (directly or through views of it), else to the
+    module of its most recently produced input. Forward and backward matmuls
+    of a layer then both name that layer, and so do the ops between them (a
+    residual add, a rotary product reading a root buffer): every copy of a
+    repeated layer gets the same ops, which is what folding matches."""
     module: dict[str, str] = {}
+    order: dict[str, int] = {}
     from_param: set[str] = set()
     out = []
-    for n in nodes:
+    for i, n in enumerate(nodes):
+        order[n.name] = i
         refs = n.refs()
         if n.fqn is not None and n.role in (Role.PARAM, Role.BUFFER):
             module[n.name] = n.fqn.rpartition(".")[0]
             from_param.add(n.name)
-            out.append(n)
+            out.append(dataclasses.replace(n, module=module[n.name]))
             continue
-        params = [module[r] for r in refs if r in from_param]
-        m = params[0] if params else next((module[r] for r in refs if module.get(r)), "")
+        params = [module[r] for r in refs if r in from_param and module[r]]
+        latest = sorted((r for r in refs if module.get(r)), key=order.__getitem__, reverse=True)
+        m = params[0] if params else (module[latest[0]] if latest else "")
         if params and len(refs) == 1 and (getattr(n.target, "is_view", False) or n.op_name in _PARAM_VIEWS):
             from_param.add(n.name)
         module[n.name] = m
@@ -189,13 +202,24 @@ def fake_build(build: Callable[[], tuple[torch.nn.Module, tuple]]) -> tuple[torc
         return build()
 
 
-def capture_training(model: torch.nn.Module, example_inputs: tuple, loss_fn: Callable[..., torch.Tensor]) -> Captured:
+def capture_training(
+    model: torch.nn.Module, example_inputs: tuple, loss_fn: Callable[..., torch.Tensor], *, stamp: bool = False
+) -> Captured:
     """The joint forward+backward graph of `loss_fn(model(*inputs), *inputs)`.
 
     Works on real tensors and on fake ones (`fake_build`). Graph outputs are
     the loss, then one gradient per trainable parameter; `Captured.gradients`
     maps each gradient node to its parameter's placeholder.
+
+    `stamp=True` traces only the first blocks of the model's stack of
+    identical layers and stamps the others (`ir.stamp`: same graph, time
+    nearly independent of depth; falls back to this full trace when the
+    stack cannot be verified).
     """
+    if stamp:
+        from ir.stamp import capture_training_stamped
+
+        return capture_training_stamped(model, example_inputs, loss_fn)
     t0 = time.perf_counter()
     if not any(p.requires_grad for p in model.parameters()):
         raise CaptureError("the model has no trainable parameters; there is nothing to train")
@@ -273,12 +297,15 @@ def _module_path(fx_node: torch.fx.Node) -> str:
     return str(path).replace("L['self'].", "").replace("L__self__.", "")
 
 
-def _lift_call(fx_node: torch.fx.Node) -> Node:
+def _lift_call(fx_node: torch.fx.Node, cost: tuple[int, int] | None = None) -> Node:
     target = fx_node.target
     if target is not operator.getitem and not isinstance(target, torch._ops.OpOverload):
         raise CaptureError(f"unsupported call {fx_node.format_node()} (not an ATen op)")
     meta = _meta_of(fx_node)
-    flops, nbytes = (0, 0) if target is operator.getitem else node_cost(fx_node)
+    if cost is not None:
+        flops, nbytes = cost
+    else:
+        flops, nbytes = (0, 0) if target is operator.getitem else node_cost(fx_node)
     return Node(
         name=fx_node.name,
         target=target,

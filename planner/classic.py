@@ -11,20 +11,63 @@ cheaper than those that fit.
 - tensor parallel (Megatron): the first linear of each pair column-parallel,
   the second row-parallel, on the last mesh axis; other parameters replicated;
 - 2D (FSDP + TP): tensor parallel on the last axis, parameters also sharded over
-  the other axes.
+  the other axes (on a dim the tp axis leaves alone);
+- torchtitan FSDP+TP (:func:`torchtitan_pins`): the plan torchtitan applies to
+  Llama (``parallelize_llama``: ``apply_tp`` then ``apply_fsdp``), offered on
+  meshes of two or more axes for models with Llama's names (``wq``, ``wk``,
+  ``wv``, ``wo``, ``w1``, ``w2``, ``w3``). The last axis is tp: ``wq``/``wk``/
+  ``wv`` and ``w1`` (gate)/``w3`` (up) column-parallel (``Shard(0)`` of the
+  ``[out, in]`` weight), ``wo`` and ``w2`` row-parallel (``Shard(1)``),
+  ``tok_embeddings.weight`` ``Shard(0)`` (``RowwiseParallel`` on an embedding
+  splits the vocabulary), ``output.weight`` ``Shard(0)`` (``ColwiseParallel``:
+  vocabulary rows), norms and anything else replicated. Every other axis is
+  dp, where FSDP2's ``fully_shard`` shards dim 0 of every parameter: ``S(0)``
+  when dim 0 splits evenly over every axis sharding it (dp axes and, if it is
+  ``S(0)`` there, tp), else the first dim that does, else ``R``. dtplan only
+  expresses even shards, so a split torchtitan would make unevenly becomes
+  the fallback above (``R`` on tp). FSDP2 over a tp-sharded dim 0 is a
+  ``_StridedShard`` in DTensor: the same bytes and collectives as ``S(0)``
+  over ``S(0)``, chunks in another order, so the cost model prices it as that.
+
+Every classic plan pins **parameters only**; activations are left to the
+planner. torchtitan also fixes activation layouts (sequence parallel around the
+norms, ``PrepareModuleInput`` before attention and the MLP, loss parallel):
+planning them instead gives each classic plan the best activations its
+parameter placements allow under our cost model, a lower bound on what the
+hand-written layouts cost there. So the comparison is fair to the classic plan
+— dtplan wins only where its parameter placements are better, never because a
+hand-written activation layout happens to be priced badly — and dtplan's plan,
+searched over a space that contains the pinned one, can never come out worse
+than one that fits the budget.
+
+:func:`placement_diff` says where dtplan's parameter placements differ from a
+classic plan's: which weights (layers folded into ``layers.*`` when all agree),
+which mesh axis, and the two placements; the HTML report lists it per plan.
 """
 from __future__ import annotations
 
 import logging
+import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from ir.capture import Captured
-from ir.graph import Role
 from planner.mesh import MeshSpec
 
-__all__ = ["ClassicResult", "classic_pins", "compare_classic"]
+if TYPE_CHECKING:
+    from ir.capture import Captured
+
+__all__ = [
+    "TORCHTITAN",
+    "ClassicResult",
+    "PlacementDiff",
+    "classic_pins",
+    "compare_classic",
+    "is_llama",
+    "placement_diff",
+    "torchtitan_pins",
+]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +75,15 @@ log = logging.getLogger(__name__)
 COLUMN = re.compile(r"(^|\.)(q|k|v|wq|wk|wv|q_proj|k_proj|v_proj|fc|fc1|c_fc|w1|w3|gate_proj|up_proj)\.weight$")
 #: ... and those whose input features it splits (row-parallel)
 ROW = re.compile(r"(^|\.)(o|wo|o_proj|proj|c_proj|fc2|w2|down_proj)\.weight$")
+
+#: name of the torchtitan plan in the comparison
+TORCHTITAN = "torchtitan FSDP+TP"
+#: the linear layers a Llama block must have for the torchtitan plan to apply
+LLAMA_LINEARS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+_TT_COLUMN = re.compile(r"(^|\.)(wq|wk|wv|w1|w3)\.(weight|bias)$")
+_TT_ROW = re.compile(r"(^|\.)(wo|w2)\.weight$")
+_TT_EMBEDDING = re.compile(r"(^|\.)tok_embeddings\.weight$")
+_TT_OUTPUT = re.compile(r"(^|\.)output\.(weight|bias)$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +98,8 @@ class ClassicResult:
 
 
 def _shapes(captured: Captured) -> dict[str, tuple[int, ...]]:
+    from ir.graph import Role
+
     return {n.fqn: n.tensor_meta.shape for n in captured.graph if n.role is Role.PARAM and n.fqn}
 
 
@@ -69,6 +123,8 @@ def classic_pins(captured: Captured, mesh: MeshSpec) -> dict[str, dict[str, list
         plans["tensor parallel"] = {f: ["R"] * (nd - 1) + p for f, p in tp.items()}
         if nd >= 2:
             plans["FSDP + TP"] = {f: _outer_shard(shapes[f], p, mesh) for f, p in tp.items()}
+    if nd >= 2 and is_llama(shapes):
+        plans[TORCHTITAN] = _torchtitan(shapes, mesh)
     return plans
 
 
@@ -92,6 +148,60 @@ def _outer_shard(shape: tuple[int, ...], inner: list[str], mesh: MeshSpec) -> li
     return [f"S({d})" if d is not None else "R"] * (mesh.ndim - 1) + inner
 
 
+# ---------------------------------------------------------------------- torchtitan
+
+
+def is_llama(names: Iterable[str]) -> bool:
+    """Whether parameter names are Llama's: a ``wq``, ``wk``, ``wv``, ``wo``,
+    ``w1``, ``w2`` and ``w3`` weight somewhere (torchtitan's plan names them)."""
+    names = list(names)
+    return all(any(re.search(rf"(^|\.){w}\.weight$", f) for f in names) for w in LLAMA_LINEARS)
+
+
+def torchtitan_pins(captured: Captured, mesh: MeshSpec | str) -> dict[str, list[str]]:
+    """torchtitan's FSDP+TP parameter placements for a Llama-named model, by
+    FQN, one placement per mesh axis (dp axes first, tp last); see the module
+    docstring. Pass them as ``plan_program(..., parameter_placements=...)``.
+
+    Raises ValueError on a mesh of fewer than two axes or a model without
+    Llama's names."""
+    from planner.mesh import parse_mesh
+
+    mesh = parse_mesh(mesh) if isinstance(mesh, str) else mesh
+    if mesh.ndim < 2:
+        raise ValueError(f"the torchtitan FSDP+TP plan needs a mesh of two or more axes (dp..., tp); got {mesh}")
+    shapes = _shapes(captured)
+    if not is_llama(shapes):
+        raise ValueError(f"the torchtitan FSDP+TP plan needs Llama's parameter names ({', '.join(LLAMA_LINEARS)} weights)")
+    return _torchtitan(shapes, mesh)
+
+
+def _torchtitan(shapes: Mapping[str, tuple[int, ...]], mesh: MeshSpec) -> dict[str, list[str]]:
+    tp = mesh.shape[-1]
+    dp = math.prod(mesh.shape[:-1])
+    out = {}
+    for f, shape in shapes.items():
+        inner = _torchtitan_tp(f, shape, tp)
+        used = int(inner[2:-1]) if inner != "R" else None
+        d = next((d for d, s in enumerate(shape) if s % (dp * (tp if d == used else 1)) == 0), None)
+        out[f] = [f"S({d})" if d is not None else "R"] * (mesh.ndim - 1) + [inner]
+    return out
+
+
+def _torchtitan_tp(fqn: str, shape: tuple[int, ...], tp: int) -> str:
+    """The tp-axis placement torchtitan's ``apply_tp`` gives one parameter."""
+    if _TT_COLUMN.search(fqn) or _TT_EMBEDDING.search(fqn) or _TT_OUTPUT.search(fqn):
+        dim = 0  # Colwise: out features (bias too); Rowwise on an Embedding: vocab
+    elif _TT_ROW.search(fqn):
+        dim = 1  # Rowwise on a Linear: in features (a bias stays replicated)
+    else:
+        return "R"  # norms and anything torchtitan leaves out of the tp plan
+    return f"S({dim})" if len(shape) > dim and shape[dim] % tp == 0 else "R"
+
+
+# ---------------------------------------------------------------------- comparison
+
+
 def compare_classic(captured: Captured, *, mesh: MeshSpec, budget: int | None, plan_kwargs: Mapping) -> tuple[ClassicResult, ...]:
     """Plan each classic layout under the same cost model (no budget), and say
     whether it fits the budget."""
@@ -108,3 +218,127 @@ def compare_classic(captured: Captured, *, mesh: MeshSpec, budget: int | None, p
         fits = budget is None or plan.cost["peak_memory_bytes"] <= budget
         results.append(ClassicResult(name, {k: tuple(v) for k, v in pins.items()}, cost, fits))
     return tuple(results)
+
+
+# ---------------------------------------------------------------------- differences
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementDiff:
+    """One difference between dtplan's parameter placements and a classic
+    plan's: the parameters (``pattern``, with ``*`` for a layer index when
+    every layer agrees), the mesh axis, and each side's placement there."""
+
+    plan: str
+    pattern: str
+    parameters: tuple[str, ...]
+    axis: str
+    axis_index: int
+    ours: str
+    theirs: str
+
+    @property
+    def text(self) -> str:
+        return f"{self.pattern}: axis {self.axis}: {self.ours} here vs {self.theirs} in {self.plan}"
+
+    def to_json(self) -> dict:
+        return {
+            "plan": self.plan,
+            "pattern": self.pattern,
+            "parameters": list(self.parameters),
+            "axis": self.axis,
+            "axis_index": self.axis_index,
+            "ours": self.ours,
+            "theirs": self.theirs,
+            "text": self.text,
+        }
+
+
+def placement_diff(plan: Any, entry: Any) -> list[PlacementDiff]:
+    """Where dtplan's parameter placements (``plan``: a Plan or a parsed
+    ``plan.json``) differ from a classic plan's pins (``entry``: one of
+    ``plan.comparison``, or a ClassicResult), per parameter and mesh axis.
+
+    Parameters that differ the same way on the same axis are grouped: by
+    their name with numeric path components (layer indices) replaced by
+    ``*`` when every parameter of that name differs so, else by the indices
+    that do (``layers.[1-3].attention.wq.weight``), else one row each. Rows
+    come in model order, then axis order."""
+    ours_all, axis_names = _plan_parameters(plan)
+    name, theirs_all = _entry_parameters(entry)
+    compared = [f for f in theirs_all if f in ours_all]
+    members: dict[str, list[str]] = {}
+    for f in compared:
+        members.setdefault(_pattern(f), []).append(f)
+    groups: dict[tuple[str, int, str, str], list[str]] = {}
+    for f in compared:
+        ours, theirs = ours_all[f], theirs_all[f]
+        for i in range(max(len(ours), len(theirs))):
+            a = ours[i] if i < len(ours) else "—"
+            b = theirs[i] if i < len(theirs) else "—"
+            if a != b:
+                groups.setdefault((_pattern(f), i, a, b), []).append(f)
+    rows: list[tuple[tuple[int, int, int], PlacementDiff]] = []
+    order = {f: k for k, f in enumerate(compared)}
+    for (pattern, i, a, b), fqns in groups.items():
+        axis = axis_names[i] if i < len(axis_names) else f"d{i}"
+        for label, part in _group_labels(pattern, fqns, members[pattern]):
+            key = (order[members[pattern][0]], i, order[part[0]])
+            rows.append((key, PlacementDiff(name, label, tuple(part), axis, i, a, b)))
+    rows.sort(key=lambda r: r[0])
+    return [r[1] for r in rows]
+
+
+def _plan_parameters(plan: Any) -> tuple[dict[str, list[str]], list[str]]:
+    if isinstance(plan, Mapping):
+        params = plan.get("parameters") or {}
+        mesh = plan.get("mesh") or {}
+        names = list(mesh.get("axis_names") or []) if isinstance(mesh, Mapping) else []
+    else:
+        params, names = plan.parameters, list(plan.mesh.axis_names)
+    return {str(f): _texts(p) for f, p in params.items() if p is not None}, [str(n) for n in names]
+
+
+def _entry_parameters(entry: Any) -> tuple[str, dict[str, list[str]]]:
+    if isinstance(entry, Mapping):
+        name, params = entry.get("name"), entry.get("parameters") or {}
+    else:
+        name, params = entry.name, entry.parameters
+    return str(name), {str(f): _texts(p) for f, p in params.items() if p is not None}
+
+
+def _texts(placements: Sequence[Any]) -> list[str]:
+    """Placements (objects or DTensor short forms) as their short forms."""
+    return [str(p).replace(" ", "") for p in placements]
+
+
+def _pattern(fqn: str) -> str:
+    return ".".join("*" if p.isdigit() else p for p in fqn.split("."))
+
+
+def _group_labels(pattern: str, fqns: list[str], members: list[str]) -> list[tuple[str, list[str]]]:
+    """How to name a group of parameters that differ alike."""
+    if len(fqns) == 1:
+        return [(fqns[0], fqns)]
+    if fqns == members:
+        return [(pattern, fqns)]
+    if pattern.count("*") == 1:
+        k = pattern.split(".").index("*")
+        indices = [int(f.split(".")[k]) for f in fqns]
+        return [(pattern.replace("*", f"[{_ranges(indices)}]"), fqns)]
+    return [(f, [f]) for f in fqns]
+
+
+def _ranges(indices: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``0-2,5``."""
+    out: list[str] = []
+    xs = sorted(set(indices))
+    start = prev = xs[0]
+    for x in [*xs[1:], None]:
+        if x is not None and x == prev + 1:
+            prev = x
+            continue
+        out.append(str(start) if start == prev else f"{start}-{prev}")
+        if x is not None:
+            start = prev = x
+    return ",".join(out)

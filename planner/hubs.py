@@ -58,4 +58,11 @@ def add_hubs(graph: Graph, space: StrategySpace, output_wants: Sequence[Placemen
             continue
         own = {s.output: None for s in space.nodes[u].options}
         hubs[u] = tuple(dict.fromkeys([*own, *wants[u]]))
-    return dataclasses.replace(space, hubs=hubs)
+    # a folded layer's hub takes its twin's choice when both offer the same
+    # candidates from the same choice variables
+    follows = {
+        u: t
+        for u in hubs
+        if (t := space.twins.get(u)) is not None and t in hubs and hubs[t] == hubs[u] and _group(space, u) == _group(space, t)
+    }
+    return dataclasses.replace(space, hubs=hubs, hub_follows=follows)

@@ -1,7 +1,9 @@
-r"""The placement integer program, solved with OR-Tools CP-SAT.
+r"""The placement integer program: built once as a sparse 0-1 program, solved
+by its LP relaxation (HiGHS) and, where that is fractional, by CP-SAT.
 
-Notation: nodes v are grouped — a tuple projection (getitem) shares its
-parent's choice — and each group g with strategies S_g gets booleans
+Notation: nodes v are grouped — a tuple projection or a follower shares its
+parent's choice, a folded layer's node its twin's — and each group g with
+strategies S_g gets booleans
 
     x[g,s] ∈ {0,1},   Σ_s x[g,s] = 1                         (`_add_choices`)
 
@@ -11,42 +13,52 @@ z[u,o] = Σ_{s: out(u,s)=o} x[g_u,s] and y[v,i,r] = Σ_{t: in_i(v,t)=r} x[g_v,t]
 Working on distinct placements rather than strategies keeps the edge variables
 few. With edge booleans e[u,v,i,o,r], aggregated rows
 
-    Σ_r e[o,r] = z[u,o],    Σ_o e[o,r] = y[v,i,r]              (`_add_edge`)
+    Σ_r e[o,r] = z[u,o],    Σ_o e[o,r] = y[v,i,r]              (`_link`)
 
 (tighter than McCormick's three inequalities) make e the joint choice, and
 the edge costs Σ c(o,r)·e[o,r], c the redistribution time. When one side has
 a single placement the cost is linear in the other side's z or y.
 
+Repeated structure is built once: compute terms, edge links and memory terms
+are keyed by the choice variables and options they read, so the copies of a
+folded layer (which share variables) add their cost to one term instead of
+adding variables. The program's size then hardly grows with depth.
+
 Memory (`_add_memory`): per device, parameters and buffers
 M = Σ_stored bytes(v,s)·x (one integer variable), plus the activations live
-at each point t of the schedule; one row per t whose live set is not
-contained in the next one's (the others are dominated):
+at each candidate peak t of the schedule (`planner.memory.live_multisets`):
 
     M + Σ_{v live at t} bytes(v,s)·x ≤ budget
 
 Objective: Σ compute(v,s)·x + Σ edge costs + output redistribution, in
 integer nanoseconds.
 
-Solving (`solve`): the LP relaxation first (GLOP); the aggregated rows make it
-integral for most programs without a binding memory row, and an integral LP
-optimum is an integer optimum. Otherwise CP-SAT, with a fixed seed and
-interleaved search so the same inputs give the same plan. Every variable has a stable, readable name
+Solving (`solve`): the LP relaxation first (HiGHS dual simplex, an order of
+magnitude faster than GLOP on these transportation-like programs); the
+aggregated rows make it integral for most programs without a binding memory
+row, and an integral LP optimum is an integer optimum. Otherwise the rounded
+LP when it fits and is within the rounding gap, else CP-SAT with a fixed seed,
+hinted from the rounding. CP-SAT variables carry readable names
 (`x[n=<node>,s=<k>]`, `e[<u>-><v>:<i>,o=<k>,r=<k>]`).
 """
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import time
-from collections.abc import Mapping
+from collections import defaultdict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from ortools.linear_solver import pywraplp
+import highspy
+import numpy as np
 from ortools.sat.python import cp_model
 
-from ir.graph import Graph, Node
+from ir.graph import Graph
 from planner._dtensor import Placements
 from planner.cost import to_ns
-from planner.memory import peak_rows
+from planner.memory import live_multisets, stored_values
 from planner.mesh import format_bytes
 from planner.pricing import Pricer
 from planner.strategies import StrategySpace, hub_name
@@ -54,6 +66,9 @@ from planner.strategies import StrategySpace, hub_name
 __all__ = ["MemoryBudgetError", "SolveResult", "SolverOptions", "least_memory", "solve"]
 
 log = logging.getLogger(__name__)
+
+#: the constant 1 in a list of choice variables (a group with one strategy)
+ONE = -1
 
 
 class MemoryBudgetError(ValueError):
@@ -85,7 +100,7 @@ class SolveResult:
     objective_ns: int
     bound_ns: int
     wall_s: float
-    #: "lp-relaxation" (integral LP optimum) or "cp-sat"
+    #: "lp-relaxation" (integral LP optimum), "lp-rounding" or "cp-sat"
     method: str
     variables: int
     constraints: int
@@ -95,207 +110,335 @@ class SolveResult:
         return 0.0 if self.objective_ns == 0 else abs(self.objective_ns - self.bound_ns) / abs(self.objective_ns)
 
 
-class _Model:
-    """Builds the CP-SAT program for one graph; see the module docstring."""
+class _Program:
+    """A sparse program over variables 0..n-1 with bounds [0, upper]: rows
+    lo ≤ Σ coef·var ≤ hi, exactly-one groups, an objective. Emitted to HiGHS
+    (relaxed) or CP-SAT (integer) without per-term Python objects."""
 
-    def __init__(self, graph: Graph, space: StrategySpace, pricer: Pricer, backend=None) -> None:
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.upper: list[int] = []
+        self.rows: list[tuple[list[int], list[int], int, int]] = []
+        self.groups: list[list[int]] = []
+        self.cost: dict[int, int] = defaultdict(int)
+
+    def var(self, name: str, upper: int = 1) -> int:
+        self.names.append(name)
+        self.upper.append(upper)
+        return len(self.names) - 1
+
+    def one_of(self, label: str, n: int) -> list[int]:
+        """n booleans of which exactly one is true (the constant when n is 1)."""
+        if n == 1:
+            return [ONE]
+        xs = [self.var(f"{label},s={k}]") for k in range(n)]
+        self.groups.append(xs)
+        return xs
+
+    def row(self, terms: Mapping[int, int], lo: int, hi: int) -> int:
+        const = terms.get(ONE, 0)
+        idx = [v for v, c in terms.items() if c and v != ONE]
+        self.rows.append((idx, [terms[v] for v in idx], lo - const, hi - const))
+        return len(self.rows) - 1
+
+
+    @property
+    def size(self) -> dict[str, int]:
+        return {"variables": len(self.names), "constraints": len(self.rows) + len(self.groups)}
+
+    def highs(self, cost: Mapping[int, int], time_limit_s: float) -> highspy.Highs:
+        n = len(self.names)
+        lp = highspy.HighsLp()
+        lp.num_col_ = n
+        lp.num_row_ = len(self.groups) + len(self.rows)
+        c = np.zeros(n)
+        for v, k in cost.items():
+            c[v] = k
+        lp.col_cost_ = c
+        lp.col_lower_ = np.zeros(n)
+        lp.col_upper_ = np.asarray(self.upper, dtype=float)
+        starts, index, value, lo, hi = [0], [], [], [], []
+        for g in self.groups:
+            index.extend(g)
+            value.extend([1.0] * len(g))
+            starts.append(len(index))
+            lo.append(1.0)
+            hi.append(1.0)
+        for idx, coef, a, b in self.rows:
+            index.extend(idx)
+            value.extend(coef)
+            starts.append(len(index))
+            lo.append(a)
+            hi.append(b)
+        lp.row_lower_ = np.asarray(lo, dtype=float)
+        lp.row_upper_ = np.asarray(hi, dtype=float)
+        lp.a_matrix_.format_ = highspy.MatrixFormat.kRowwise
+        lp.a_matrix_.num_col_ = n
+        lp.a_matrix_.num_row_ = lp.num_row_
+        lp.a_matrix_.start_ = np.asarray(starts, dtype=np.int32)
+        lp.a_matrix_.index_ = np.asarray(index, dtype=np.int32)
+        lp.a_matrix_.value_ = np.asarray(value, dtype=float)
+        h = _new_highs()
+        h.setOptionValue("output_flag", False)
+        h.setOptionValue("time_limit", float(time_limit_s))
+        h.passModel(lp)
+        return h
+
+    def cp_sat(self) -> tuple[cp_model.CpModel, list]:
+        m = cp_model.CpModel()
+        vs = [m.NewBoolVar(name) if up == 1 else m.NewIntVar(0, up, name) for name, up in zip(self.names, self.upper, strict=True)]
+        for g in self.groups:
+            m.AddExactlyOne(vs[i] for i in g)
+        for idx, coef, lo, hi in self.rows:
+            m.AddLinearConstraint(cp_model.LinearExpr.WeightedSum([vs[i] for i in idx], coef), lo, hi)
+        return m, vs
+
+
+class _Model:
+    """Builds the program for one graph; see the module docstring."""
+
+    def __init__(self, graph: Graph, space: StrategySpace, pricer: Pricer) -> None:
         self.graph, self.space, self.pricer = graph, space, pricer
-        self.m = backend if backend is not None else cp_model.CpModel()
+        self.p = _Program()
         self.group = {n.name: (space.nodes[n.name].follows or n.name) for n in graph}
-        self.x: dict[str, list] = {}
-        self._links: dict[tuple, dict] = {}
-        self.cost_terms: list[tuple[int, object]] = []
+        self.x: dict[str, list[int]] = {}
         self.const_ns = 0
+        self._memo: dict[tuple, object] = {}
 
     # ----------------------------------------------------------------- variables
     def _add_choices(self) -> None:
         for n in self.graph:
             if self.group[n.name] == n.name:
-                self.x[n.name] = self._one_of(f"x[n={n.name}", len(self.space.nodes[n.name].options))
+                self.x[n.name] = self.p.one_of(f"x[n={n.name}", len(self.space.nodes[n.name].options))
 
-    def _one_of(self, label: str, n: int) -> list:
-        """n booleans of which exactly one is true (a constant 1 when n is 1)."""
-        if n == 1:
-            return [1]
-        xs = [self.m.NewBoolVar(f"{label},s={k}]") for k in range(n)]
-        self.m.AddExactlyOne(xs)
-        return xs
-
-    def xs(self, name: str) -> list:
+    def xs(self, name: str) -> list[int]:
         return self.x[self.group[name]]
 
     def _add_hubs(self) -> None:
         """A value read by several consumers is redistributed once, to its hub
         placement, and each consumer reads the hub (see `planner.hubs`)."""
+        follows = self.space.hub_follows
         for u, cands in self.space.hubs.items():
-            self.x[hub_name(u)] = self._one_of(f"h[n={u}", len(cands))
+            if u not in follows:
+                self.x[hub_name(u)] = self.p.one_of(f"h[n={u}", len(cands))
+        for u, twin in follows.items():
+            self.x[hub_name(u)] = self.x[hub_name(twin)]
 
-    def _hub_by_placement(self, u: str) -> dict[Placements, list]:
-        return {p: [x] for p, x in zip(self.space.hubs[u], self.x[hub_name(u)], strict=True)}
-
-    def _source(self, u: str) -> dict[Placements, list]:
-        """Where consumers of `u` read from: its hub, or its own output."""
-        if u in self.space.hubs:
-            return self._hub_by_placement(u)
-        return self._by_placement(u, lambda s: s.output)
-
-    def _term(self, coef: int, var) -> None:
+    def _term(self, coef: int, var: int) -> None:
         if coef == 0:
             return
-        if isinstance(var, int):
-            self.const_ns += coef * var
+        if var == ONE:
+            self.const_ns += coef
         else:
-            self.cost_terms.append((coef, var))
+            self.p.cost[var] += coef
 
     # ----------------------------------------------------------------- compute
     def _add_compute(self) -> None:
+        copies: dict[tuple, list] = {}
         for n in self.graph:
-            opts = self.space.nodes[n.name].options
-            for k, s in enumerate(opts):
-                self._term(to_ns(self.pricer.compute_s(n, s)), self.xs(n.name)[k])
+            if n.flops == 0 and n.bytes == 0:
+                continue
+            opts, xs = self.space.nodes[n.name].options, self.xs(n.name)
+            key = (id(opts), id(xs), n.flops, n.bytes, n.meta)
+            slot = copies.setdefault(key, [n, 0])
+            slot[1] += 1
+        for n, count in copies.values():
+            for s, x in zip(self.space.nodes[n.name].options, self.xs(n.name), strict=True):
+                self._term(count * to_ns(self.pricer.compute_s(n, s)), x)
 
     # ----------------------------------------------------------------- edges
-    def _by_placement(self, name: str, placement_of) -> dict[Placements, list]:
-        groups: dict[Placements, list] = {}
-        for k, s in enumerate(self.space.nodes[name].options):
-            groups.setdefault(placement_of(s), []).append(self.xs(name)[k])
-        return groups
+    def _by_placement(self, name: str, which: int | None) -> dict[Placements, list[int]]:
+        """Choice variables of `name` grouped by their output placement
+        (`which` None) or by the placement they want for input `which`."""
+        opts, xs = self.space.nodes[name].options, self.xs(name)
+        key = ("by", id(opts), id(xs), which)
+        if key not in self._memo:
+            groups: dict[Placements, list[int]] = {}
+            for s, x in zip(opts, xs, strict=True):
+                groups.setdefault(s.output if which is None else s.inputs[which], []).append(x)
+            self._memo[key] = groups
+        return self._memo[key]  # type: ignore[return-value]
 
-    def _add_edges(self) -> None:
+    def _hub_by_placement(self, u: str) -> dict[Placements, list[int]]:
+        xs = self.x[hub_name(u)]
+        key = ("hub", id(xs))
+        if key not in self._memo:
+            self._memo[key] = {p: [x] for p, x in zip(self.space.hubs[u], xs, strict=True)}
+        return self._memo[key]  # type: ignore[return-value]
+
+    def _source(self, u: str) -> dict[Placements, list[int]]:
+        """Where consumers of `u` read from: its hub, or its own output."""
+        return self._hub_by_placement(u) if u in self.space.hubs else self._by_placement(u, None)
+
+    def _add_edges(self, output_placements) -> None:
+        links: dict[tuple, list] = {}
+        diagonal: dict[tuple, list] = {}
+
+        def link(label: str, meta, outs: dict, wants: dict) -> None:
+            slot = links.setdefault((meta, id(outs), id(wants)), [label, meta, outs, wants, 0])
+            slot[4] += 1
+
         for v in self.graph:
             if self.space.nodes[v.name].source == "follow":
                 continue
             for i, u in enumerate(v.refs()):
-                self._add_edge(u, v, i)
+                meta = self.graph[u].tensor_meta
+                if self.group[u] == self.group[v.name]:  # same choice: cost on the diagonal
+                    key = (id(self.space.nodes[u].options), id(self.space.nodes[v.name].options), i, meta, id(self.xs(v.name)))
+                    slot = diagonal.setdefault(key, [u, v.name, i, 0])
+                    slot[3] += 1
+                    continue
+                link(f"{u}->{v.name}:{i}", meta, self._source(u), self._by_placement(v.name, i))
         for u in self.space.hubs:
-            outs = self._by_placement(u, lambda s: s.output)
-            self._link(f"{u}->hub", self.graph[u].tensor_meta, outs, self._hub_by_placement(u))
+            link(f"{u}->hub", self.graph[u].tensor_meta, self._by_placement(u, None), self._hub_by_placement(u))
+        # each output leaves in its placements; a gradient (its want is the
+        # parameter's node name) leaves in whatever placement the parameter gets
+        for u, want in zip(self.graph.outputs, output_placements, strict=True):
+            wants = self._by_placement(want, None) if isinstance(want, str) else {want: [ONE]}
+            link(f"{u}->output", self.graph[u].tensor_meta, self._source(u), wants)
 
-    def _add_edge(self, u: str, v: Node, i: int) -> None:
-        meta = self.graph[u].tensor_meta
-        if self.group[u] == self.group[v.name]:  # same choice: cost on the diagonal
-            for k, s in enumerate(self.space.nodes[v.name].options):
+        for u, v, i, count in diagonal.values():
+            meta = self.graph[u].tensor_meta
+            for k, s in enumerate(self.space.nodes[v].options):
                 src = self.space.nodes[u].options[k].output
-                self._term(to_ns(self.pricer.redistribute_s(meta, src, s.inputs[i])), self.xs(v.name)[k])
-            return
-        wants = self._by_placement(v.name, lambda s: s.inputs[i])
-        self._link(f"{u}->{v.name}:{i}", meta, self._source(u), wants)
+                self._term(count * to_ns(self.pricer.redistribute_s(meta, src, s.inputs[i])), self.xs(v)[k])
+        for label, meta, outs, wants, count in links.values():
+            self._link(label, meta, outs, wants, count)
 
-    def _link(self, label: str, meta, outs: dict, wants: dict) -> None:
-        # folded layers repeat the same link between the same choices: one set
-        # of edge variables serves every copy, each copy adding its cost
-        key = (meta, tuple((o, tuple(map(id, xs))) for o, xs in outs.items()), tuple((r, tuple(map(id, xs))) for r, xs in wants.items()))
-        shared = self._links.get(key)
-        if shared is not None:
-            e, cost = shared
-            for pair, c in cost.items():
-                self._term(c, e[pair])
-            return
-        cost = {(o, r): to_ns(self.pricer.redistribute_s(meta, o, r)) for o in outs for r in wants}
+    def _link(self, label: str, meta, outs: dict, wants: dict, count: int) -> None:
+        cost = {(o, r): count * to_ns(self.pricer.redistribute_s(meta, o, r)) for o in outs for r in wants}
         if not any(cost.values()):
             return
         if len(outs) == 1 or len(wants) == 1:
             for (o, r), c in cost.items():
-                side = wants[r] if len(outs) == 1 else outs[o]
-                for var in side:
+                for var in wants[r] if len(outs) == 1 else outs[o]:
                     self._term(c, var)
             return
         oi = {o: k for k, o in enumerate(outs)}
         ri = {r: k for k, r in enumerate(wants)}
-        e = {(o, r): self.m.NewBoolVar(f"e[{label},o={oi[o]},r={ri[r]}]") for o in outs for r in wants}
-        self._links[key] = (e, cost)
+        e = {(o, r): self.p.var(f"e[{label},o={oi[o]},r={ri[r]}]") for o in outs for r in wants}
         for o, xs in outs.items():
-            self.m.Add(sum(e[o, r] for r in wants) == sum(xs))
+            self.p.row(_minus({e[o, r]: 1 for r in wants}, xs), 0, 0)
         for r, xs in wants.items():
-            self.m.Add(sum(e[o, r] for o in outs) == sum(xs))
-        for key, c in cost.items():
-            self._term(c, e[key])
-
-    def _add_outputs(self, output_placements: tuple[Placements | str, ...]) -> None:
-        """Each output leaves in its placements; a gradient (its want is the
-        parameter's node name) leaves in whatever placement the parameter gets."""
-        for u, want in zip(self.graph.outputs, output_placements, strict=True):
-            wants = self._by_placement(want, lambda s: s.output) if isinstance(want, str) else {want: [1]}
-            self._link(f"{u}->output", self.graph[u].tensor_meta, self._source(u), wants)
+            self.p.row(_minus({e[o, r]: 1 for o in outs}, xs), 0, 0)
+        for pair, c in cost.items():
+            self._term(c, e[pair])
 
     # ----------------------------------------------------------------- memory
-    def memory_terms(self) -> tuple[list[tuple[int, object]], list[list[tuple[int, object]]]]:
-        """(bytes, variable) terms of stored values, and of the live
-        allocations at each candidate peak."""
-        stored, rows = peak_rows(self.graph)
-        resident = [t for name in stored for t in self._bytes_terms(self.graph[name], self.pricer.resident_bytes)]
-        return resident, [[t for name in r for t in self._bytes_terms(self.graph[name])] for r in rows]
+    def memory_terms(self) -> tuple[dict[int, int], list[dict[int, int]]]:
+        """Bytes per variable of the stored values (with optimizer state), and
+        of the allocations live at each candidate peak."""
+        reps: dict[tuple, str] = {}
 
-    def _bytes_terms(self, n: Node, size=None) -> list[tuple[int, object]]:
-        size = size or (lambda node, pl: self.pricer.bytes_per_device(node.tensor_meta, pl))
-        return [(size(n, s.output), self.xs(n.name)[k]) for k, s in enumerate(self.space.nodes[n.name].options)]
+        def key(name: str) -> tuple:
+            n = self.graph[name]
+            k = (id(self.space.nodes[name].options), id(self.xs(name)), n.tensor_meta, n.role)
+            reps.setdefault(k, name)
+            return k
+
+        terms: dict[tuple, list[tuple[int, int]]] = {}
+
+        def expand(k: tuple, size: Callable) -> list[tuple[int, int]]:
+            if (k, size) not in terms:
+                n = self.graph[reps[k]]
+                terms[k, size] = [(x, size(n, s.output)) for s, x in zip(self.space.nodes[n.name].options, self.xs(n.name), strict=True)]
+            return terms[k, size]
+
+        def total(counts: Mapping[tuple, int], size: Callable) -> dict[int, int]:
+            out: dict[int, int] = defaultdict(int)
+            for k, count in counts.items():
+                for x, b in expand(k, size):
+                    out[x] += count * b
+            return out
+
+        stored: dict[tuple, int] = defaultdict(int)
+        for name in stored_values(self.graph):
+            stored[key(name)] += 1
+        own = lambda node, pl: self.pricer.bytes_per_device(node.tensor_meta, pl)  # noqa: E731
+        rows = [total(r, own) for r in live_multisets(self.graph, key)]
+        return total(stored, self.pricer.resident_bytes), rows
 
     def _add_memory(self, budget: int) -> None:
         """One variable for the stored bytes keeps each peak row short."""
         stored_terms, rows = self.memory_terms()
-        stored = self.m.NewIntVar(0, budget, "stored_bytes")
-        self.m.Add(stored == sum(b * v for b, v in stored_terms))
+        stored = self.p.var("stored_bytes", upper=budget)
+        self.p.row(_minus({stored: 1}, [], stored_terms), 0, 0)
         for row in rows:
-            self.m.Add(stored + sum(b * v for b, v in row) <= budget)
+            self.p.row({**row, stored: row.get(stored, 0) + 1}, -(1 << 62), budget)
 
     def build(self, output_placements, budget: int | None) -> None:
         self._add_choices()
         self._add_hubs()
         self._add_compute()
-        self._add_edges()
-        self._add_outputs(output_placements)
+        self._add_edges(output_placements)
         if budget is not None:
             self._add_memory(budget)
-        tie = self._tie_break() if self.scale > 1 else 0
-        self.m.Minimize(self.scale * (sum(c * v for c, v in self._merged_terms()) + self.const_ns) + tie)
 
-    def _merged_terms(self) -> list[tuple[int, object]]:
-        """One coefficient per variable (folded layers add the same edge terms
-        once per copy)."""
-        merged: dict[int, list] = {}
-        for c, v in self.cost_terms:
-            slot = merged.setdefault(id(v), [0, v])
-            slot[0] += c
-        return [(c, v) for c, v in merged.values() if c]
+    def objective(self, scale: int) -> dict[int, int]:
+        """The cost per variable in units of 1/scale ns, plus (when scale > 1)
+        a tie-break worth less than 1 ns in total: among plans of equal
+        predicted time prefer lower strategy indices (Replicate and low dims
+        come first), which makes the optimum (nearly always) unique, so
+        parallel search returns the same plan for the same inputs."""
+        obj = {v: c * scale for v, c in self.p.cost.items()}
+        if scale > 1:
+            for xs in self._leaders():
+                for k, x in enumerate(xs):
+                    obj[x] = obj.get(x, 0) + k
+        return obj
+
+    def _leaders(self) -> list[list[int]]:
+        seen, out = set(), []
+        for xs in self.x.values():
+            if len(xs) > 1 and id(xs) not in seen:
+                seen.add(id(xs))
+                out.append(xs)
+        return out
 
     @property
     def scale(self) -> int:
-        """Objective units per nanosecond: room below one nanosecond for the
-        tie-break. The LP does without (its simplex answer is deterministic,
-        and huge coefficients would hurt its floating-point arithmetic)."""
-        if isinstance(self.m, _LpBackend):
-            return 1
-        return 1 + sum(len(xs) - 1 for xs in self.x.values())
+        """Objective units per nanosecond for CP-SAT: room below one
+        nanosecond for the tie-break."""
+        return 1 + sum(len(xs) - 1 for xs in self._leaders())
 
-    def _tie_break(self):
-        """Among plans of equal predicted time prefer lower strategy indices
-        (Replicate and low dims come first). Worth less than 1 ns in total, it
-        makes the optimum (nearly always) unique, so parallel search returns
-        the same plan for the same inputs."""
-        return sum(k * x for xs in self.x.values() if len(xs) > 1 for k, x in enumerate(xs))
+    def choice(self, value: Callable[[int], float]) -> tuple[dict[str, int], bool]:
+        """Per node and hub, the strategy whose variable weighs most, and
+        whether every group's weight is all on one strategy (integral)."""
+        picked: dict[int, int] = {}
+        integral = True
+        choice = {}
+        names = [(n.name, self.xs(n.name)) for n in self.graph] + [(hub_name(u), self.x[hub_name(u)]) for u in self.space.hubs]
+        for name, xs in names:
+            if id(xs) not in picked:
+                vals = [1.0 if x == ONE else value(x) for x in xs]
+                k = max(range(len(vals)), key=vals.__getitem__)
+                integral &= abs(vals[k] - 1.0) <= 1e-6
+                picked[id(xs)] = k
+            choice[name] = picked[id(xs)]
+        return choice, integral
 
-class _LpBackend:
-    """The same model with continuous x, e ∈ [0, 1] (GLOP). Without a memory
-    row the aggregated edge rows make this relaxation integral in practice,
-    and then it is the answer, found in milliseconds and deterministically."""
 
-    def __init__(self) -> None:
-        self.s = pywraplp.Solver.CreateSolver("GLOP")
+def _new_highs() -> highspy.Highs:
+    """A HiGHS instance, its constructor's banner kept off standard output."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            return highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
-    def NewBoolVar(self, name: str):  # noqa: N802 - mirrors cp_model
-        return self.s.NumVar(0.0, 1.0, name)
 
-    def NewIntVar(self, lb: int, ub: int, name: str):  # noqa: N802
-        return self.s.NumVar(lb, ub, name)
-
-    def AddExactlyOne(self, xs) -> None:  # noqa: N802
-        self.s.Add(sum(xs) == 1)
-
-    def Add(self, constraint) -> None:  # noqa: N802
-        self.s.Add(constraint)
-
-    def Minimize(self, expr) -> None:  # noqa: N802
-        self.s.Minimize(expr)
+def _minus(plus: dict[int, int], xs: list[int], weighted: Mapping[int, int] | None = None) -> dict[int, int]:
+    """plus - Σ xs (or - Σ weighted[v]·v) as one row's terms."""
+    out = dict(plus)
+    for x in xs:
+        out[x] = out.get(x, 0) - 1
+    for x, c in (weighted or {}).items():
+        out[x] = out.get(x, 0) - c
+    return out
 
 
 def _cp_solver(options: SolverOptions) -> cp_model.CpSolver:
@@ -307,33 +450,18 @@ def _cp_solver(options: SolverOptions) -> cp_model.CpSolver:
     return solver
 
 
-def _choice(model: _Model, graph: Graph, value) -> tuple[dict[str, int], bool]:
-    """Per node, the strategy whose variable weighs most, and whether every
-    group's weight is all on one strategy (an integral solution)."""
-    choice, integral = {}, True
-    names = [(n.name, model.xs(n.name)) for n in graph] + [(hub_name(u), model.x[hub_name(u)]) for u in model.space.hubs]
-    for name, xs in names:
-        vals = [1.0 if isinstance(v, int) else value(v) for v in xs]
-        k = max(range(len(vals)), key=vals.__getitem__)
-        integral &= abs(vals[k] - 1.0) <= 1e-6
-        choice[name] = k
-    return choice, integral
-
-
-def _lp(graph, space, pricer, output_placements, budget) -> tuple[_Model, pywraplp.Solver] | None:
-    model = _Model(graph, space, pricer, _LpBackend())
-    model.build(output_placements, budget)
-    lp = model.m.s
-    return (model, lp) if lp.Solve() == pywraplp.Solver.OPTIMAL else None
-
-
-def _hint(model: _Model, choice: dict[str, int]) -> None:
-    """Start CP-SAT from a choice (the rounded LP solution)."""
-    for n, k in choice.items():
-        xs = model.x[n] if n not in model.group else model.xs(n)
-        if len(xs) > 1 and model.group.get(n, n) == n:
-            for j, x in enumerate(xs):
-                model.m.AddHint(x, j == k)
+def _lp(model: _Model, options: SolverOptions) -> tuple[int, Callable[[int], float]] | None:
+    """(objective bound in ns, value of each variable) of the LP relaxation
+    (HiGHS dual simplex)."""
+    t = time.perf_counter()
+    h = model.p.highs(model.objective(1), options.time_limit_s)
+    h.run()
+    status = h.getModelStatus()
+    log.debug("LP: %s, %d simplex iterations, %.2fs", h.modelStatusToString(status), h.getInfo().simplex_iteration_count, time.perf_counter() - t)
+    if status != highspy.HighsModelStatus.kOptimal:
+        return None
+    values = h.getSolution().col_value
+    return int(round(h.getInfo().objective_function_value)) + model.const_ns, values.__getitem__
 
 
 def least_memory(graph: Graph, space: StrategySpace, pricer: Pricer, options: SolverOptions) -> int:
@@ -341,15 +469,17 @@ def least_memory(graph: Graph, space: StrategySpace, pricer: Pricer, options: So
     model = _Model(graph, space, pricer)
     model._add_choices()
     stored_terms, rows = model.memory_terms()
-    top = sum(b for b, _ in stored_terms) + sum(b for row in rows for b, _ in row) + 1
-    peak = model.m.NewIntVar(0, top, "peak_bytes")
+    top = sum(stored_terms.values()) + max(sum(r.values()) for r in rows) + 1
+    peak = model.p.var("peak_bytes", upper=top)
     for row in rows:
-        model.m.Add(peak >= sum(b * v for b, v in stored_terms + row))
-    model.m.Minimize(peak)
+        terms = _minus({peak: 1}, [], {**stored_terms, **{x: stored_terms.get(x, 0) + c for x, c in row.items()}})
+        model.p.row(terms, 0, 1 << 62)
+    m, vs = model.p.cp_sat()
+    m.Minimize(vs[peak])
     solver = _cp_solver(options)
-    if solver.Solve(model.m) not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+    if solver.Solve(m) not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         raise RuntimeError("could not compute the least memory a plan needs")
-    return int(solver.Value(peak))
+    return int(solver.Value(vs[peak]))
 
 
 def solve(
@@ -357,38 +487,47 @@ def solve(
     space: StrategySpace,
     pricer: Pricer,
     *,
-    output_placements: tuple[Placements, ...],
+    output_placements: tuple[Placements | str, ...],
     memory_budget: int | None = None,
     options: SolverOptions = SolverOptions(),
 ) -> SolveResult:
     """Choose one strategy per node minimising predicted step time.
 
-    1. The LP relaxation (GLOP). Integral: optimal for the integer program too.
+    1. The LP relaxation (HiGHS). Integral: optimal for the integer program too.
     2. Else the LP solution rounded per group, if it fits the memory budget and
        is within `options.rounding_gap` of the LP bound (status FEASIBLE, the
        bound and gap reported).
     3. Else CP-SAT, hinted with the rounded solution."""
     t0 = time.perf_counter()
-    lp = _lp(graph, space, pricer, output_placements, memory_budget)
-    size = {"variables": lp[1].NumVariables(), "constraints": lp[1].NumConstraints()} if lp else {}
+    model = _Model(graph, space, pricer)
+    model.build(output_placements, memory_budget)
+    size = model.p.size
+    log.debug("program: %d variables, %d constraints, built in %.2fs", size["variables"], size["constraints"], time.perf_counter() - t0)
+    lp = _lp(model, options)
+    rounded: dict[str, int] | None = None
     if lp is not None:
-        lp_model, lp_solver = lp
-        bound = int(lp_solver.Objective().Value()) // lp_model.scale
-        rounded, integral = _choice(lp_model, graph, lambda v: v.solution_value())
+        bound, value = lp
+        rounded, integral = model.choice(value)
         if integral:
-            log.debug("ILP solved by its LP relaxation: %d vars, %.3fs", size["variables"], time.perf_counter() - t0)
+            log.debug("ILP solved by its LP relaxation: %.3fs", time.perf_counter() - t0)
             return SolveResult(rounded, "OPTIMAL", bound, bound, time.perf_counter() - t0, "lp-relaxation", **size)
         cost_ns, peak = _price(graph, space, pricer, rounded, output_placements)
         if (memory_budget is None or peak <= memory_budget) and cost_ns - bound <= options.rounding_gap * cost_ns:
             return SolveResult(rounded, "FEASIBLE", cost_ns, min(bound, cost_ns), time.perf_counter() - t0, "lp-rounding", **size)
-    model = _Model(graph, space, pricer)
-    model.build(output_placements, memory_budget)
-    if lp is not None:
-        _hint(model, rounded)
-    proto = model.m.Proto()
-    size = {"variables": len(proto.variables), "constraints": len(proto.constraints)}
+    scale = model.scale
+    m, vs = model.p.cp_sat()
+    obj = model.objective(scale)
+    m.Minimize(cp_model.LinearExpr.WeightedSum([vs[v] for v in obj], list(obj.values())) + model.const_ns * scale)
+    if rounded is not None:  # start from the rounded LP solution
+        hinted: set[int] = set()
+        for name, k in rounded.items():
+            xs = model.x.get(name)
+            if xs is not None and len(xs) > 1 and id(xs) not in hinted:
+                hinted.add(id(xs))
+                for j, x in enumerate(xs):
+                    m.AddHint(vs[x], j == k)
     solver = _cp_solver(options)
-    status = solver.Solve(model.m)
+    status = solver.Solve(m)
     wall = time.perf_counter() - t0
     name = solver.StatusName(status)
     log.debug("ILP %s: %d vars, %d constraints, %.3fs", name, size["variables"], size["constraints"], wall)
@@ -396,9 +535,9 @@ def solve(
         raise MemoryBudgetError(memory_budget, least_memory(graph, space, pricer, options))
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         raise RuntimeError(f"the solver found no plan: status {name} after {wall:.1f}s")
-    choice, _ = _choice(model, graph, solver.BooleanValue)
-    objective = int(round(solver.ObjectiveValue())) // model.scale
-    bound = -(-int(round(solver.BestObjectiveBound())) // model.scale)
+    choice, _ = model.choice(lambda x: float(solver.BooleanValue(vs[x])))
+    objective = int(round(solver.ObjectiveValue())) // scale
+    bound = -(-int(round(solver.BestObjectiveBound())) // scale)
     return SolveResult(choice, name, objective, min(bound, objective), wall, "cp-sat", **size)
 
 

@@ -1,9 +1,19 @@
-"""Per-device memory: which values are resident together at each point of the schedule."""
+"""Per-device memory: which values are resident together at each point of the schedule.
+
+Everything here is one sweep over the schedule: allocations enter at their
+producer and leave after their last reader, so the candidate peaks are the
+points just before something is freed. The integer program gets one row per
+candidate peak (`peak_rows`, or `live_multisets` when repeated layers share
+variables), `peak_bytes` prices one concrete choice.
+"""
 from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Callable, Hashable
 
 from ir.graph import Graph, Node, Role
 
-__all__ = ["STORED_ROLES", "is_allocation", "peak_rows"]
+__all__ = ["STORED_ROLES", "is_allocation", "live_multisets", "peak_bytes", "peak_rows", "stored_values"]
 
 #: values that stay resident for the whole step
 STORED_ROLES = (Role.PARAM, Role.BUFFER, Role.CONSTANT)
@@ -17,19 +27,74 @@ def is_allocation(n: Node) -> bool:
     return not getattr(n.target, "is_view", False)
 
 
+def stored_values(graph: Graph) -> tuple[str, ...]:
+    return tuple(n.name for n in graph if n.role in STORED_ROLES and n.tensor_meta is not None)
+
+
+def _frees(graph: Graph) -> dict[int, list[str]]:
+    """Schedule index -> allocations whose last reader is that node."""
+    last = graph.last_use()
+    frees: dict[int, list[str]] = defaultdict(list)
+    for n in graph:
+        if is_allocation(n):
+            frees[last[n.name]].append(n.name)
+    return frees
+
+
 def peak_rows(graph: Graph) -> tuple[tuple[str, ...], tuple[tuple[str, ...], ...]]:
     """(stored values, allocations live at each candidate peak): per-device
     memory at a point t is the stored values plus that point's allocations.
-    Points whose live set is contained in the next point's are dropped: their
-    row is dominated."""
-    stored = tuple(n.name for n in graph if n.role in STORED_ROLES and n.tensor_meta is not None)
-    index = {n.name: k for k, n in enumerate(graph)}
-    last = graph.last_use()
-    allocs = [n.name for n in graph if is_allocation(n)]
-    live = [frozenset(a for a in allocs if index[a] <= t <= last[a]) for t in range(len(graph))]
-    rows = tuple(
-        tuple(sorted(s, key=index.__getitem__))
-        for t, s in enumerate(live)
-        if not (t + 1 < len(live) and s <= live[t + 1])
-    )
-    return stored, rows or ((),)
+    Only points after which something is freed are candidates: at any other
+    point the live set is contained in the next one's (a dominated row)."""
+    rows = [tuple(names) for names in _sweep(graph, lambda name: name)]
+    return stored_values(graph), tuple(tuple(c) for c in rows) or ((),)
+
+
+def _sweep(graph: Graph, key: Callable[[str], Hashable]):
+    """Yield, at each candidate peak, the live allocations keyed by `key`
+    (a Counter, in order of first allocation)."""
+    frees = _frees(graph)
+    live: Counter = Counter()
+    end = len(graph) - 1
+    for t, n in enumerate(graph):
+        if is_allocation(n):
+            live[key(n.name)] += 1
+        dying = frees.get(t)
+        if dying or t == end:
+            yield live
+        if dying:
+            for name in dying:
+                k = key(name)
+                live[k] -= 1
+                if not live[k]:
+                    del live[k]
+
+
+def live_multisets(graph: Graph, key: Callable[[str], Hashable]) -> list[dict[Hashable, int]]:
+    """The candidate peaks as multisets of `key(allocation)`, dominated ones
+    dropped: with repeated layers sharing variables, layer k's rows repeat
+    layer k-1's with more saved activations, and only the largest survives.
+    A row is dropped when another row with the same keys counts each key at
+    least as often."""
+    by_support: dict[frozenset, list[dict]] = defaultdict(list)
+    for live in _sweep(graph, key):
+        row = dict(live)
+        kept = by_support[frozenset(row)]
+        if any(all(row[k] <= other[k] for k in row) for other in kept):
+            continue
+        kept[:] = [o for o in kept if not all(o[k] <= row[k] for k in row)]
+        kept.append(row)
+    rows = [r for group in by_support.values() for r in group]
+    return rows or [{}]
+
+
+def peak_bytes(graph: Graph, size: Callable[[str], int]) -> int:
+    """The largest sum of `size` over the allocations live at one point."""
+    frees = _frees(graph)
+    current = peak = 0
+    for t, n in enumerate(graph):
+        if is_allocation(n):
+            current += size(n.name)
+        peak = max(peak, current)
+        current -= sum(size(name) for name in frees.get(t, ()))
+    return peak

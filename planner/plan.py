@@ -12,7 +12,7 @@ from pathlib import Path
 from ir.graph import Graph, Role
 from planner._dtensor import Placements, format_placements, parse_placement
 from planner.cost import bytes_sent_per_rank
-from planner.memory import peak_rows
+from planner.memory import peak_bytes, stored_values
 from planner.mesh import MeshSpec
 from planner.pricing import Pricer, local_shape
 from planner.hubs import reads_via_hub
@@ -241,10 +241,10 @@ def evaluate(
         src = hubs.get(u, chosen[u].output)
         edge(u, src, chosen[want].output if isinstance(want, str) else want, "output", graph[u].module)
     per_node = {n.name: pricer.bytes_per_device(n.tensor_meta, chosen[n.name].output) for n in graph if n.tensor_meta is not None}
-    stored_names, rows = peak_rows(graph)
+    stored_names = stored_values(graph)
     stored = sum(per_node[name] for name in stored_names)
     resident = sum(pricer.resident_bytes(graph[name], chosen[name].output) for name in stored_names)
-    peak = resident + max(sum(per_node[name] for name in row) for row in rows)
+    peak = resident + peak_bytes(graph, per_node.__getitem__)
     return Evaluation(
         nodes=nodes,
         hubs=hubs,

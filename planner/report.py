@@ -19,6 +19,7 @@ from typing import Any
 import jinja2
 
 import planner.mesh as mesh_format
+from planner.classic import placement_diff
 
 __all__ = [
     "TEMPLATE_DIR",
@@ -329,6 +330,7 @@ def build_report_data(plan: Mapping[str, Any]) -> dict[str, Any]:
         },
         "fallbacks": fallbacks,
         "comparison": _comparison_rows(plan),
+        "placement_diffs": _placement_diffs(plan),
         "modules": _module_tree(plan),
         "memory_parts": _memory_parts(plan),
     }
@@ -415,6 +417,38 @@ def _comparison_rows(plan: Mapping[str, Any]) -> list[dict[str, Any]]:
             "peak_memory_bytes": _quantity(c.get("peak_memory_bytes"), format_bytes),
             "compute_pct": 100.0 * (_number(c.get("compute_s")) or 0.0) / slowest,
             "comm_pct": 100.0 * (_number(c.get("comm_s")) or 0.0) / slowest,
+        })
+    return out
+
+
+def _placement_diffs(plan: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Per classic plan in the comparison, where its pinned parameter
+    placements differ from the plan's (`planner.classic.placement_diff`):
+    grouped rows of weights, mesh axis and both placements."""
+    out: list[dict[str, Any]] = []
+    slugs: set[str] = set()
+    for entry in map(_mapping, _sequence(plan.get("comparison"))):
+        name = str(entry.get("name"))
+        slug = base = _slug(name)
+        k = 1
+        while slug in slugs:
+            k += 1
+            slug = f"{base}-{k}"
+        slugs.add(slug)
+        try:
+            rows = [r.to_json() for r in placement_diff(plan, entry)]
+        except (AttributeError, TypeError, ValueError):  # a malformed entry: no rows rather than no report
+            rows = []
+        pinned = _mapping(entry.get("parameters"))
+        compared = [f for f in pinned if f in _mapping(plan.get("parameters"))]
+        differing = {f for r in rows for f in r["parameters"]}
+        out.append({
+            "name": name,
+            "slug": slug,
+            "fits": bool(entry.get("fits")),
+            "num_compared": len(compared),
+            "num_parameters": len(differing),
+            "rows": rows,
         })
     return out
 

@@ -97,3 +97,25 @@ def convolution_backward_rule(node: Node, metas: dict[str, TensorMeta]) -> list[
     are partial sums over the batch shards."""
     outs = [Shard(0), Partial("sum"), None if node.meta[2] is None else Partial("sum")]
     return [outs + [Shard(0), Shard(0), Replicate()]]
+
+
+@register_rule(aten.nll_loss_backward.default)
+def nll_loss_backward_rule(node: Node, metas: dict[str, TensorMeta]) -> list[list]:
+    """grad_input (N, C) from (grad_output, self, target[, weight], total_weight):
+    row i depends on row i of self and target only, so rows split evenly,
+    given the global total_weight (and, without reduction, the rows' grads).
+    DTensor's rule rejects the absent class weight."""
+    refs = node.refs()
+    self_meta = metas[refs[1]]
+    if len(self_meta.shape) != 2:
+        return []
+    grad_out = Shard(0) if len(metas[refs[0]].shape) >= 1 else Replicate()
+    weight = [Replicate()] if len(refs) == 5 else []
+    return [[Shard(0), grad_out, Shard(0), Shard(0), *weight, Replicate()]]
+
+
+@register_rule(aten.fill.Scalar)
+def fill_rule(node: Node, metas: dict[str, TensorMeta]) -> list[list]:
+    """A constant in the input's shape: any split of the input, never a partial sum."""
+    ndim = len(metas[node.refs()[0]].shape)
+    return [[Shard(d), Shard(d)] for d in range(ndim)]

@@ -23,20 +23,33 @@ log = logging.getLogger(__name__)
 def merge_followers(graph: Graph, space: StrategySpace, pricer: Pricer) -> StrategySpace:
     nodes = dict(space.nodes)
     merged = 0
+    # repeated layers ask the same question: answer it once (the same tuple
+    # of options then lets the integer program share work between copies)
+    memo: dict[tuple, tuple | None] = {}
     for v in graph:
         ns = nodes[v.name]
         refs = v.refs()
         if v.is_placeholder or ns.source in ("follow", "fallback") or len(refs) != 1 or len(ns.options) == 1:
             continue
         u = nodes[refs[0]]
-        aligned = []
-        for opt in u.options:
-            same = [s for s in ns.options if s.inputs[0] == opt.output]
-            if not same:
-                break
-            aligned.append(min(same, key=lambda s: pricer.compute_s(v, s)))
-        else:
-            nodes[v.name] = NodeStrategies(v.name, tuple(aligned), "follow", follows=u.follows or u.name)
+        key = (id(ns.options), id(u.options), v.flops, v.bytes, v.meta)
+        if key not in memo:
+            memo[key] = _aligned(v, ns, u, pricer)
+        aligned = memo[key]
+        if aligned is not None:
+            nodes[v.name] = NodeStrategies(v.name, aligned, "follow", follows=u.follows or u.name)
             merged += 1
     log.debug("merged %d follower nodes", merged)
     return dataclasses.replace(space, nodes=nodes)
+
+
+def _aligned(v, ns: NodeStrategies, u: NodeStrategies, pricer: Pricer) -> tuple | None:
+    """Per option of the input, v's cheapest strategy taking it as is (None
+    when some input placement has none)."""
+    aligned = []
+    for opt in u.options:
+        same = [s for s in ns.options if s.inputs[0] == opt.output]
+        if not same:
+            return None
+        aligned.append(min(same, key=lambda s: pricer.compute_s(v, s)))
+    return tuple(aligned)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from torch.distributed.tensor import Partial, Replicate, Shard
 
-from ir.graph import Graph, Node, Role, TensorMeta
+from ir.graph import Graph, Node, Ref, Role, TensorMeta
 from planner import rules
 from planner._dtensor import Placements, dtensor_rule_kind, expand_single_dim_rules, op_strategies
 
@@ -55,6 +55,10 @@ class StrategySpace:
     fallbacks: tuple[Fallback, ...] = field(default=())
     #: values read by several consumers: candidate hub placements (see planner.hubs)
     hubs: Mapping[str, tuple[Placements, ...]] = field(default_factory=dict)
+    #: folded layers (see planner.fold): node -> its twin in the first layer
+    twins: Mapping[str, str] = field(default_factory=dict)
+    #: hubs sharing the choice of their twin's hub
+    hub_follows: Mapping[str, str] = field(default_factory=dict)
 
 
 def hub_name(node: str) -> str:
@@ -95,21 +99,65 @@ def placeholder_options(meta: TensorMeta, mesh_shape: tuple[int, ...]) -> tuple[
 
 
 def build_strategies(graph: Graph, mesh_shape: tuple[int, ...], fixed: Mapping[str, Placements]) -> StrategySpace:
-    """Enumerate strategies for every node. `fixed` pins placeholders (user inputs)."""
+    """Enumerate strategies for every node. `fixed` pins placeholders (user inputs).
+
+    A node's strategies depend only on its op, arguments, output metadata and
+    the placements its inputs may arrive in (its context), so they are
+    enumerated once per distinct context: the 31 later layers of a 32-layer
+    model reuse the options (the very same tuple) of their first twin."""
     metas: dict[str, TensorMeta] = {}
     candidates: dict[str, tuple[Placements, ...]] = {}
     out: dict[str, NodeStrategies] = {}
     fallbacks: list[Fallback] = []
+    memo: dict[object, tuple[tuple[Strategy, ...], str, str | None]] = {}
+    interned: dict[tuple, tuple] = {}
+    outputs_of: dict[int, tuple] = {}
     for node in graph:
-        ns, fb = _node_strategies(node, mesh_shape, fixed, metas, candidates, out)
+        key = _context(node, fixed, metas, candidates, out)
+        hit = memo.get(key) if key is not None else None
+        if hit is not None:
+            options, source, reason = hit
+            parent = out[node.args[0].name] if node.is_getitem else None
+            ns = NodeStrategies(node.name, options, source, follows=parent and (parent.follows or parent.name))
+            fb = None if reason is None else Fallback(node.name, node.op_name, reason)
+        else:
+            ns, fb = _node_strategies(node, mesh_shape, fixed, metas, candidates, out)
+            if key is not None:
+                memo[key] = (ns.options, ns.source, None if fb is None else fb.reason)
         if fb is not None:
             fallbacks.append(fb)
             log.info("fallback to Replicate: %s (%s): %s", node.name, node.op_name, fb.reason)
         out[node.name] = ns
         if node.tensor_meta is not None:
             metas[node.name] = node.tensor_meta
-            candidates[node.name] = tuple(dict.fromkeys(s.output for s in ns.options))
+            if id(ns.options) not in outputs_of:
+                cands = tuple(dict.fromkeys(s.output for s in ns.options))
+                outputs_of[id(ns.options)] = (interned.setdefault(cands, cands), ns.options)
+            candidates[node.name] = outputs_of[id(ns.options)][0]
     return StrategySpace(mesh_shape, out, tuple(fallbacks))
+
+
+def _context(node: Node, fixed, metas, candidates, done) -> object | None:
+    """What a node's strategies depend on, hashable (None: not memoised)."""
+    if node.is_getitem:
+        return ("getitem", id(done[node.args[0].name].options), node.args[1])
+    if node.is_placeholder:
+        return ("placeholder", node.role, node.tensor_meta, fixed.get(node.name))
+
+    def ctx(a: object) -> object:
+        if isinstance(a, Ref):
+            cands = candidates.get(a.name)
+            return ("ref", metas.get(a.name), None if cands is None else id(cands))
+        if isinstance(a, tuple):
+            return tuple(ctx(x) for x in a)
+        return a
+
+    key = (node.target, ctx(node.args), ctx(node.kwargs), node.meta)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 def _node_strategies(node, mesh_shape, fixed, metas, candidates, done) -> tuple[NodeStrategies, Fallback | None]:

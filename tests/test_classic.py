@@ -1,12 +1,17 @@
 """The classic plans under the same cost model: which apply, and that the
-planner's plan is never worse than one that fits the budget."""
+planner's plan is never worse than one that fits the budget; torchtitan's
+FSDP+TP plan for Llama, and where a plan's parameter placements differ."""
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 from conftest import captured_example, plan_example
 
-from planner.classic import classic_pins
+from dtplan import plan_program
+from planner.classic import TORCHTITAN, classic_pins, placement_diff, torchtitan_pins
 from planner.mesh import parse_mesh
+from planner.report import build_report_data, render_report
 
 
 def test_classic_layouts_for_a_transformer():
@@ -35,3 +40,101 @@ def test_comparison_under_a_budget_marks_what_does_not_fit():
     assert not by_name["data parallel"]["fits"]  # 32 MiB of weights on every device
     assert by_name["tensor parallel"]["fits"]
     assert plan.cost["total_s"] <= by_name["tensor parallel"]["cost"]["total_s"] * (1 + 1e-9)
+
+
+# ---------------------------------------------------------------------- torchtitan FSDP+TP
+
+@pytest.fixture(scope="module")
+def llama():
+    return captured_example("llama")
+
+
+@pytest.fixture(scope="module")
+def torchtitan_plan(llama):
+    pins = torchtitan_pins(llama, "2x2")
+    return pins, plan_program(llama, mesh="2x2", parameter_placements=pins, model_info={"name": "llama"})
+
+
+def test_torchtitan_pins_for_tiny_llama_on_2x2(llama):
+    pins = torchtitan_pins(llama, parse_mesh("2x2"))
+    assert pins == classic_pins(llama, parse_mesh("2x2"))[TORCHTITAN]
+    for i in (0, 1):
+        a, f = f"layers.{i}.attention", f"layers.{i}.feed_forward"
+        for col in (f"{a}.wq", f"{a}.wk", f"{a}.wv", f"{f}.w1", f"{f}.w3"):  # colwise on tp, FSDP dim 0 on dp
+            assert pins[f"{col}.weight"] == ["S(0)", "S(0)"], col
+        assert pins[f"{a}.wo.weight"] == ["S(0)", "S(1)"] and pins[f"{f}.w2.weight"] == ["S(0)", "S(1)"]
+        assert pins[f"layers.{i}.attention_norm.weight"] == pins[f"layers.{i}.ffn_norm.weight"] == ["S(0)", "R"]
+    assert pins["tok_embeddings.weight"] == ["S(0)", "S(0)"]  # rowwise embedding: vocab rows
+    assert pins["output.weight"] == ["S(0)", "S(0)"]  # colwise: vocab rows
+    assert pins["norm.weight"] == ["S(0)", "R"]
+
+
+def test_torchtitan_pins_other_meshes(llama):
+    # 8x8: wk is [32, 64]; dim 0 cannot take 8 dp x 8 tp ways, so FSDP takes dim 1
+    pins = torchtitan_pins(llama, "8x8")
+    assert pins["layers.0.attention.wk.weight"] == ["S(1)", "S(0)"]
+    assert pins["layers.0.attention.wq.weight"] == ["S(0)", "S(0)"]
+    # 3-D: every axis but the last is dp
+    pins = torchtitan_pins(llama, "2x2x2")
+    assert pins["layers.1.feed_forward.w2.weight"] == ["S(0)", "S(0)", "S(1)"]
+    assert pins["norm.weight"] == ["S(0)", "S(0)", "R"]
+    with pytest.raises(ValueError, match="two or more axes"):
+        torchtitan_pins(llama, "4")
+    assert TORCHTITAN not in classic_pins(llama, parse_mesh("4"))
+    with pytest.raises(ValueError, match="Llama"):
+        torchtitan_pins(captured_example("gpt"), "2x2")
+
+
+def test_torchtitan_plan_is_planned_as_pinned_and_dtplan_is_no_worse(llama, torchtitan_plan):
+    pins, tt = torchtitan_plan
+    assert {f: [str(p) for p in tt.parameters[f]] for f in pins} == pins
+    assert placement_diff(tt, {"name": TORCHTITAN, "parameters": pins}) == []
+    free = plan_program(llama, mesh="2x2")
+    budget = max(tt.cost["peak_memory_bytes"], free.cost["peak_memory_bytes"])  # torchtitan fits it
+    ours = plan_program(llama, mesh="2x2", memory=budget)
+    assert ours.cost["peak_memory_bytes"] <= budget
+    assert ours.cost["total_s"] <= tt.cost["total_s"] * (1 + 1e-9), (ours.cost, tt.cost)
+
+
+def test_placement_diff_groups_layers_and_names_axes():
+    layers = 4
+    ours = {"tok_embeddings.weight": ["S(0)", "S(0)"], "norm.weight": ["R", "R"]}
+    theirs = dict(ours)
+    for i in range(layers):
+        ours[f"layers.{i}.attention.wq.weight"] = ["S(0)", "S(0)"]
+        theirs[f"layers.{i}.attention.wq.weight"] = ["S(1)", "S(0)"]  # every layer, axis dp
+        ours[f"layers.{i}.feed_forward.w2.weight"] = ["S(0)", "R" if i else "S(1)"]
+        theirs[f"layers.{i}.feed_forward.w2.weight"] = ["S(0)", "S(1)"]  # layers 1-3, axis tp
+    ours["layers.2.attention_norm.weight"] = ["R", "R"]
+    theirs["layers.2.attention_norm.weight"] = ["S(0)", "R"]  # one layer only
+    plan = {"mesh": {"shape": [2, 2], "axis_names": ["dp", "tp"]}, "parameters": ours}
+    rows = placement_diff(plan, {"name": TORCHTITAN, "parameters": theirs})
+    assert [r.text for r in rows] == [
+        "layers.*.attention.wq.weight: axis dp: S(0) here vs S(1) in torchtitan FSDP+TP",
+        "layers.[1-3].feed_forward.w2.weight: axis tp: R here vs S(1) in torchtitan FSDP+TP",
+        "layers.2.attention_norm.weight: axis dp: R here vs S(0) in torchtitan FSDP+TP",
+    ]
+    assert rows[0].parameters == tuple(f"layers.{i}.attention.wq.weight" for i in range(layers))
+    assert (rows[1].axis, rows[1].axis_index, rows[1].ours, rows[1].theirs) == ("tp", 1, "R", "S(1)")
+    assert rows[1].to_json()["parameters"] == [f"layers.{i}.feed_forward.w2.weight" for i in (1, 2, 3)]
+
+
+def test_report_shows_where_dtplan_and_torchtitan_differ(torchtitan_plan):
+    pins, tt = torchtitan_plan
+    changed = dict(pins)
+    for i in (0, 1):
+        changed[f"layers.{i}.attention.wq.weight"] = ["S(1)", "S(0)"]  # a hand-made difference on d0
+    changed["output.weight"] = ["S(0)", "R"]  # and one on d1
+    plan = dataclasses.replace(tt, comparison=({"name": TORCHTITAN, "parameters": changed, "cost": dict(tt.cost), "fits": True},)).to_json()
+    rows = placement_diff(plan, plan["comparison"][0])
+    assert [(r.pattern, r.axis, r.ours, r.theirs) for r in rows] == [
+        ("layers.*.attention.wq.weight", "d0", "S(0)", "S(1)"),
+        ("output.weight", "d1", "S(0)", "R"),
+    ]
+    data = build_report_data(plan)
+    assert [d["name"] for d in data["placement_diffs"]] == [TORCHTITAN]
+    assert data["placement_diffs"][0]["num_parameters"] == 3
+    page = render_report(data)
+    section = page.split('<details class="diff" id="diff-torchtitan-FSDP-TP"', 1)[1].split("</details>", 1)[0]
+    assert "layers.*.attention.wq.weight" in section and "output.weight" in section
+    assert "3 of 21 parameters placed differently" in section

@@ -236,3 +236,40 @@ def test_format_bytes(value, text):
 ])
 def test_format_seconds(value, text):
     assert format_seconds(value) == text
+
+
+def _with_comparison():
+    """PLAN beside two classic plans, one pinned differently, one the same."""
+    theirs = dict(PLAN["parameters"], **{"fc1.weight": ["S(1)", "S(0)"]})
+    return _plan(comparison=[
+        {"name": "FSDP + TP", "parameters": theirs, "fits": True,
+         "cost": {"total_s": 2e-3, "compute_s": 1e-3, "comm_s": 1e-3}},
+        {"name": "data parallel", "parameters": dict(PLAN["parameters"]), "fits": False,
+         "cost": {"total_s": 3e-3, "compute_s": 1e-3, "comm_s": 2e-3}},
+    ])
+
+
+def test_placement_differences_listed():
+    plan = _with_comparison()
+    diffs = build_report_data(plan)["placement_diffs"]
+    assert [d["name"] for d in diffs] == ["FSDP + TP", "data parallel"]
+    assert [(r["pattern"], r["axis"], r["ours"], r["theirs"]) for r in diffs[0]["rows"]] == [
+        ("fc1.weight", "d0", "S(0)", "S(1)"), ("fc1.weight", "d1", "R", "S(0)")]
+    assert diffs[0]["num_parameters"] == 1 and diffs[0]["num_compared"] == 3
+    assert diffs[1]["rows"] == []
+    page = _render(plan)
+    checker = _parse(page)
+    assert len(checker.ids) == len(set(checker.ids)), "duplicate element ids"
+    section = page.split('<details class="diff" id="diff-FSDP-TP"', 1)[1].split("</details>", 1)[0]
+    assert '<td class="code">fc1.weight</td>' in section and '<span class="placement">S(1)</span>' in section
+    assert "fc1.weight: axis d0: S(0) here vs S(1) in FSDP + TP" in section
+    assert "same parameter placements" in page.split('id="diff-data-parallel"', 1)[1].split("</details>", 1)[0]
+
+
+def test_placement_differences_escaped():
+    plan = _plan(parameters={XSS_NAME: ["R", "S(0)"]}, parameter_info={},
+                 comparison=[{"name": XSS_NAME, "parameters": {XSS_NAME: ["S(0)", "S(0)"]}, "fits": True, "cost": {}},
+                             {"name": "broken", "parameters": None, "fits": False, "cost": {}}])
+    page = _render(plan)
+    assert XSS_NAME not in page
+    assert _embedded(page)["placement_diffs"][0]["rows"][0]["parameters"] == [XSS_NAME]
