@@ -1,52 +1,113 @@
-"""Benchmark: plan the Llama-style example on meta tensors and print stage timings.
+"""Benchmark: capture, plan and lower the Llama-style example's training step
+at scale, in one process, on fake tensors (no weights, no GPUs).
 
-    .venv/bin/python bench/compile_llama.py [--layers 8] [--preset 8b] [--mesh 8] [--profile h100]
+    .venv/bin/python bench/compile_llama.py                      # the issue's table
+    .venv/bin/python bench/compile_llama.py --runs 8b:32:8x8     # one row
+    .venv/bin/python bench/compile_llama.py --runs 8b:32:8x8 --memory 80GiB --no-lower
 
-Prints one row per run: capture, strategies, shrink, solve and evaluate seconds,
-ILP size, peak RSS and the predicted step time. Planning only: no weights are
-allocated.
+Each row runs in a fresh process (so peak RSS is that row's) and prints:
+capture seconds (stamped joint graph, `ir.stamp`), build seconds (strategies,
+shrinking, folding and the integer program), solve seconds (HiGHS, or
+CP-SAT when the LP is fractional), lowering seconds (rank 0's sharded
+GraphModule on the fake process group, `runtime.abstract`), the program's
+variables and constraints, layers folded, peak RSS and the predicted step
+time. A row that fails prints its one-line error instead.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import resource
+import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from dtplan import load_model_file, plan_program  # noqa: E402
-from ir.capture import capture  # noqa: E402
+#: (preset, layers, mesh): the issue's meshes per preset, then growth with depth
+DEFAULT_RUNS = (
+    "8b:32:8,8b:32:8x8,8b:32:4x4x4,70b:80:8x8,70b:80:8x8x8,"
+    "8b:2:8x8,8b:8:8x8"
+)
+
+HEAD = (
+    f"{'preset':>6} {'layers':>6} {'mesh':>7} {'budget':>7} {'capture':>8} {'build':>6} {'solve':>6} {'lower':>6} "
+    f"{'total':>6} {'vars':>7} {'cons':>6} {'folded':>6} {'method':>14} {'rss MB':>7} {'step ms':>8}"
+)
+
+
+def one(preset: str, layers: str, mesh: str, memory: str | None, lower: bool, time_limit: float) -> dict:
+    """Capture, plan and lower one configuration (in this process)."""
+    sys.path.insert(0, str(ROOT))
+    warnings.filterwarnings("ignore")
+    from dtplan import load_model_file, plan_program
+    from dtplan.modelfile import capture_model_file
+    from planner.ilp import SolverOptions
+
+    t0 = time.perf_counter()
+    mf = load_model_file(ROOT / "examples" / "llama.py", {"preset": preset, "layers": layers})
+    captured = capture_model_file(mf, train=True)
+    capture_s = time.perf_counter() - t0
+    plan = plan_program(captured, mesh=mesh, profile="h100", memory=memory, solver=SolverOptions(time_limit_s=time_limit))
+    st = plan.stage_seconds
+    lower_s = None
+    if lower:
+        from runtime.abstract import lower_abstract
+
+        t = time.perf_counter()
+        lower_abstract(captured, plan, rank=0)
+        lower_s = time.perf_counter() - t
+    sv = plan.solver
+    return {
+        "capture": capture_s,
+        "build": st["strategies"] + st["shrink"] + st["build"],
+        "solve": st["solve"],
+        "lower": lower_s,
+        "total": time.perf_counter() - t0,
+        "variables": sv["variables"],
+        "constraints": sv["constraints"],
+        "folded": sv["layers_folded"],
+        "method": sv["method"],
+        "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "step_ms": plan.cost["total_s"] * 1e3,
+        "peak_gib": plan.cost["peak_memory_bytes"] / 2**30,
+    }
+
+
+def _row(preset: str, layers: str, mesh: str, memory: str | None, r: dict) -> str:
+    lower = f"{r['lower']:6.2f}" if r["lower"] is not None else f"{'-':>6}"
+    return (
+        f"{preset:>6} {layers:>6} {mesh:>7} {memory or '-':>7} {r['capture']:8.2f} {r['build']:6.2f} {r['solve']:6.2f} {lower} "
+        f"{r['total']:6.2f} {r['variables']:7d} {r['constraints']:6d} {r['folded']:6d} {r['method']:>14} {r['rss_mb']:7.0f} {r['step_ms']:8.1f}"
+    )
 
 
 def main() -> None:
-    warnings.filterwarnings("ignore")
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="8b")
-    p.add_argument("--layers", default="8", help="comma-separated layer counts")
-    p.add_argument("--mesh", default="8", help="comma-separated meshes")
-    p.add_argument("--profile", default="h100")
-    p.add_argument("--memory", default=None)
+    p.add_argument("--runs", default=DEFAULT_RUNS, help="comma-separated preset:layers:mesh (default: the issue's table)")
+    p.add_argument("--memory", default=None, help="per-device budget, e.g. 80GiB (default: none)")
+    p.add_argument("--no-lower", action="store_true", help="skip lowering rank 0's program")
+    p.add_argument("--time-limit", type=float, default=120.0, help="solver time limit per row, seconds")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # a child process's row, as JSON
     args = p.parse_args()
-    head = f"{'preset':>6} {'layers':>6} {'mesh':>8} {'capture':>8} {'strat':>7} {'solve':>7} {'total':>7} {'vars':>7} {'cons':>6} {'method':>14} {'rss MB':>7} {'step ms':>8}"
-    print(head)
-    for layers in args.layers.split(","):
-        for mesh in args.mesh.split(","):
-            t0 = time.perf_counter()
-            mf = load_model_file(ROOT / "examples" / "llama.py", {"preset": args.preset, "layers": layers})
-            captured = capture(*mf.build(meta=True))
-            plan = plan_program(captured, mesh=mesh, profile=args.profile, memory=args.memory)
-            total = time.perf_counter() - t0
-            st, sv = plan.stage_seconds, plan.solver
-            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            print(
-                f"{args.preset:>6} {layers:>6} {mesh:>8} {st['capture']:8.2f} {st['strategies']:7.2f} {st['solve']:7.2f} "
-                f"{total:7.2f} {sv['variables']:7d} {sv['constraints']:6d} {sv['method']:>14} {rss:7.0f} {plan.cost['total_s'] * 1e3:8.2f}",
-                flush=True,
-            )
+    if args.one:
+        preset, layers, mesh = args.one.split(":")
+        print(json.dumps(one(preset, layers, mesh, args.memory, not args.no_lower, args.time_limit)))
+        return
+    print(HEAD, flush=True)
+    for run in args.runs.split(","):
+        preset, layers, mesh = run.split(":")
+        cmd = [sys.executable, __file__, "--one", run, "--time-limit", str(args.time_limit)]
+        cmd += ["--memory", args.memory] if args.memory else []
+        cmd += ["--no-lower"] if args.no_lower else []
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode == 0:
+            print(_row(preset, layers, mesh, args.memory, json.loads(out.stdout.strip().splitlines()[-1])), flush=True)
+        else:
+            err = (out.stderr.strip().splitlines() or ["(no output)"])[-1]
+            print(f"{preset:>6} {layers:>6} {mesh:>7} {args.memory or '-':>7} failed: {err[:160]}", flush=True)
 
 
 if __name__ == "__main__":

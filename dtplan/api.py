@@ -77,7 +77,7 @@ def plan_program(
     solver: SolverOptions = SolverOptions(),
     optimizer: str = "adamw",
     compare: bool = False,
-    fold: bool | None = None,
+    fold: bool = True,
     model_info: Mapping[str, object] | None = None,
     progress: Progress | None = None,
 ) -> Plan:
@@ -90,8 +90,8 @@ def plan_program(
     `parameter_placements` pins parameters (by FQN) to given placements, for
     hand-written plans and for comparing against them. `compare` also plans
     the classic layouts (`planner.classic`) and records them in the plan.
-    `fold` shares repeated layers' choices (`planner.fold`); by default only
-    under a memory budget, where it shrinks what CP-SAT must search."""
+    `fold` shares repeated layers' choices (`planner.fold`), so the program
+    hardly grows with depth."""
     say = progress or (lambda _m: None)
     mesh = parse_mesh(mesh) if isinstance(mesh, str) else mesh
     prof = load_profile(profile) if isinstance(profile, str) else profile
@@ -111,9 +111,6 @@ def plan_program(
     t = time.perf_counter()
     pricer = Pricer(tuple(mesh.shape), prof, optimizer_state_factor(optimizer if captured.train else None))
     space = merge_followers(graph, space, pricer)
-    # folding pays where CP-SAT solves (a memory budget makes the LP fractional);
-    # GLOP solves the unfolded block structure of an unconstrained program faster
-    fold = budget is not None if fold is None else fold
     folded = fold_layers(graph, space) if fold else None
     space = folded.space if folded else space
     stages["shrink"] = time.perf_counter() - t
@@ -123,7 +120,8 @@ def plan_program(
     space = add_hubs(graph, space, wants)
     say("solving the integer program")
     result = solve(graph, space, pricer, output_placements=wants, memory_budget=budget, options=solver)
-    stages["solve"] = time.perf_counter() - t
+    stages["build"] = result.build_s
+    stages["solve"] = time.perf_counter() - t - result.build_s
 
     t = time.perf_counter()
     ev = evaluate(graph, space, pricer, mesh, result.choice, wants)

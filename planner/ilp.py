@@ -104,6 +104,8 @@ class SolveResult:
     method: str
     variables: int
     constraints: int
+    #: seconds spent building the program (included in wall_s)
+    build_s: float = 0.0
 
     @property
     def gap(self) -> float:
@@ -122,7 +124,9 @@ class _Program:
         self.groups: list[list[int]] = []
         self.cost: dict[int, int] = defaultdict(int)
 
-    def var(self, name: str, upper: int = 1) -> int:
+    def var(self, name: str | tuple, upper: int = 1) -> int:
+        """A variable in [0, upper]; `name` a string, or for edge variables
+        ("e", link label, o, r), formatted only when CP-SAT needs names."""
         self.names.append(name)
         self.upper.append(upper)
         return len(self.names) - 1
@@ -181,12 +185,16 @@ class _Program:
         h = _new_highs()
         h.setOptionValue("output_flag", False)
         h.setOptionValue("time_limit", float(time_limit_s))
+        # presolve finds little to remove here and costs more than it saves
+        # (32-layer 8B step on 8x8: 5.3 s without, 7.5 s with)
+        h.setOptionValue("presolve", "off")
         h.passModel(lp)
         return h
 
     def cp_sat(self) -> tuple[cp_model.CpModel, list]:
         m = cp_model.CpModel()
-        vs = [m.NewBoolVar(name) if up == 1 else m.NewIntVar(0, up, name) for name, up in zip(self.names, self.upper, strict=True)]
+        names = [n if isinstance(n, str) else f"e[{n[1]},o={n[2]},r={n[3]}]" for n in self.names]
+        vs = [m.NewBoolVar(name) if up == 1 else m.NewIntVar(0, up, name) for name, up in zip(names, self.upper, strict=True)]
         for g in self.groups:
             m.AddExactlyOne(vs[i] for i in g)
         for idx, coef, lo, hi in self.rows:
@@ -204,6 +212,8 @@ class _Model:
         self.x: dict[str, list[int]] = {}
         self.const_ns = 0
         self._memo: dict[tuple, object] = {}
+        self._interned: dict[object, int] = {}
+        self._pair_memo: dict[tuple[int, int, int], int] = {}
 
     # ----------------------------------------------------------------- variables
     def _add_choices(self) -> None:
@@ -305,8 +315,34 @@ class _Model:
         for label, meta, outs, wants, count in links.values():
             self._link(label, meta, outs, wants, count)
 
+    def _pair_costs(self, meta, outs: dict, wants: dict) -> dict:
+        """Redistribution time (ns) for every (output, wanted) placement pair.
+        Placements are interned to ints once per distinct set: hashing a
+        placement tuple runs Python code per element, and the 8B step asks
+        for 200k pairs (most of them repeats)."""
+        m = self._intern(("meta", meta))
+        oids, rids = self._ids(outs), self._ids(wants)
+        memo = self._pair_memo
+        cost = {}
+        for o, oid in zip(outs, oids, strict=True):
+            for r, rid in zip(wants, rids, strict=True):
+                key = (m, oid, rid)
+                if key not in memo:
+                    memo[key] = to_ns(self.pricer.redistribute_s(meta, o, r))
+                cost[o, r] = memo[key]
+        return cost
+
+    def _intern(self, value) -> int:
+        return self._interned.setdefault(value, len(self._interned))
+
+    def _ids(self, placements: dict) -> list[int]:
+        key = ("ids", id(placements))
+        if key not in self._memo:
+            self._memo[key] = [self._intern(p) for p in placements]
+        return self._memo[key]  # type: ignore[return-value]
+
     def _link(self, label: str, meta, outs: dict, wants: dict, count: int) -> None:
-        cost = {(o, r): count * to_ns(self.pricer.redistribute_s(meta, o, r)) for o in outs for r in wants}
+        cost = {pair: count * c for pair, c in self._pair_costs(meta, outs, wants).items()}
         if not any(cost.values()):
             return
         if len(outs) == 1 or len(wants) == 1:
@@ -316,7 +352,7 @@ class _Model:
             return
         oi = {o: k for k, o in enumerate(outs)}
         ri = {r: k for k, r in enumerate(wants)}
-        e = {(o, r): self.p.var(f"e[{label},o={oi[o]},r={ri[r]}]") for o in outs for r in wants}
+        e = {(o, r): self.p.var(("e", label, oi[o], ri[r])) for o in outs for r in wants}
         for o, xs in outs.items():
             self.p.row(_minus({e[o, r]: 1 for r in wants}, xs), 0, 0)
         for r, xs in wants.items():
@@ -458,6 +494,12 @@ def _lp(model: _Model, options: SolverOptions) -> tuple[int, Callable[[int], flo
     h.run()
     status = h.getModelStatus()
     log.debug("LP: %s, %d simplex iterations, %.2fs", h.modelStatusToString(status), h.getInfo().simplex_iteration_count, time.perf_counter() - t)
+    if status == highspy.HighsModelStatus.kTimeLimit:
+        size = model.p.size
+        raise RuntimeError(
+            f"the LP relaxation did not finish within {options.time_limit_s:g}s ({size['variables']} variables, "
+            f"{size['constraints']} constraints); raise the time limit (--time-limit) or plan on a mesh with fewer axes"
+        )
     if status != highspy.HighsModelStatus.kOptimal:
         return None
     values = h.getSolution().col_value
@@ -501,7 +543,7 @@ def solve(
     t0 = time.perf_counter()
     model = _Model(graph, space, pricer)
     model.build(output_placements, memory_budget)
-    size = model.p.size
+    size = {**model.p.size, "build_s": time.perf_counter() - t0}
     log.debug("program: %d variables, %d constraints, built in %.2fs", size["variables"], size["constraints"], time.perf_counter() - t0)
     lp = _lp(model, options)
     rounded: dict[str, int] | None = None
