@@ -92,6 +92,7 @@ def _plan(args, progress):
         solver=SolverOptions(time_limit_s=args.time_limit),
         optimizer=args.optimizer,
         compare=getattr(args, "compare", False),
+        coarsen=args.coarsen,
         model_info={"name": mf.name, "source": str(mf.path), "options": dict(mf.options)},
         progress=progress,
     )
@@ -227,6 +228,10 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--train", action="store_true", help="plan a training step (needs loss_fn in the model file)")
         sp.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw", help="optimizer whose state the memory model counts")
         sp.add_argument("--quiet", action="store_true", help="no progress messages")
+        sp.add_argument(
+            "--no-coarsen", dest="coarsen", action="store_false", default=None,
+            help="on a mesh of 3+ axes, plan every axis apart (default: outer axes merged; see docs/architecture.md)",
+        )
 
     c = sub.add_parser("compile", help="plan a model and write plan.json and report.html")
     planning(c)

@@ -18,6 +18,7 @@ from ir.capture import Captured, capture
 from ir.graph import Role
 from planner._dtensor import Placements, parse_placement
 from planner.classic import compare_classic
+from planner.coarsen import coarse_mesh, narrow_all, widen, widen_choice
 from planner.cost import DeviceProfile, load_profile
 from planner.ilp import SolverOptions, solve
 from planner.mesh import MeshSpec, parse_mesh, parse_size
@@ -78,6 +79,7 @@ def plan_program(
     optimizer: str = "adamw",
     compare: bool = False,
     fold: bool = True,
+    coarsen: bool | None = None,
     model_info: Mapping[str, object] | None = None,
     progress: Progress | None = None,
 ) -> Plan:
@@ -91,7 +93,9 @@ def plan_program(
     hand-written plans and for comparing against them. `compare` also plans
     the classic layouts (`planner.classic`) and records them in the plan.
     `fold` shares repeated layers' choices (`planner.fold`), so the program
-    hardly grows with depth."""
+    hardly grows with depth. `coarsen` (default: on meshes of three or more
+    axes) plans on the mesh with its outer axes merged into one and gives
+    every merged axis the merged axis's placement (`planner.coarsen`)."""
     say = progress or (lambda _m: None)
     mesh = parse_mesh(mesh) if isinstance(mesh, str) else mesh
     prof = load_profile(profile) if isinstance(profile, str) else profile
@@ -101,15 +105,20 @@ def plan_program(
     n_free = 1 if captured.train else len(graph.outputs)
     out_names = [str(i) for i in range(n_free)]
     outs = _resolve(out_names, output_placements, mesh, "output")
+    pins = _pinned(captured, parameter_placements, mesh)
     stages: dict[str, float] = dict(captured_stage_seconds(captured))
+    planned = coarse_mesh(mesh) if (mesh.ndim >= 3 if coarsen is None else coarsen) and mesh.ndim >= 3 else mesh
+    if planned is not mesh:
+        say(f"planning on {planned} (outer axes of {mesh} merged)")
+        ins, outs, pins = (narrow_all(d, mesh) for d in (ins, outs, pins))
 
     t = time.perf_counter()
-    say(f"strategies for {len(graph)} nodes on mesh {mesh}")
-    space = build_strategies(graph, tuple(mesh.shape), {**ins, **_pinned(captured, parameter_placements, mesh)})
+    say(f"strategies for {len(graph)} nodes on mesh {planned}")
+    space = build_strategies(graph, tuple(planned.shape), {**ins, **pins})
     stages["strategies"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    pricer = Pricer(tuple(mesh.shape), prof, optimizer_state_factor(optimizer if captured.train else None))
+    pricer = Pricer(tuple(planned.shape), prof, optimizer_state_factor(optimizer if captured.train else None))
     space = merge_followers(graph, space, pricer)
     folded = fold_layers(graph, space) if fold else None
     space = folded.space if folded else space
@@ -124,7 +133,12 @@ def plan_program(
     stages["solve"] = time.perf_counter() - t - result.build_s
 
     t = time.perf_counter()
-    ev = evaluate(graph, space, pricer, mesh, result.choice, wants)
+    choice = result.choice
+    if planned is not mesh:  # the chosen strategies, widened to every axis of the real mesh
+        space, choice, wants = widen_choice(space, result.choice, wants, mesh)
+        pricer = Pricer(tuple(mesh.shape), prof, pricer.state_factor)
+        ins = {k: widen(v, mesh) for k, v in ins.items()}
+    ev = evaluate(graph, space, pricer, mesh, choice, wants)
     out_pl = tuple(ev.nodes[w].output if isinstance(w, str) else w for w in wants)
     params, info = parameter_table(graph, mesh, ev.nodes, pricer)
     stages["evaluate"] = time.perf_counter() - t
@@ -138,7 +152,7 @@ def plan_program(
         t = time.perf_counter()
         say("evaluating the classic plans for comparison")
         kwargs = dict(
-            profile=prof, input_placements=input_placements, output_placements=output_placements, solver=solver, optimizer=optimizer, fold=fold
+            profile=prof, input_placements=input_placements, output_placements=output_placements, solver=solver, optimizer=optimizer, fold=fold, coarsen=coarsen
         )
         comparison = tuple(r.to_json() for r in compare_classic(captured, mesh=mesh, budget=budget, plan_kwargs=kwargs))
         stages["compare"] = time.perf_counter() - t
@@ -179,6 +193,7 @@ def plan_program(
             "constraints": result.constraints,
             "layers_folded": folded.layers_folded if folded else 0,
             "nodes_folded": folded.nodes_folded if folded else 0,
+            "planned_mesh": list(planned.shape),
         },
         stage_seconds=stages,
     )

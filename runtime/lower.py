@@ -253,6 +253,13 @@ class _Interpreter:
             la, lk = tree_map(lambda v: v._local_tensor if isinstance(v, DTensor) else v, (args, kwargs))
             out = target(*la, **lk)
             return self._wrap_outputs(out, np.output, meta)
+        if target in _VIEWS and isinstance(args[0], DTensor) and not args[0]._local_tensor.is_contiguous():
+            # a redistribution can leave the local shard in another memory
+            # layout than the single-device program had (an all-to-all over
+            # nested shards returns it contiguous before a transpose): copy it
+            # so the view is valid, as reshape would
+            src = self.graph[fx_node.args[0].name].tensor_meta
+            args = (self._wrap(args[0]._local_tensor.contiguous(), args[0].placements, src), *args[1:])
         out = target(*args, **kwargs)
         self._check(fx_node, out, np.output)
         return out
@@ -274,6 +281,9 @@ class _Interpreter:
             raise LoweringError(
                 f"DTensor produced placements {got} for node={fx_node.format_node()}, the plan says {want}"
             )
+
+
+_VIEWS = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
 
 
 def _replicated(output) -> bool:
