@@ -49,17 +49,10 @@ from planner.mesh import MeshSpec
 from planner.plan import Plan
 from planner.pricing import local_shape
 from runtime.lower import _attach_stored, stored_names, trace
+from runtime.verify import COLLECTIVE_KINDS as _KINDS
 
 __all__ = ["AbstractLoweringError", "fake_device_mesh", "fake_process_group", "graph_collectives", "lower_abstract"]
 
-_c10d = torch.ops._c10d_functional
-#: functional collective -> the plan's kind of collective
-_KINDS = {
-    _c10d.all_reduce.default: "all_reduce",
-    _c10d.all_gather_into_tensor.default: "all_gather",
-    _c10d.reduce_scatter_tensor.default: "reduce_scatter",
-    _c10d.all_to_all_single.default: "all_to_all",
-}
 
 
 class AbstractLoweringError(RuntimeError):

@@ -14,7 +14,8 @@ from planner.plan import Plan
 __all__ = ["CollectiveRecorder", "compare", "expected_collectives"]
 
 _c10d = torch.ops._c10d_functional
-_KINDS = {
+#: functional collective -> the plan's kind of collective
+COLLECTIVE_KINDS = _KINDS = {
     _c10d.all_reduce.default: "all_reduce",
     _c10d.all_gather_into_tensor.default: "all_gather",
     _c10d.reduce_scatter_tensor.default: "reduce_scatter",
