@@ -47,6 +47,7 @@ hinted from the rounding. CP-SAT variables carry readable names
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -675,48 +676,55 @@ def solve(
     model.add_pending()
     size = {**model.p.size, "build_s": size["build_s"]}
     # the groups the LP already decided are fixed first: CP-SAT then searches
-    # only the fractional ones (a memory budget binds at a few peaks), and the
-    # whole program only if that has no solution
+    # only the fractional ones (a memory budget binds at a few peaks) and finds
+    # a good plan fast; the whole program is searched next, from that plan,
+    # in the time left
     fixed = [] if lp is None else [(xs, k) for xs in model._leaders() for k, x in enumerate(xs) if value(x) >= 1 - 1e-6]
-    for attempt in ([fixed] if fixed else []) + [[]]:
-        solver, vs, status, scale = _cp_sat(model, options, rounded, attempt)
-        if status in (cp_model.OPTIMAL, cp_model.FEASIBLE) or status != cp_model.INFEASIBLE:
-            break
-        log.debug("CP-SAT with %d groups fixed from the LP: infeasible; searching every group", len(attempt))
+    first = None
+    if fixed:
+        solver, vs, status, scale = _cp_sat(model, options, rounded, fixed, options.time_limit_s)
+        if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            first = model.choice(lambda x: float(solver.BooleanValue(vs[x])))[0], int(round(solver.ObjectiveValue())) // scale
+        log.debug("CP-SAT with %d groups fixed from the LP: %s", len(fixed), solver.StatusName(status))
+    left = max(1.0, options.time_limit_s - (time.perf_counter() - t0)) if first else options.time_limit_s
+    solver, vs, status, scale = _cp_sat(model, options, first[0] if first else rounded, [], left)
     wall = time.perf_counter() - t0
     name = solver.StatusName(status)
-    log.debug("ILP %s: %d vars, %d constraints, %d groups fixed, %.3fs", name, size["variables"], size["constraints"], len(attempt), wall)
+    log.debug("ILP %s: %d vars, %d constraints, %.3fs", name, size["variables"], size["constraints"], wall)
+    found = status in (cp_model.OPTIMAL, cp_model.FEASIBLE)
     if status == cp_model.INFEASIBLE and memory_budget is not None:
         raise MemoryBudgetError(memory_budget, *least_memory(graph, space, pricer, options))
-    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+    if not found and first is None:
         raise RuntimeError(f"the solver found no plan: status {name} after {wall:.1f}s")
-    choice, _ = model.choice(lambda x: float(solver.BooleanValue(vs[x])))
-    objective = int(round(solver.ObjectiveValue())) // scale
-    bound = -(-int(round(solver.BestObjectiveBound())) // scale)
-    if attempt:  # CP-SAT's bound holds for the fixed program only; the LP's for all
-        bound = lp[0]
-        name = "OPTIMAL" if objective <= bound else "FEASIBLE"
-    return SolveResult(choice, name, objective, min(bound, objective), wall, "lp-fix+cp-sat" if attempt else "cp-sat", **size)
+    bound = -(-int(round(solver.BestObjectiveBound())) // scale) if found else (lp[0] if lp else 0)
+    if found:
+        choice = model.choice(lambda x: float(solver.BooleanValue(vs[x])))[0]
+        objective = int(round(solver.ObjectiveValue())) // scale
+    if first is not None and (not found or first[1] < objective):
+        (choice, objective), name = first, "FEASIBLE"
+        return SolveResult(choice, name, objective, min(bound, objective), wall, "lp-fix+cp-sat", **size)
+    return SolveResult(choice, name, objective, min(bound, objective), wall, "cp-sat", **size)
 
 
-def _cp_sat(model: _Model, options: SolverOptions, rounded: dict[str, int] | None, fixed: list) -> tuple:
+def _cp_sat(model: _Model, options: SolverOptions, hint: dict[str, int] | None, fixed: list, time_limit_s: float) -> tuple:
     """CP-SAT on the whole program with `fixed` (choice variables, index)
-    set, hinted from the rounded LP solution: (solver, variables, status, scale)."""
+    set, started from `hint` (a choice per group): (solver, variables,
+    status, scale)."""
     scale = model.scale
     m, vs = model.p.cp_sat()
     obj = model.objective(scale)
     m.Minimize(cp_model.LinearExpr.WeightedSum([vs[v] for v in obj], list(obj.values())) + model.const_ns * scale)
     for xs, k in fixed:
         m.Add(vs[xs[k]] == 1)
-    if rounded is not None:  # start from the rounded LP solution
+    if hint is not None:
         hinted: set[int] = set()
-        for name, k in rounded.items():
+        for name, k in hint.items():
             xs = model.x.get(name)
             if xs is not None and len(xs) > 1 and id(xs) not in hinted:
                 hinted.add(id(xs))
                 for j, x in enumerate(xs):
                     m.AddHint(vs[x], j == k)
-    solver = _cp_solver(options)
+    solver = _cp_solver(dataclasses.replace(options, time_limit_s=time_limit_s))
     return solver, vs, solver.Solve(m), scale
 
 
