@@ -31,8 +31,10 @@ at each candidate peak t of the schedule (`planner.memory.live_multisets`):
     M + Σ_{v live at t} bytes(v,s)·x ≤ budget
 
 with one auxiliary variable per live value's bytes (so a row has a term per
-value, not per strategy). The LP adds peak rows lazily, only those its
-solution violates (`_lp`); CP-SAT gets them all.
+value, not per strategy), sizes in units of a millionth of the budget rounded
+up. The LP adds peak rows lazily, only those its solution violates (`_lp`);
+CP-SAT gets them all. Where the LP is fractional, LP diving (`_dive`) finds
+an integer plan near the LP bound, which CP-SAT starts from.
 
 Objective: Σ compute(v,s)·x + Σ edge costs + output redistribution, in
 integer nanoseconds.
@@ -48,6 +50,7 @@ hinted from the rounding. CP-SAT variables carry readable names
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import sys
@@ -373,9 +376,10 @@ class _Model:
             self._term(c, e[pair])
 
     # ----------------------------------------------------------------- memory
-    def memory_terms(self) -> tuple[dict[int, int], list[dict[int, int]]]:
-        """Bytes per variable of the stored values (with optimizer state), and
-        of the allocations live at each candidate peak."""
+    def memory_terms(self, unit: int = 1) -> tuple[dict[int, int], list[dict[int, int]]]:
+        """Memory per variable of the stored values (with optimizer state), and
+        of the allocations live at each candidate peak, in `unit` bytes
+        (each size rounded up, so a plan that fits in units fits in bytes)."""
         reps: dict[tuple, str] = {}
 
         def key(name: str) -> tuple:
@@ -416,16 +420,22 @@ class _Model:
         stored: dict[tuple, int] = defaultdict(int)
         for name in stored_values(self.graph):
             stored[key(name)] += 1
-        own = lambda node, pl: self.pricer.bytes_per_device(node.tensor_meta, pl)  # noqa: E731
+        own = functools.partial(_in_units, lambda node, pl: self.pricer.bytes_per_device(node.tensor_meta, pl), unit)
+        resident = functools.partial(_in_units, self.pricer.resident_bytes, unit)
         rows = [total(r, own) for r in live_multisets(self.graph, key)]
-        return total(stored, self.pricer.resident_bytes), rows
+        return total(stored, resident), rows
 
     def _add_memory(self, budget: int) -> None:
         """One variable for the stored bytes keeps each peak row short. The
         peak rows wait in `pending_rows`: `_lp` adds those a solution
         violates (most budgets bind at a few peaks, or none), `add_pending`
         all of them for CP-SAT."""
-        stored_terms, rows = self.memory_terms()
+        # memory in units of a millionth of the budget: bytes-sized
+        # coefficients beside 0-1 choices stall the dual simplex (an
+        # infeasible 15 GiB budget on the 8B step: over 120 s unscaled)
+        unit = max(1, budget >> 20)
+        stored_terms, rows = self.memory_terms(unit)
+        budget = budget // unit
         stored = self.p.var("stored_bytes", upper=budget)
         self.definitions[stored] = _minus({stored: 1}, [], stored_terms)
         self.budget = budget
@@ -528,6 +538,10 @@ def _new_highs() -> highspy.Highs:
         os.close(saved)
 
 
+def _in_units(size: Callable, unit: int, node, placements) -> int:
+    return -(-size(node, placements) // unit)
+
+
 def _sum_terms(terms: list[tuple[int, int]]) -> dict[int, int]:
     out: dict[int, int] = defaultdict(int)
     for x, b in terms:
@@ -554,38 +568,19 @@ def _cp_solver(options: SolverOptions) -> cp_model.CpSolver:
     return solver
 
 
-def _lp(model: _Model, options: SolverOptions) -> tuple[int, Callable[[int], float]] | None:
-    """(objective bound in ns, value of each variable) of the LP relaxation
-    (HiGHS dual simplex). Peak-memory rows are added lazily: solve, add the
-    rows the solution violates, re-solve from the last basis, until none is
-    violated. The result is the LP optimum with every row; a budget that
-    binds nowhere costs nothing (the 32-layer 8B step on 8x8 under 80 GiB:
-    1.6 s, against 5.9 s with every row up front)."""
+def _lp(model: _Model, options: SolverOptions) -> tuple[int, Callable[[int], float], highspy.Highs] | None:
+    """(objective bound in ns, value of each variable, the solver) of the LP
+    relaxation (HiGHS dual simplex). Peak-memory rows are added lazily:
+    solve, add the rows the solution violates, re-solve from the last basis,
+    until none is violated. The result is the LP optimum with every row; a
+    budget that binds nowhere costs nothing (the 32-layer 8B step on 8x8
+    under 80 GiB: 1.6 s, against 5.9 s with every row up front)."""
     t = time.perf_counter()
-    p = model.p
-    h = p.highs(model.objective(1), options.time_limit_s)
-    rounds = added = 0
-    while True:
-        h.run()
-        rounds += 1
-        status = h.getModelStatus()
-        if status != highspy.HighsModelStatus.kOptimal or not model.pending_rows:
-            break
-        values = np.asarray(h.getSolution().col_value)
-        model.resolve_definitions(values)
-        violated = [k for k, row in enumerate(model.pending_rows) if _activity(row, values) > model.budget * (1 + 1e-9) + 1]
-        if not violated:
-            break
-        rows = [model.pending_rows[k] for k in violated]
-        chosen = set(violated)
-        model.pending_rows = [row for k, row in enumerate(model.pending_rows) if k not in chosen]
-        added += len(rows)
-        first = model.add_rows(rows)
-        _add_rows(h, p.rows[first:])
+    h = model.p.highs(model.objective(1), options.time_limit_s)
+    status, rounds, added = _solve_lazily(model, h)
     log.debug(
         "LP: %s, %d simplex iterations, %d round(s), %d peak rows added, %.2fs",
-        h.modelStatusToString(status), h.getInfo().simplex_iteration_count, rounds,
-        added, time.perf_counter() - t,
+        h.modelStatusToString(status), h.getInfo().simplex_iteration_count, rounds, added, time.perf_counter() - t,
     )
     if status == highspy.HighsModelStatus.kTimeLimit:
         size = model.p.size
@@ -596,7 +591,59 @@ def _lp(model: _Model, options: SolverOptions) -> tuple[int, Callable[[int], flo
     if status != highspy.HighsModelStatus.kOptimal:
         return None
     values = h.getSolution().col_value
-    return int(round(h.getInfo().objective_function_value)) + model.const_ns, values.__getitem__
+    return int(round(h.getInfo().objective_function_value)) + model.const_ns, values.__getitem__, h
+
+
+def _solve_lazily(model: _Model, h: highspy.Highs) -> tuple:
+    """Solve, adding violated peak rows until none is: (status, rounds, rows added)."""
+    rounds = added = 0
+    while True:
+        h.run()
+        rounds += 1
+        status = h.getModelStatus()
+        if status != highspy.HighsModelStatus.kOptimal or not model.pending_rows:
+            return status, rounds, added
+        values = np.asarray(h.getSolution().col_value)
+        model.resolve_definitions(values)
+        violated = [k for k, row in enumerate(model.pending_rows) if _activity(row, values) > model.budget * (1 + 1e-9) + 1]
+        if not violated:
+            return status, rounds, added
+        rows = [model.pending_rows[k] for k in violated]
+        chosen = set(violated)
+        model.pending_rows = [row for k, row in enumerate(model.pending_rows) if k not in chosen]
+        added += len(rows)
+        first = model.add_rows(rows)
+        _add_rows(h, model.p.rows[first:])
+
+
+def _dive(model: _Model, h: highspy.Highs, deadline: float) -> Callable[[int], float] | None:
+    """LP diving: fix the fractional groups the LP weighs most (a quarter of
+    them at a time) to their heaviest strategy and re-solve from the last
+    basis, until the LP is integral. A batch that makes the LP infeasible is
+    undone and retried one group at a time. Gives an integer plan whose cost
+    stays near the LP bound where a memory budget binds."""
+    leaders = model._leaders()
+    while time.perf_counter() < deadline:
+        values = np.asarray(h.getSolution().col_value)
+        frac = []
+        for xs in leaders:
+            vals = values[xs]
+            k = int(np.argmax(vals))
+            if vals[k] < 1 - 1e-6:
+                frac.append((float(vals[k]), xs[k]))
+        if not frac:
+            return values.__getitem__
+        frac.sort(reverse=True)
+        for batch in (frac[: max(1, len(frac) // 4)], frac[:1]):
+            for _, x in batch:
+                h.changeColBounds(x, 1.0, 1.0)
+            if _solve_lazily(model, h)[0] == highspy.HighsModelStatus.kOptimal:
+                break
+            for _, x in batch:
+                h.changeColBounds(x, 0.0, 1.0)
+        else:
+            return None
+    return None
 
 
 def _activity(row: Mapping[int, int], values: np.ndarray) -> float:
@@ -604,16 +651,13 @@ def _activity(row: Mapping[int, int], values: np.ndarray) -> float:
 
 
 def _add_rows(h: highspy.Highs, rows: list) -> None:
-    """Append rows, each scaled to a largest coefficient of 1 (bytes-sized
-    coefficients otherwise stall the dual simplex when rows arrive late)."""
     starts, index, value, lo, hi = [], [], [], [], []
     for idx, coef, a, b in rows:
-        k = max((abs(c) for c in coef), default=1) or 1
         starts.append(len(index))
         index.extend(idx)
-        value.extend(c / k for c in coef)
-        lo.append(a / k)
-        hi.append(b / k)
+        value.extend(coef)
+        lo.append(a)
+        hi.append(b)
     h.addRows(
         len(rows), np.asarray(lo, dtype=float), np.asarray(hi, dtype=float), len(index),
         np.asarray(starts, dtype=np.int32), np.asarray(index, dtype=np.int32), np.asarray(value, dtype=float),
@@ -664,8 +708,9 @@ def solve(
     log.debug("program: %d variables, %d constraints, built in %.2fs", size["variables"], size["constraints"], time.perf_counter() - t0)
     lp = _lp(model, options)
     rounded: dict[str, int] | None = None
+    dived: tuple[dict[str, int], int] | None = None
     if lp is not None:
-        bound, value = lp
+        bound, value, h = lp
         rounded, integral = model.choice(value)
         if integral:
             log.debug("ILP solved by its LP relaxation: %.3fs", time.perf_counter() - t0)
@@ -673,14 +718,24 @@ def solve(
         cost_ns, peak = _price(graph, space, pricer, rounded, output_placements)
         if (memory_budget is None or peak <= memory_budget) and cost_ns - bound <= options.rounding_gap * cost_ns:
             return SolveResult(rounded, "FEASIBLE", cost_ns, min(bound, cost_ns), time.perf_counter() - t0, "lp-rounding", **size)
+        dive = _dive(model, h, t0 + options.time_limit_s / 2)
+        if dive is not None:
+            choice_d, _ = model.choice(dive)
+            cost_d, peak_d = _price(graph, space, pricer, choice_d, output_placements)
+            log.debug("LP dive: %d ns (LP bound %d), peak %d, %.2fs", cost_d, bound, peak_d, time.perf_counter() - t0)
+            if memory_budget is None or peak_d <= memory_budget:
+                dived = choice_d, cost_d
+                size = {**model.p.size, "build_s": size["build_s"]}
+                if cost_d - bound <= options.rounding_gap * cost_d:
+                    return SolveResult(choice_d, "FEASIBLE", cost_d, min(bound, cost_d), time.perf_counter() - t0, "lp-dive", **size)
     model.add_pending()
     size = {**model.p.size, "build_s": size["build_s"]}
     # the groups the LP already decided are fixed first: CP-SAT then searches
     # only the fractional ones (a memory budget binds at a few peaks) and finds
     # a good plan fast; the whole program is searched next, from that plan,
     # in the time left
-    fixed = [] if lp is None else [(xs, k) for xs in model._leaders() for k, x in enumerate(xs) if value(x) >= 1 - 1e-6]
-    first = None
+    fixed = [] if lp is None or dived else [(xs, k) for xs in model._leaders() for k, x in enumerate(xs) if value(x) >= 1 - 1e-6]
+    first = dived
     if fixed:
         solver, vs, status, scale = _cp_sat(model, options, rounded, fixed, options.time_limit_s)
         if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
@@ -702,7 +757,8 @@ def solve(
         objective = int(round(solver.ObjectiveValue())) // scale
     if first is not None and (not found or first[1] < objective):
         (choice, objective), name = first, "FEASIBLE"
-        return SolveResult(choice, name, objective, min(bound, objective), wall, "lp-fix+cp-sat", **size)
+        bound = lp[0] if not found else bound
+        return SolveResult(choice, name, objective, min(bound, objective), wall, "lp-dive" if dived else "lp-fix+cp-sat", **size)
     return SolveResult(choice, name, objective, min(bound, objective), wall, "cp-sat", **size)
 
 
