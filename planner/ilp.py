@@ -756,8 +756,9 @@ def solve(
         choice = model.choice(lambda x: float(solver.BooleanValue(vs[x])))[0]
         objective = int(round(solver.ObjectiveValue())) // scale
     if first is not None and (not found or first[1] < objective):
-        (choice, objective), name = first, "FEASIBLE"
+        (choice, objective) = first
         bound = lp[0] if not found else bound
+        name = "OPTIMAL" if objective <= bound else "FEASIBLE"
         return SolveResult(choice, name, objective, min(bound, objective), wall, "lp-dive" if dived else "lp-fix+cp-sat", **size)
     return SolveResult(choice, name, objective, min(bound, objective), wall, "cp-sat", **size)
 
