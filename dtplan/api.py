@@ -107,7 +107,8 @@ def plan_program(
     outs = _resolve(out_names, output_placements, mesh, "output")
     pins = _pinned(captured, parameter_placements, mesh)
     stages: dict[str, float] = dict(captured_stage_seconds(captured))
-    planned = coarse_mesh(mesh) if (mesh.ndim >= 3 if coarsen is None else coarsen) and mesh.ndim >= 3 else mesh
+    coarsen = mesh.ndim >= 3 if coarsen is None else coarsen
+    planned = coarse_mesh(mesh) if coarsen and mesh.ndim >= 3 else mesh
     if planned is not mesh:
         say(f"planning on {planned} (outer axes of {mesh} merged)")
         ins, outs, pins = (narrow_all(d, mesh) for d in (ins, outs, pins))

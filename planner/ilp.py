@@ -33,8 +33,9 @@ at each candidate peak t of the schedule (`planner.memory.live_multisets`):
 with one auxiliary variable per live value's bytes (so a row has a term per
 value, not per strategy), sizes in units of a millionth of the budget rounded
 up. The LP adds peak rows lazily, only those its solution violates (`_lp`);
-CP-SAT gets them all. Where the LP is fractional, LP diving (`_dive`) finds
-an integer plan near the LP bound, which CP-SAT starts from.
+CP-SAT gets them all. Where the LP is fractional, LP diving (`_dive`) looks
+for an integer plan near the LP bound; failing that, CP-SAT searches only the
+groups the LP left fractional. Either plan is where the whole search starts.
 
 Objective: Σ compute(v,s)·x + Σ edge costs + output redistribution, in
 integer nanoseconds.
@@ -109,7 +110,8 @@ class SolveResult:
     objective_ns: int
     bound_ns: int
     wall_s: float
-    #: "lp-relaxation" (integral LP optimum), "lp-rounding" or "cp-sat"
+    #: "lp-relaxation" (integral LP optimum), "lp-rounding", "lp-dive",
+    #: "lp-fix+cp-sat" or "cp-sat"
     method: str
     variables: int
     constraints: int
@@ -154,7 +156,6 @@ class _Program:
         self.rows.append((idx, [terms[v] for v in idx], lo - const, hi - const))
         return len(self.rows) - 1
 
-
     @property
     def size(self) -> dict[str, int]:
         return {"variables": len(self.names), "constraints": len(self.rows) + len(self.groups)}
@@ -170,27 +171,13 @@ class _Program:
         lp.col_cost_ = c
         lp.col_lower_ = np.zeros(n)
         lp.col_upper_ = np.asarray(self.upper, dtype=float)
-        starts, index, value, lo, hi = [0], [], [], [], []
-        for g in self.groups:
-            index.extend(g)
-            value.extend([1.0] * len(g))
-            starts.append(len(index))
-            lo.append(1.0)
-            hi.append(1.0)
-        for idx, coef, a, b in self.rows:
-            index.extend(idx)
-            value.extend(coef)
-            starts.append(len(index))
-            lo.append(a)
-            hi.append(b)
-        lp.row_lower_ = np.asarray(lo, dtype=float)
-        lp.row_upper_ = np.asarray(hi, dtype=float)
+        starts, index, value, lo, hi = _csr([(g, [1] * len(g), 1, 1) for g in self.groups] + self.rows)
+        lp.row_lower_, lp.row_upper_ = lo, hi
         lp.a_matrix_.format_ = highspy.MatrixFormat.kRowwise
         lp.a_matrix_.num_col_ = n
         lp.a_matrix_.num_row_ = lp.num_row_
-        lp.a_matrix_.start_ = np.asarray(starts, dtype=np.int32)
-        lp.a_matrix_.index_ = np.asarray(index, dtype=np.int32)
-        lp.a_matrix_.value_ = np.asarray(value, dtype=float)
+        lp.a_matrix_.start_ = np.append(starts, len(index)).astype(np.int32)
+        lp.a_matrix_.index_, lp.a_matrix_.value_ = index, value
         h = _new_highs()
         h.setOptionValue("output_flag", False)
         h.setOptionValue("time_limit", float(time_limit_s))
@@ -650,7 +637,9 @@ def _activity(row: Mapping[int, int], values: np.ndarray) -> float:
     return sum(c * (1.0 if v == ONE else values[v]) for v, c in row.items())
 
 
-def _add_rows(h: highspy.Highs, rows: list) -> None:
+def _csr(rows: list) -> tuple[np.ndarray, ...]:
+    """Rows (indices, coefficients, lo, hi) as HiGHS's row-wise arrays:
+    (starts, index, value, lo, hi)."""
     starts, index, value, lo, hi = [], [], [], [], []
     for idx, coef, a, b in rows:
         starts.append(len(index))
@@ -658,10 +647,15 @@ def _add_rows(h: highspy.Highs, rows: list) -> None:
         value.extend(coef)
         lo.append(a)
         hi.append(b)
-    h.addRows(
-        len(rows), np.asarray(lo, dtype=float), np.asarray(hi, dtype=float), len(index),
+    return (
         np.asarray(starts, dtype=np.int32), np.asarray(index, dtype=np.int32), np.asarray(value, dtype=float),
+        np.asarray(lo, dtype=float), np.asarray(hi, dtype=float),
     )
+
+
+def _add_rows(h: highspy.Highs, rows: list) -> None:
+    starts, index, value, lo, hi = _csr(rows)
+    h.addRows(len(rows), lo, hi, len(index), starts, index, value)
 
 
 def least_memory(graph: Graph, space: StrategySpace, pricer: Pricer, options: SolverOptions) -> tuple[int, bool]:
@@ -700,12 +694,16 @@ def solve(
     2. Else the LP solution rounded per group, if it fits the memory budget and
        is within `options.rounding_gap` of the LP bound (status FEASIBLE, the
        bound and gap reported).
-    3. Else CP-SAT, hinted with the rounded solution."""
+    3. Else LP diving (`_dive`); its plan is taken when within the same gap.
+    4. Else CP-SAT: first over the groups the LP left fractional (when diving
+       found nothing), then over the whole program from the best plan so far,
+       in the time left; the better plan is returned."""
     t0 = time.perf_counter()
     model = _Model(graph, space, pricer)
     model.build(output_placements, memory_budget)
-    size = {**model.p.size, "build_s": time.perf_counter() - t0}
-    log.debug("program: %d variables, %d constraints, built in %.2fs", size["variables"], size["constraints"], time.perf_counter() - t0)
+    build_s = time.perf_counter() - t0
+    size = {**model.p.size, "build_s": build_s}
+    log.debug("program: %d variables, %d constraints, built in %.2fs", size["variables"], size["constraints"], build_s)
     lp = _lp(model, options)
     rounded: dict[str, int] | None = None
     dived: tuple[dict[str, int], int] | None = None
@@ -725,11 +723,11 @@ def solve(
             log.debug("LP dive: %d ns (LP bound %d), peak %d, %.2fs", cost_d, bound, peak_d, time.perf_counter() - t0)
             if memory_budget is None or peak_d <= memory_budget:
                 dived = choice_d, cost_d
-                size = {**model.p.size, "build_s": size["build_s"]}
+                size = {**model.p.size, "build_s": build_s}  # diving added peak rows
                 if cost_d - bound <= options.rounding_gap * cost_d:
                     return SolveResult(choice_d, "FEASIBLE", cost_d, min(bound, cost_d), time.perf_counter() - t0, "lp-dive", **size)
     model.add_pending()
-    size = {**model.p.size, "build_s": size["build_s"]}
+    size = {**model.p.size, "build_s": build_s}
     # the groups the LP already decided are fixed first: CP-SAT then searches
     # only the fractional ones (a memory budget binds at a few peaks) and finds
     # a good plan fast; the whole program is searched next, from that plan,

@@ -3,8 +3,9 @@
 Everything here is one sweep over the schedule: allocations enter at their
 producer and leave after their last reader, so the candidate peaks are the
 points just before something is freed. The integer program gets one row per
-candidate peak (`peak_rows`, or `live_multisets` when repeated layers share
-variables), `peak_bytes` prices one concrete choice.
+candidate peak (`live_multisets`, which merges the copies of folded layers);
+`peak_rows` lists the candidate peaks by name, `peak_bytes` prices one
+concrete choice.
 """
 from __future__ import annotations
 
@@ -46,8 +47,8 @@ def peak_rows(graph: Graph) -> tuple[tuple[str, ...], tuple[tuple[str, ...], ...
     memory at a point t is the stored values plus that point's allocations.
     Only points after which something is freed are candidates: at any other
     point the live set is contained in the next one's (a dominated row)."""
-    rows = [tuple(names) for names in _sweep(graph, lambda name: name)]
-    return stored_values(graph), tuple(tuple(c) for c in rows) or ((),)
+    rows = tuple(tuple(live) for live in _sweep(graph, lambda name: name))
+    return stored_values(graph), rows or ((),)
 
 
 def _sweep(graph: Graph, key: Callable[[str], Hashable]):

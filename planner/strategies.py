@@ -55,7 +55,7 @@ class StrategySpace:
     fallbacks: tuple[Fallback, ...] = field(default=())
     #: values read by several consumers: candidate hub placements (see planner.hubs)
     hubs: Mapping[str, tuple[Placements, ...]] = field(default_factory=dict)
-    #: folded layers (see planner.fold): node -> its twin in the first layer
+    #: folded layers (see planner.fold): node -> its twin in the template layer
     twins: Mapping[str, str] = field(default_factory=dict)
     #: hubs sharing the choice of their twin's hub
     hub_follows: Mapping[str, str] = field(default_factory=dict)
