@@ -192,7 +192,11 @@ def cmd_run(args) -> int:
                 line += f"; final parameters max abs error {r['max_abs']:.3g}, max rel error {r['max_rel']:.3g}"
             else:
                 line += f"; max abs error {r['max_abs']:.3g}, max rel error {r['max_rel']:.3g}"
-            line += "" if r["numerics_match"] else " MISMATCH" + (f" in {r['mismatched_parameters']}" if r.get("mismatched_parameters") else "")
+            if not r["numerics_match"]:
+                first = r["first_mismatch"]
+                line += f" MISMATCH: first in {first['tensor']} (max abs error {first['max_abs']:.3g}, max rel error {first['max_rel']:.3g})"
+                if len(r["mismatched"]) > 1:
+                    line += f"; {len(r['mismatched']) - 1} more: {r['mismatched'][1:6]}"
             ok &= r["numerics_match"]
         print(line)
         if not r["collectives_match"]:

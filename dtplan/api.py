@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
+from torch.utils import _pytree as pytree
 
 from ir.capture import Captured, capture
 from ir.graph import Role
@@ -126,7 +127,7 @@ def plan_program(
     stages["shrink"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    wants = tuple(outs[n] for n in out_names) + tuple(captured.gradients[g] for g in graph.outputs[n_free:])
+    wants = tuple(outs[n] for n in out_names) + tuple(captured.pinned_outputs[g] for g in graph.outputs[n_free:])
     space = add_hubs(graph, space, wants)
     say("solving the integer program")
     result = solve(graph, space, pricer, output_placements=wants, memory_budget=budget, options=solver)
@@ -244,8 +245,14 @@ class ShardedProgram:
         device = self.mesh.device_type
         return tuple(local_shard(x.to(device), self.mesh, self.plan.inputs[n]) for n, x in zip(names, full_inputs, strict=True))
 
-    def __call__(self, *full_inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.graph_module(*self.shard_inputs(*full_inputs))
+    def __call__(self, *full_inputs: torch.Tensor) -> object:
+        """This rank's outputs, nested as the model returns them (a tensor, a
+        tuple, a dict, a ModelOutput ...); a training step returns the flat
+        tuple (loss, gradients..., buffer updates...)."""
+        outs = self.graph_module(*self.shard_inputs(*full_inputs))
+        if self.captured.train or self.captured.out_spec is None:
+            return outs
+        return pytree.tree_unflatten(list(outs), self.captured.out_spec)
 
 
 def sharded_program(model: torch.nn.Module, captured: Captured, plan: Plan, mesh: DeviceMesh) -> ShardedProgram:

@@ -29,20 +29,22 @@ class ModelFile:
     def name(self) -> str:
         return self.path.stem
 
-    def build(self, *, meta: bool = False) -> tuple[torch.nn.Module, tuple]:
-        """The model and its example inputs, on the meta device when only planning."""
+    def build(self, *, meta: bool = False, train: bool = False) -> tuple[torch.nn.Module, tuple]:
+        """The model and its example inputs, on the meta device when only
+        planning; in train mode for training (dropout on, batch norm on batch
+        statistics), else in eval mode, as a user serving it expects."""
         device = torch.device("meta") if meta else torch.device("cpu")
         try:
             with device:
                 model = self.build_model(**self.options)
                 inputs = self.example_inputs(**self.options)
-        except (ValueError, TypeError) as e:
-            raise ModelFileError(f"{self.path}: {type(e).__name__}: {e}") from e
+        except Exception as e:  # noqa: BLE001 - user code: report it in one line, naming where
+            raise ModelFileError(f"{self.path}: build_model()/example_inputs() raised {type(e).__name__}: {e}") from e
         if not isinstance(model, torch.nn.Module):
             raise ModelFileError(f"{self.path}: build_model() returned {type(model).__name__}, not a torch.nn.Module")
         if not isinstance(inputs, tuple) or not all(isinstance(t, torch.Tensor) for t in inputs):
             raise ModelFileError(f"{self.path}: example_inputs() must return a tuple of tensors")
-        return model.eval(), inputs
+        return model.train(train), inputs
 
 
 def load_model_file(path: str | Path, options: Mapping[str, str] | None = None) -> ModelFile:
@@ -89,7 +91,7 @@ def capture_model_file(mf: ModelFile, *, train: bool):
     from ir.capture import capture, capture_training, fake_build
 
     if train:
-        return capture_training(*fake_build(lambda: mf.build(meta=False)), require_loss_fn(mf), stamp=True)
+        return capture_training(*fake_build(lambda: mf.build(train=True)), require_loss_fn(mf), stamp=True)
     captured = capture(*mf.build(meta=True))
     if captured.constants:
         real = capture(*mf.build(meta=False))

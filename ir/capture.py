@@ -25,6 +25,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 
+from ir.decompose import TRAINING_DECOMPOSITIONS
 from ir.flops import node_cost
 from ir.graph import Graph, Node, Ref, Role, TensorMeta
 
@@ -56,10 +57,20 @@ class Captured:
     seconds: float | None = None
     #: training graphs: gradient output node -> its parameter's placeholder
     gradients: Mapping[str, str] = field(default_factory=dict)
+    #: training graphs: output node holding a buffer's new value -> the buffer's placeholder
+    updates: Mapping[str, str] = field(default_factory=dict)
+    #: forward graphs: how the model's outputs nest (torch pytree; a ModelOutput, a dict, ...)
+    out_spec: object = None
 
     @property
     def train(self) -> bool:
         return bool(self.gradients)
+
+    @property
+    def pinned_outputs(self) -> dict[str, str]:
+        """Outputs that must end in a stored value's placement: gradients in
+        their parameter's, buffer updates in their buffer's."""
+        return {**self.gradients, **self.updates}
 
 
 def capture(model: torch.nn.Module, example_inputs: tuple) -> Captured:
@@ -81,7 +92,7 @@ def capture(model: torch.nn.Module, example_inputs: tuple) -> Captured:
         raise CaptureError(_explain_export_failure(e)) from e
     seconds = time.perf_counter() - t0
     log.debug("export + decompositions: %.3fs", seconds)
-    return dataclasses.replace(lift(ep), seconds=seconds)
+    return dataclasses.replace(lift(ep), seconds=seconds, out_spec=ep.call_spec.out_spec)
 
 
 def _explain_export_failure(e: Exception) -> str:
@@ -104,6 +115,27 @@ def _user_frame(e: BaseException) -> str | None:
     return found
 
 
+def drop_checks(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Remove the graph's metadata checks (`_assert_tensor_metadata` and other
+    ops that return nothing and change nothing): they check the
+    single-device program's shapes, which a shard does not have."""
+    dead = [
+        n
+        for n in gm.graph.nodes
+        if n.op == "call_function"
+        and isinstance(n.target, torch._ops.OpOverload)
+        and not n.users
+        and not n.target._schema.returns
+        and not n.target._schema.is_mutable
+    ]
+    for n in dead:
+        gm.graph.erase_node(n)
+    if dead:
+        gm.graph.lint()
+        gm.recompile()
+    return gm
+
+
 def lift(ep: ExportedProgram) -> Captured:
     """Convert an ExportedProgram's graph into frozen IR nodes."""
     sig = ep.graph_signature
@@ -111,7 +143,7 @@ def lift(ep: ExportedProgram) -> Captured:
     if bad:
         raise CaptureError(f"the model mutates state during forward ({bad}); dtplan plans pure programs")
     roles = {spec.arg.name: _placeholder_role(spec) for spec in sig.input_specs if hasattr(spec.arg, "name")}
-    return _lift_graph(ep.graph_module, roles, dict(ep.constants))
+    return _lift_graph(drop_checks(ep.graph_module), roles, dict(ep.constants))
 
 
 def _lift_graph(
@@ -197,9 +229,27 @@ class _TrainStep(torch.nn.Module):
 def fake_build(build: Callable[[], tuple[torch.nn.Module, tuple]]) -> tuple[torch.nn.Module, tuple]:
     """`build()` under a FakeTensorMode: a model and inputs with shapes but no
     memory, for planning training steps (meta tensors cannot be traced
-    through autograd here; fake ones can)."""
-    with FakeTensorMode():
-        return build()
+    through autograd here; fake ones can).
+
+    Some constructors read a value they compute (timm's drop-path schedule
+    calls `.item()`), which fake tensors cannot give: those are built on the
+    meta device, whose tensors then become fake CPU tensors."""
+    try:
+        with FakeTensorMode():
+            return build()
+    except Exception:  # noqa: BLE001 - a constructor fake tensors cannot run: try meta
+        pass
+    with torch.device("meta"):
+        model, inputs = build()
+    mode = FakeTensorMode()
+    fake = lambda t: mode.fake_tensor_converter.from_meta_and_device(mode, t.to("meta"), torch.device("cpu"))  # noqa: E731
+    with torch.no_grad():
+        for module in model.modules():
+            for name, p in list(module.named_parameters(recurse=False)):
+                setattr(module, name, torch.nn.Parameter(fake(p.data), requires_grad=p.requires_grad))
+            for name, b in list(module.named_buffers(recurse=False)):
+                module._buffers[name] = fake(b)
+    return model, tuple(fake(t) if isinstance(t, torch.Tensor) else t for t in inputs)
 
 
 def capture_training(
@@ -207,9 +257,18 @@ def capture_training(
 ) -> Captured:
     """The joint forward+backward graph of `loss_fn(model(*inputs), *inputs)`.
 
-    Works on real tensors and on fake ones (`fake_build`). Graph outputs are
-    the loss, then one gradient per trainable parameter; `Captured.gradients`
-    maps each gradient node to its parameter's placeholder.
+    The step is exported first (`torch.export`, non-strict: library code that
+    asks whether it is being traced sees a trace), then AOT autograd traces
+    the joint graph of that exported program, so anything that exports also
+    trains. Works on real tensors and on fake ones (`fake_build`).
+
+    Graph outputs are the loss, then one gradient per trainable parameter the
+    loss reaches (`Captured.gradients` maps each to its parameter's
+    placeholder), then the new value of every buffer the step updates
+    (`Captured.updates`: batch norm's running statistics). A parameter the
+    loss never reaches gets no gradient and, as in eager PyTorch, no update.
+    Tied parameters (one tensor under several names) are one placeholder
+    whose gradient sums every use.
 
     `stamp=True` traces only the first blocks of the model's stack of
     identical layers and stamps the others (`ir.stamp`: same graph, time
@@ -223,25 +282,115 @@ def capture_training(
     t0 = time.perf_counter()
     if not any(p.requires_grad for p in model.parameters()):
         raise CaptureError("the model has no trainable parameters; there is nothing to train")
-    mode = detect_fake_mode((*model.parameters(), *example_inputs))
+    step = _TrainStep(model, loss_fn)
     try:
-        with mode if mode is not None else contextlib.nullcontext(), contextlib.redirect_stderr(io.StringIO()):
-            gm, sig = aot_export_module(_TrainStep(model, loss_fn), tuple(example_inputs), trace_joint=True, output_loss_index=0)
+        # export finds the fake mode of fake inputs itself; the joint is traced under it
+        with contextlib.redirect_stderr(io.StringIO()):
+            ep = torch.export.export(step, tuple(example_inputs), strict=False)
+            joint = _joint(ep, step)
+    except CaptureError:
+        raise
     except Exception as e:  # noqa: BLE001 - re-raised with a one-line cause
-        raise CaptureError(_explain_export_failure(e).replace("torch.export", "AOT autograd")) from e
-    seconds = time.perf_counter() - t0
-    strip = lambda fqn: fqn.removeprefix("m.")  # noqa: E731 - the _TrainStep wrapper's prefix
-    roles: dict[str, tuple[Role, str | None]] = {n: (Role.PARAM, strip(f)) for n, f in sig.inputs_to_parameters.items()}
-    roles.update({n: (Role.BUFFER, strip(f)) for n, f in sig.inputs_to_buffers.items()})
-    roles.update({n: (Role.INPUT, None) for n in sig.user_inputs})
-    grads = sig.backward_signature.gradients_to_parameters
-    param_node = {strip(f): n for n, f in sig.inputs_to_parameters.items()}
-    captured = _lift_graph(gm, roles, {}, gradients={g: param_node[strip(f)] for g, f in grads.items()}, seconds=seconds)
+        raise CaptureError(_explain_export_failure(e)) from e
+    gm, roles, gradients, updates = joint
+    lifted = {s.target for s in ep.graph_signature.input_specs if s.kind is InputKind.CONSTANT_TENSOR}
+    constants = {k.removeprefix("m."): v for k, v in ep.constants.items() if k in lifted}
+    captured = _lift_graph(gm, roles, constants, gradients=gradients, updates=updates, seconds=time.perf_counter() - t0)
     loss = captured.graph[captured.graph.outputs[0]].tensor_meta
     if loss is None or loss.numel != 1:
         shape = None if loss is None else list(loss.shape)
         raise CaptureError(f"loss_fn must return a scalar; it returned a tensor of shape {shape}")
     return captured
+
+
+def _joint(ep: ExportedProgram, step: torch.nn.Module):
+    """AOT autograd's joint graph of an exported training step.
+
+    Returns the graph (outputs reordered to loss, gradients, buffer updates),
+    placeholder roles, gradient -> parameter placeholder and buffer update ->
+    buffer placeholder."""
+    gm = ep.graph_module
+    specs = {s.arg.name: s for s in ep.graph_signature.input_specs if hasattr(s.arg, "name")}
+    if sum(1 for s in ep.graph_signature.output_specs if s.kind is OutputKind.USER_OUTPUT) != 1:
+        raise CaptureError("the training step must return the loss only")
+    _merge_tied(gm, specs, step)
+    reached = _reaching_loss(gm)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    fake = detect_fake_mode([n.meta["val"] for n in placeholders])
+    strip = lambda fqn: fqn.removeprefix("m.")  # noqa: E731 - the _TrainStep wrapper's prefix
+    args, roles = [], {}
+    with fake if fake is not None else contextlib.nullcontext():
+        for n in placeholders:
+            spec = specs[n.name]
+            role, fqn = _placeholder_role(spec)
+            trainable = role is Role.PARAM and n in reached and step.get_parameter(spec.target).requires_grad
+            args.append(n.meta["val"].detach().clone().requires_grad_(trainable))
+            roles[n.name] = (role, None if fqn is None else strip(fqn))
+        joint, sig = aot_export_module(gm, args, trace_joint=True, output_loss_index=0, decompositions=TRAINING_DECOMPOSITIONS)
+    drop_checks(joint)
+    for n in [n for n in joint.graph.nodes if n.target is torch.ops.aten.alias.default]:
+        n.replace_all_uses_with(n.args[0])  # identity views AOT autograd leaves around saved values
+        joint.graph.erase_node(n)
+    joint.graph.eliminate_dead_code()
+    # aot names its placeholders arg<i>_1, in order
+    new_names = [n.name for n in joint.graph.nodes if n.op == "placeholder"]
+    rename = dict(zip(new_names, (n.name for n in placeholders), strict=True))
+    roles = {new: roles[old] for new, old in rename.items()}
+    gradients = dict(sig.backward_signature.gradients_to_user_inputs)
+    updates = dict(sig.user_inputs_to_mutate)
+    out = joint.graph.output_node()
+    outs = list(out.args[0])
+    loss = outs[len(updates)]
+    grads = [o for o in outs if isinstance(o, torch.fx.Node) and o.name in gradients]
+    news = outs[: len(updates)]
+    out.args = ((loss, *grads, *news),)
+    joint.graph.lint()
+    joint.recompile()
+    return joint, roles, {g.name: gradients[g.name] for g in grads}, {u.name: updates[u.name] for u in news}
+
+
+def _merge_tied(gm: torch.fx.GraphModule, specs: Mapping[str, object], step: torch.nn.Module) -> None:
+    """One placeholder per parameter tensor: export lifts a tied parameter
+    once per name, but the graph reads only one of them, and the gradient of
+    every use belongs to the one tensor."""
+    first: dict[int, torch.fx.Node] = {}
+    for n in [n for n in gm.graph.nodes if n.op == "placeholder"]:
+        spec = specs[n.name]
+        if spec.kind is not InputKind.PARAMETER:
+            continue
+        key = id(step.get_parameter(spec.target))
+        if key in first:
+            n.replace_all_uses_with(first[key])
+            gm.graph.erase_node(n)
+        else:
+            first[key] = n
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _reaching_loss(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
+    """Nodes with a differentiable path to the loss (the first output): the
+    path is cut at integer and boolean values and at `detach`."""
+    loss = gm.graph.output_node().args[0]
+    loss = loss[0] if isinstance(loss, (tuple, list)) else loss
+    seen: set[torch.fx.Node] = set()
+    todo = [loss]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "call_function" and n.target in _NO_GRAD:
+            continue
+        for a in n.all_input_nodes:
+            val = a.meta.get("val")
+            if isinstance(val, torch.Tensor) and not (val.is_floating_point() or val.is_complex()):
+                continue
+            todo.append(a)
+    return seen
+
+
+_NO_GRAD = (torch.ops.aten.detach.default,)
 
 
 def _placeholder_role(spec) -> tuple[Role, str | None]:

@@ -222,8 +222,8 @@ def expand_single_dim_rules(
 ) -> list[tuple[tuple[Placements, ...], object]]:
     """Combine per-axis rules over every mesh axis (placeholders become Shard)."""
     concrete = [[Shard(p.dim) if isinstance(p, _ShardingPlaceholder) else p for p in r] for r in rules]
-    width = len(concrete[0]) if concrete else 0
-    n_out = width - n_inputs
+    n_out = len(out_meta) if isinstance(out_meta, tuple) else 1
+    concrete = [r for r in concrete if len(r) == n_out + n_inputs]  # rules listing a scalar argument: not ours
     if not any(all(p is None or isinstance(p, Replicate) for p in r) for r in concrete):
         concrete.insert(0, [None if _masked(out_meta, i) else Replicate() for i in range(n_out)] + [Replicate()] * n_inputs)
     result = []

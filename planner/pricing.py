@@ -77,7 +77,8 @@ class Pricer:
             return 0.0
         first = primary_output(strategy)
         f = shard_factor(first, self.mesh_shape) if first is not None else 1
-        meta = node.tensor_meta or next((m for m in node.meta if m is not None), None)
+        metas = node.meta if isinstance(node.meta, tuple) else (node.meta,)
+        meta = next((m for m in metas if m is not None), None)
         dt = dtype_name(meta.dtype) if meta is not None else "float32"
         return compute_time(node.flops / f, node.bytes / f, self.profile, dt)
 

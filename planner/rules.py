@@ -14,8 +14,9 @@ import torch
 from torch.distributed.tensor import Partial, Replicate, Shard
 
 from ir.graph import Node, TensorMeta
+from planner._dtensor import dtensor_rule_kind
 
-__all__ = ["RULES", "lookup", "register_rule"]
+__all__ = ["RULES", "is_random", "lookup", "pointwise_rule", "register_rule"]
 
 aten = torch.ops.aten
 Rule = Callable[[Node, dict[str, TensorMeta]], list[list]]
@@ -32,7 +33,38 @@ def register_rule(*ops: object) -> Callable[[Rule], Rule]:
 
 
 def lookup(op: object) -> Rule | None:
-    return RULES.get(op)
+    """Our rule for `op`: a registered one, else for an elementwise op DTensor
+    has no rule for (hardswish and its backward, say) the generic one."""
+    rule = RULES.get(op)
+    if rule is None and _elementwise(op) and dtensor_rule_kind(op) is None:
+        return pointwise_rule
+    return rule
+
+
+#: elementwise ops torch does not tag `pointwise` (activations' backwards, MobileNet's hardswish)
+_UNTAGGED_ELEMENTWISE = {
+    getattr(aten, name).default
+    for name in (
+        "hardswish", "hardswish_backward", "hardsigmoid_backward", "hardtanh_backward", "elu_backward",
+        "leaky_relu_backward", "softplus_backward", "mish_backward", "threshold_backward",
+    )
+    if hasattr(aten, name)
+}
+
+
+def _elementwise(op: object) -> bool:
+    return isinstance(op, torch._ops.OpOverload) and (torch.Tag.pointwise in op.tags or op in _UNTAGGED_ELEMENTWISE)
+
+
+def pointwise_rule(node: Node, metas: dict[str, TensorMeta]) -> list[list]:
+    """An elementwise op: every tensor input of the output's shape split as
+    the output is (inputs that broadcast are not split: no rule for those)."""
+    if not isinstance(node.meta, TensorMeta):
+        return []
+    shape = node.meta.shape
+    if any(metas[r].shape != shape for r in node.refs()):
+        return []
+    return [[Shard(d)] * (1 + len(node.refs())) for d in range(len(shape))]
 
 
 def _mask_placement(mask: TensorMeta, dim_from_end: int):
@@ -119,3 +151,18 @@ def fill_rule(node: Node, metas: dict[str, TensorMeta]) -> list[list]:
     """A constant in the input's shape: any split of the input, never a partial sum."""
     ndim = len(metas[node.refs()[0]].shape)
     return [[Shard(d), Shard(d)] for d in range(ndim)]
+
+
+@register_rule(aten.native_dropout.default)
+def dropout_rule(node: Node, metas: dict[str, TensorMeta]) -> list[list]:
+    """(out, mask) from x, split like x. The runtime draws the whole mask on
+    every rank, as one device draws it for the same seed, and keeps this
+    rank's piece (`runtime.lower`), so the values equal the single-device
+    step's; DTensor's rule would draw each shard from its own offset."""
+    ndim = len(metas[node.refs()[0]].shape)
+    return [[Shard(d), Shard(d), Shard(d)] for d in range(ndim)]
+
+
+def is_random(op: object) -> bool:
+    """Ops that draw from the random generator."""
+    return isinstance(op, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in op.tags

@@ -31,6 +31,8 @@ def merge_followers(graph: Graph, space: StrategySpace, pricer: Pricer) -> Strat
         refs = v.refs()
         if v.is_placeholder or ns.source in ("follow", "fallback") or len(refs) != 1 or len(ns.options) == 1:
             continue
+        if isinstance(v.meta, tuple):  # its tuple projections follow its own options, index by index
+            continue
         u = nodes[refs[0]]
         key = (id(ns.options), id(u.options), v.flops, v.bytes, v.meta)
         if key not in memo:

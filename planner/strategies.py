@@ -171,6 +171,10 @@ def _node_strategies(node, mesh_shape, fixed, metas, candidates, done) -> tuple[
     refs = node.refs()
     if not refs:
         return NodeStrategies(node.name, (_replicated(node, 0, mesh_shape),), "factory"), None
+    if rules.is_random(node.target) and rules.lookup(node.target) is None:
+        # drawn whole on every rank from the same generator state: the values
+        # one device draws (DTensor's rules would draw each shard apart)
+        return NodeStrategies(node.name, (_replicated(node, len(refs), mesh_shape),), "dtplan"), None
     raw, source, reason = _rule_strategies(node, mesh_shape, metas, candidates)
     opts = _filter(node, raw, mesh_shape, metas, candidates) if raw else ()
     if not opts:
@@ -207,6 +211,8 @@ def _rule_strategies(node: Node, mesh_shape, metas, candidates):
     own = rules.lookup(node.target)
     if own is not None:
         per_axis = own(node, metas)
+        if not per_axis:
+            return [], "fallback", "dtplan's rule for this op does not cover these shapes"
         return expand_single_dim_rules(mesh_shape, per_axis, len(node.refs()), node.meta), "dtplan", None
     if dtensor_rule_kind(node.target) is None:
         return [], "fallback", "no sharding rule for this op (DTensor or dtplan)"
@@ -254,4 +260,6 @@ def _output_valid(outp, meta, mesh_shape) -> bool:
         if not isinstance(outp, tuple) or len(outp) != len(meta) or (outp and not isinstance(outp[0], (tuple, type(None)))):
             return False
         return all(valid_on(p, m, mesh_shape) for p, m in zip(outp, meta, strict=True))
-    return isinstance(outp, tuple) and valid_on(outp, meta, mesh_shape)
+    if not isinstance(outp, tuple) or len(outp) != len(mesh_shape) or any(isinstance(p, tuple) or p is None for p in outp):
+        return False  # a rule's output of another arity than the node's
+    return valid_on(outp, meta, mesh_shape)

@@ -248,6 +248,10 @@ class _Interpreter:
         target = fx_node.target
         meta = self.graph[fx_node.name].meta
         replicated = all(all(p.is_replicate() for p in pl) for pl in np.inputs) and _replicated(np.output)
+        if target in _LOCAL:
+            la, lk = tree_map(lambda v: v._local_tensor if isinstance(v, DTensor) else v, (args, kwargs))
+            out = _LOCAL[target](self, fx_node, np, *la, **lk)
+            return self._wrap_outputs(out, np.output, meta)
         if rules.lookup(target) is not None or replicated:
             # our own rules, factories and fully replicated ops: the op on local tensors
             la, lk = tree_map(lambda v: v._local_tensor if isinstance(v, DTensor) else v, (args, kwargs))
@@ -284,6 +288,32 @@ class _Interpreter:
 
 
 _VIEWS = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
+
+
+def _dropout(interp: _Interpreter, fx_node, np: NodePlan, x: torch.Tensor, p: float, train: bool | None):
+    """`native_dropout` on this rank's piece, with the mask one device would
+    draw: the whole mask is drawn here (every rank draws the same one from
+    the same generator state) and this rank keeps its piece. Costs a
+    full-size mask's time and memory per call."""
+    if train is False:
+        return torch.ops.aten.native_dropout.default(x, p, train)
+    full = interp.graph[fx_node.args[0].name].tensor_meta
+    _, mask = torch.ops.aten.native_dropout.default(torch.zeros(full.shape, dtype=x.dtype, device=x.device), p, True)
+    mask = _piece(mask, interp.rank_mesh, np.output[1])
+    scale = 0.0 if p == 1 else 1.0 / (1.0 - p)
+    return x.mul(mask).mul_(scale), mask
+
+
+def _piece(full: torch.Tensor, mesh: RankMesh, placements) -> torch.Tensor:
+    """This rank's piece of a full tensor (axis 0 splits first, as DTensor does)."""
+    for axis, p in enumerate(placements):
+        if p.is_shard():
+            full = full.chunk(mesh.shape[axis], p.dim)[mesh.coords[axis]]
+    return full
+
+
+#: ops run by our own local implementation (see each function)
+_LOCAL = {torch.ops.aten.native_dropout.default: _dropout}
 
 
 def _replicated(output) -> bool:

@@ -1,12 +1,14 @@
 """`dtplan run`: execute a plan for a model file on every rank and check it."""
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections import Counter
 from collections.abc import Mapping
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
+from torch.utils import _pytree as pytree
 
 from dtplan.api import sharded_program
 from dtplan.modelfile import capture_model_file, load_model_file, require_loss_fn
@@ -14,9 +16,9 @@ from planner.plan import Plan
 from runtime.launch import launched_by_torchrun, process_group, spawn
 from runtime.params import local_shard
 from runtime.train import make_optimizer, sharded_trainer
-from runtime.verify import CollectiveRecorder, compare, expected_collectives
+from runtime.verify import Comparison, CollectiveRecorder, compare, expected_collectives
 
-__all__ = ["rank_work", "run_many", "run_model_file", "single_device_training", "train_rank_work"]
+__all__ = ["rank_work", "run_many", "run_model_file", "single_device_training", "step_seed", "train_rank_work"]
 
 
 def rank_work(rank: int, mesh: DeviceMesh, *, path: str, options: Mapping[str, str], plan_json: dict, check: bool) -> dict:
@@ -34,54 +36,73 @@ def rank_work(rank: int, mesh: DeviceMesh, *, path: str, options: Mapping[str, s
     if check:
         with torch.no_grad():
             ref = model(*inputs)
-        refs = ref if isinstance(ref, (tuple, list)) else (ref,)
-        cmps = [compare(o, local_shard(r, mesh, pl)) for o, r, pl in zip(outs, refs, plan.outputs, strict=True)]
-        report.update(
-            max_abs=max(c.max_abs for c in cmps),
-            max_rel=max(c.max_rel for c in cmps),
-            numerics_match=all(c.ok for c in cmps),
-        )
+        named = [(f"output{pytree.keystr(path)}", r) for path, r in pytree.tree_flatten_with_path(ref)[0] if isinstance(r, torch.Tensor)]
+        if len(named) != len(outs):
+            raise ValueError(f"the model returned {len(named)} tensors on one device but {len(outs)} were captured")
+        cmps = {name: compare(o, local_shard(r, mesh, pl)) for (name, r), o, pl in zip(named, outs, plan.outputs, strict=True)}
+        report.update(_summary(cmps))
     return report
+
+
+def _summary(cmps: Mapping[str, Comparison]) -> dict:
+    """Largest errors, and the first tensor that differs and by how much."""
+    bad = [(name, c) for name, c in cmps.items() if not c.ok]
+    return {
+        "max_abs": max((c.max_abs for c in cmps.values()), default=0.0),
+        "max_rel": max((c.max_rel for c in cmps.values()), default=0.0),
+        "numerics_match": not bad,
+        "first_mismatch": None if not bad else {"tensor": bad[0][0], "max_abs": bad[0][1].max_abs, "max_rel": bad[0][1].max_rel},
+        "mismatched": [name for name, _ in bad],
+    }
+
+
+def step_seed(step: int) -> int:
+    """The seed each training step starts from, on every rank and in the
+    single-device reference alike: random ops (dropout) then draw the same
+    values on both sides."""
+    return 1234 + step
 
 
 def train_rank_work(
     rank: int, mesh: DeviceMesh, *, path: str, options: Mapping[str, str], plan_json: dict, check: bool, steps: int, lr: float = 1e-3
 ) -> dict:
     """One rank: `steps` sharded training steps on the example inputs; with
-    `check`, the same steps on one device, compared loss by loss and
-    parameter by parameter."""
+    `check`, the same steps on one device, compared loss by loss and, at the
+    end, parameter by parameter and buffer by buffer."""
     mf = load_model_file(path, options)
     loss_fn = require_loss_fn(mf)
-    model, inputs = mf.build(meta=False)
+    model, inputs = mf.build(meta=False, train=True)
     captured = capture_model_file(mf, train=True)
     plan = Plan.from_json(plan_json)
     optimizer = str(plan.model.get("optimizer", "adamw"))
     trainer = sharded_trainer(model, captured, plan, mesh, optimizer=optimizer, lr=lr)
     recorder = CollectiveRecorder(mesh, tuple(plan.mesh.axis_names))
-    with recorder:  # every step issues the same collectives; check the first
-        losses = [trainer.step(*inputs)]
-    losses += [trainer.step(*inputs) for _ in range(steps - 1)]
+    losses = []
+    for i in range(steps):
+        torch.manual_seed(step_seed(i))
+        with recorder if i == 0 else contextlib.nullcontext():  # every step issues the same collectives; check the first
+            losses.append(trainer.step(*inputs))
     report = {"rank": rank, "losses": losses, **_collectives_report(recorder, plan)}
     state = trainer.full_state_dict()
     trainer.load_state_dict(state)
     again = trainer.full_state_dict()
     report["state_dict_round_trip"] = all(torch.equal(state[k], again[k]) for k in state)
     if check:
-        ref_losses, ref_params = single_device_training(mf, loss_fn, steps=steps, lr=lr, optimizer=optimizer)
+        ref_losses, ref_state = single_device_training(mf, loss_fn, steps=steps, lr=lr, optimizer=optimizer)
         loss_cmp = compare(torch.tensor(losses), torch.tensor(ref_losses))
+        missing = sorted(set(ref_state) - set(state))
+        if missing:
+            raise ValueError(f"the sharded state lacks {missing[:5]}")
         # Adam normalises every update to about lr, so an element whose true
         # gradient is below the reduction's rounding noise may step either way:
         # parameters compare at rtol 1e-4 plus an absolute 5% of one step
-        param_cmps = {fqn: compare(state[fqn], p, atol=0.05 * lr) for fqn, p in ref_params.items()}
-        worst = max(param_cmps, key=lambda f: param_cmps[f].max_abs)
+        cmps = {"loss": loss_cmp, **{fqn: compare(state[fqn], t, atol=0.05 * lr) for fqn, t in ref_state.items()}}
+        summary = _summary(cmps)
         report.update(
             reference_losses=ref_losses,
             max_loss_rel=loss_cmp.max_rel,
-            max_abs=param_cmps[worst].max_abs,
-            max_rel=max(c.max_rel for c in param_cmps.values()),
-            worst_parameter=worst,
-            mismatched_parameters=sorted(f for f, c in param_cmps.items() if not c.ok),
-            numerics_match=loss_cmp.ok and all(c.ok for c in param_cmps.values()),
+            mismatched_parameters=summary["mismatched"],
+            **summary,
         )
     return report
 
@@ -96,33 +117,40 @@ def _collectives_report(recorder: CollectiveRecorder, plan: Plan) -> dict:
 
 
 def single_device_training(mf, loss_fn, *, steps: int, lr: float, optimizer: str) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """The reference: the same steps with plain autograd on one device."""
-    model, inputs = mf.build(meta=False)
-    model.train()
+    """The reference: the same steps with plain autograd on one device, each
+    from the same seed; returns the losses and every parameter and buffer."""
+    model, inputs = mf.build(meta=False, train=True)
     opt = make_optimizer(optimizer, model.parameters(), lr=lr)
     losses = []
-    for _ in range(steps):
+    for i in range(steps):
+        torch.manual_seed(step_seed(i))
         loss = loss_fn(model(*inputs), *inputs)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
-    return losses, {k: v.detach() for k, v in model.named_parameters()}
+    state = {k: v.detach() for k, v in model.named_parameters()}
+    state.update({k: v.detach() for k, v in model.named_buffers()})
+    return losses, state
 
 
 def _many(rank: int, mesh: DeviceMesh, *, items: list[dict]) -> list[dict]:
     return [train_rank_work(rank, mesh, **item) if item.get("steps") else rank_work(rank, mesh, **item) for item in items]
 
 
-def run_many(items: list[tuple[str, Plan, Mapping[str, str], bool]], *, steps: int = 0) -> list[list[dict]]:
+def run_many(items: list[tuple], *, steps: int = 0) -> list[list[dict]]:
     """Run several plans (same mesh) in one group of spawned ranks: the start-up
-    of a group costs seconds. With `steps`, training plans run that many
-    steps. Returns per rank, per item, the report."""
-    meshes = {tuple(p.mesh.shape) for _, p, _, _ in items}
+    of a group costs seconds. Each item is (path, plan, options, check) or
+    (path, plan, options, check, steps); training plans run `steps` steps
+    (the item's own, else this call's). Returns per rank, per item, the
+    report."""
+    meshes = {tuple(item[1].mesh.shape) for item in items}
     if len(meshes) != 1:
         raise ValueError(f"run_many needs plans for one mesh, got {sorted(meshes)}")
-    extra = {"steps": steps} if steps else {}
-    payload = [dict(path=str(path), options=dict(opts), plan_json=plan.to_json(), check=check, **extra) for path, plan, opts, check in items]
+    payload = []
+    for path, plan, opts, check, *own in items:
+        n = (own[0] if own else steps) if plan.model.get("train") else 0
+        payload.append(dict(path=str(path), options=dict(opts), plan_json=plan.to_json(), check=check, **({"steps": n} if n else {})))
     return spawn(functools.partial(_many, items=payload), items[0][1].mesh)
 
 

@@ -55,12 +55,18 @@ class ShardedTrainer:
         self.parameters: dict[str, torch.nn.Parameter] = {
             fqn: getattr(gm, attr_name(name)) for fqn, (name, role) in self._stored.items() if role is Role.PARAM
         }
-        self._grad_for = tuple(graph[captured.gradients[g]].fqn for g in graph.outputs[1:])
+        n_grads = len(captured.gradients)
+        self._grad_for = tuple(graph[captured.gradients[g]].fqn for g in graph.outputs[1 : 1 + n_grads])
+        #: buffers the step updates (batch norm's running statistics), in output order
+        self._update_of = tuple(attr_name(captured.updates[u]) for u in graph.outputs[1 + n_grads :])
         self.optimizer = make_optimizer(optimizer, list(self.parameters.values()), lr=lr)
 
     def step(self, *full_inputs: torch.Tensor) -> float:
         with torch.no_grad():
-            loss, *grads = self.program(*full_inputs)
+            loss, *rest = self.program.graph_module(*self.program.shard_inputs(*full_inputs))
+            grads, news = rest[: len(self._grad_for)], rest[len(self._grad_for) :]
+            for attr, new in zip(self._update_of, news, strict=True):
+                getattr(self.program.graph_module, attr).copy_(new)
         for fqn, grad in zip(self._grad_for, grads, strict=True):
             self.parameters[fqn].grad = grad
         self.optimizer.step()

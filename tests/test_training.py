@@ -14,7 +14,7 @@ from runtime.run import run_many
 
 def captured_training(name: str, **options):
     mf = load_model_file(example_path(name), {k: str(v) for k, v in options.items()})
-    return capture_training(*fake_build(lambda: mf.build(meta=False)), mf.loss_fn)
+    return capture_training(*fake_build(lambda: mf.build(train=True)), mf.loss_fn)
 
 
 def placements(plan, fqn):
@@ -70,7 +70,7 @@ def test_fsdp_and_tensor_parallel_on_2x4_under_a_budget():
 def test_gpt_tensor_parallel_training_is_within_the_megatron_bound():
     b, s, h, t, q = 8, 64, 256, 4, 4
     c = captured_training("gpt", dim=h, heads=8, seq=s, batch=b)
-    plan = plan_program(c, mesh=str(t), profile="h100", memory="7MB")
+    plan = plan_program(c, mesh=str(t), profile="h100", memory="7500KB")
     for layer in (0, 1):
         attn, mlp = f"blocks.{layer}.attn", f"blocks.{layer}.mlp"
         assert [placements(plan, f"{attn}.{w}.weight") for w in "qkvo"] == [["S(0)"]] * 3 + [["S(1)"]]
@@ -118,13 +118,13 @@ TRAIN_CASES = {
         ("mlp", {}, "300KB", None, None),
         ("gpt", {}, "1200KB", None, None),
         ("llama", {}, None, None, megatron_pins("llama", 2, 0, 1)),
-        ("cnn", {}, 230_000, None, None),
+        ("cnn", {}, 290_000, None, None),
     ],
     "2x2": [
         ("mlp", {}, 300_000, ["S(0)", "R"], {"fc1.weight": ["R", "S(0)"], "fc2.weight": ["R", "S(1)"]}),
         ("gpt", {}, None, ["S(0)", "R"], megatron_pins("gpt", 2, 1, 2)),
         ("llama", {}, None, ["S(0)", "R"], megatron_pins("llama", 2, 1, 2)),
-        ("cnn", {}, 215_000, None, None),
+        ("cnn", {}, 275_000, None, None),
     ],
 }
 
