@@ -249,7 +249,8 @@ class ShardedProgram:
         """This rank's outputs, nested as the model returns them (a tensor, a
         tuple, a dict, a ModelOutput ...); a training step returns the flat
         tuple (loss, gradients..., buffer updates...)."""
-        outs = self.graph_module(*self.shard_inputs(*full_inputs))
+        with torch.no_grad():  # the program is its own backward where it has one
+            outs = self.graph_module(*self.shard_inputs(*full_inputs))
         if self.captured.train or self.captured.out_spec is None:
             return outs
         return pytree.tree_unflatten(list(outs), self.captured.out_spec)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from dtplan.api import plan_program
 from dtplan.modelfile import capture_model_file, load_model_file
+from planner.ilp import SolverOptions
 from planner.mesh import parse_mesh
 from runtime.run import run_many
 
@@ -55,6 +56,7 @@ def check_model_files(
     profile: str = "cpu",
     shard_batch: bool = True,
     one_group: bool = True,
+    time_limit_s: float | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> list[ModelCheck]:
     """Plan, run and train every model file on `mesh`.
@@ -64,10 +66,12 @@ def check_model_files(
     does its own part of the work; otherwise inputs arrive replicated.
     `one_group` runs every model in one group of spawned ranks (a group's
     start-up costs seconds; a failure then fails the group); otherwise a
-    group per model, so one model's failure is its own row."""
+    group per model, so one model's failure is its own row. `time_limit_s`
+    bounds each solve (a plan then may be FEASIBLE rather than OPTIMAL)."""
     say = progress or (lambda _m: None)
     spec = parse_mesh(mesh)
     inputs = ["S(0)"] * spec.ndim if shard_batch else None
+    solver = SolverOptions() if time_limit_s is None else SolverOptions(time_limit_s=time_limit_s)
     planned: dict[str, list] = {}
     results: dict[str, ModelCheck] = {}
     for path in paths:
@@ -76,7 +80,7 @@ def check_model_files(
         say(f"{name}: planning inference and training on {mesh}")
         try:
             mf = load_model_file(path)
-            plans = [plan_program(capture_model_file(mf, train=t), mesh=spec, profile=profile, input_placements=inputs) for t in (False, True)]
+            plans = [plan_program(capture_model_file(mf, train=t), mesh=spec, profile=profile, input_placements=inputs, solver=solver) for t in (False, True)]
         except Exception as e:  # noqa: BLE001 - a model that does not plan is a row, not a crash
             results[name] = ModelCheck(name, problem=f"planning: {_line(e)}", seconds=time.perf_counter() - t0)
             continue

@@ -280,16 +280,30 @@ def _totals(rows: Sequence[Mapping[str, Any]], key: str) -> list[dict[str, Any]]
     ]
 
 
-def _fallback_rows(fallbacks: Sequence[Any]) -> list[dict[str, Any]]:
-    """Warnings for nodes that fell back to replication."""
-    return [
-        {
-            "node": _text(f.get("node")),
-            "op": _text(f.get("op")),
-            "reason": _text(f.get("reason")),
-        }
-        for f in map(_mapping, fallbacks)
-    ]
+def _fallback_rows(plan: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Warnings for nodes that fell back to replication, with what each
+    costs: its compute, run whole on every device, and the collectives
+    that gather its inputs."""
+    nodes = _mapping(plan.get("nodes"))
+    comm: dict[str, float] = {}
+    for c in map(_mapping, _sequence(plan.get("collectives"))):
+        t = c.get("time_s")
+        if isinstance(t, (int, float)):
+            comm[str(c.get("node"))] = comm.get(str(c.get("node")), 0.0) + float(t)
+    rows = []
+    for f in map(_mapping, _sequence(plan.get("fallbacks"))):
+        node = str(f.get("node"))
+        compute = _mapping(nodes.get(node)).get("compute_s")
+        rows.append(
+            {
+                "node": _text(f.get("node")),
+                "op": _text(f.get("op")),
+                "reason": _text(f.get("reason")),
+                "compute": _quantity(compute, format_seconds),
+                "communication": _quantity(comm.get(node, 0.0), format_seconds),
+            }
+        )
+    return rows
 
 
 # --------------------------------------------------------------------------
@@ -307,7 +321,7 @@ def build_report_data(plan: Mapping[str, Any]) -> dict[str, Any]:
     axes = _placement_axes(plan, mesh["axis_names"])
     parameters = _parameter_rows(plan, axes)
     collectives = _collective_rows(_sequence(plan.get("collectives")))
-    fallbacks = _fallback_rows(_sequence(plan.get("fallbacks")))
+    fallbacks = _fallback_rows(plan)
     counts = {
         "num_parameters": len(parameters),
         "num_collectives": len(collectives),

@@ -219,7 +219,20 @@ def _rule_strategies(node: Node, mesh_shape, metas, candidates):
     try:
         return op_strategies(mesh_shape, node.target, node.args, node.kwargs, metas, candidates, node.meta), "dtensor", None
     except Exception as e:  # noqa: BLE001 - a rule that rejects these args is a fallback, listed
-        return [], "fallback", f"DTensor rule failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        why = f"DTensor rule failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    refs = node.refs()
+    if len(set(refs)) == 1 and len(candidates.get(refs[0], ())) > 1:
+        # a rule that follows its input may reject one placement it may
+        # arrive in (a view that cannot unflatten that split): ask per placement
+        found = []
+        for c in candidates[refs[0]]:
+            try:
+                found += op_strategies(mesh_shape, node.target, node.args, node.kwargs, metas, {refs[0]: (c,)}, node.meta)
+            except Exception:  # noqa: BLE001 - that placement has no strategy; the others may
+                continue
+        if found:
+            return found, "dtensor", None
+    return [], "fallback", why
 
 
 def _filter(node: Node, raw, mesh_shape, metas, candidates) -> tuple[Strategy, ...]:
