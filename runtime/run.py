@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 from collections import Counter
 from collections.abc import Mapping
 
@@ -25,14 +26,17 @@ def rank_work(rank: int, mesh: DeviceMesh, *, path: str, options: Mapping[str, s
     """One rank: build the real model, shard it, run one step, report."""
     mf = load_model_file(path, options)
     model, inputs = mf.build(meta=False)
+    t0 = time.perf_counter()
     captured = capture_model_file(mf, train=False)
+    t1 = time.perf_counter()
     plan = Plan.from_json(plan_json)
     program = sharded_program(model, captured, plan, mesh)
+    seconds = {"capture": t1 - t0, "lower": time.perf_counter() - t1}
     recorder = CollectiveRecorder(mesh, tuple(plan.mesh.axis_names))
     local_inputs = program.shard_inputs(*inputs)
     with recorder, torch.no_grad():
         outs = program.graph_module(*local_inputs)
-    report = {"rank": rank, **_collectives_report(recorder, plan), "outputs": len(outs)}
+    report = {"rank": rank, **_collectives_report(recorder, plan), "outputs": len(outs), "seconds": seconds}
     if check:
         with torch.no_grad():
             ref = model(*inputs)
@@ -72,23 +76,30 @@ def train_rank_work(
     mf = load_model_file(path, options)
     loss_fn = require_loss_fn(mf)
     model, inputs = mf.build(meta=False, train=True)
+    t0 = time.perf_counter()
     captured = capture_model_file(mf, train=True)
+    t1 = time.perf_counter()
     plan = Plan.from_json(plan_json)
     optimizer = str(plan.model.get("optimizer", "adamw"))
     trainer = sharded_trainer(model, captured, plan, mesh, optimizer=optimizer, lr=lr)
+    seconds = {"capture": t1 - t0, "lower": time.perf_counter() - t1}
+    t1 = time.perf_counter()
     recorder = CollectiveRecorder(mesh, tuple(plan.mesh.axis_names))
     losses = []
     for i in range(steps):
         torch.manual_seed(step_seed(i))
         with recorder if i == 0 else contextlib.nullcontext():  # every step issues the same collectives; check the first
             losses.append(trainer.step(*inputs))
-    report = {"rank": rank, "losses": losses, **_collectives_report(recorder, plan)}
+    seconds["steps"] = time.perf_counter() - t1
+    report = {"rank": rank, "losses": losses, **_collectives_report(recorder, plan), "seconds": seconds}
     state = trainer.full_state_dict()
     trainer.load_state_dict(state)
     again = trainer.full_state_dict()
     report["state_dict_round_trip"] = all(torch.equal(state[k], again[k]) for k in state)
     if check:
+        t1 = time.perf_counter()
         ref_losses, ref_state, noise = single_device_training(mf, loss_fn, steps=steps, lr=lr, optimizer=optimizer)
+        seconds["reference"] = time.perf_counter() - t1
         loss_cmp = compare(torch.tensor(losses), torch.tensor(ref_losses))
         missing = sorted(set(ref_state) - set(state))
         if missing:
