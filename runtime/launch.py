@@ -73,6 +73,10 @@ def _rank_main(rank: int, mesh_json: dict, work: Work, folder: str) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")
     mesh = MeshSpec.from_json(mesh_json)
+    if device_type() == "cpu":
+        # the ranks share this machine's cores: one share each, not every
+        # rank running a thread per core (4 ranks on 2 cores ran 8 threads)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // mesh.size))
     out = Path(folder) / f"rank{rank}.json"
     try:
         with process_group(mesh, rank=rank, store_path=str(Path(folder) / "store")) as device_mesh:
