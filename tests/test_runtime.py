@@ -14,16 +14,14 @@ from runtime.launch import spawn
 from runtime.run import run_many
 from runtime.verify import redistribution_selfcheck
 
-#: (example, options, memory budget or None) per mesh
+#: (example, options, memory budget or None) per mesh; on mesh 4 only the
+#: budgeted cases (the unconstrained ones plan as on 2x2, and the suite's
+#: ten minutes are better spent on the real models of test_real_models.py)
 CASES = {
     "4": [
-        ("mlp", {}, None),
         ("mlp", {"batch": 8, "d": 1024, "hidden": 4096}, "16MiB"),
-        ("gpt", {}, None),
         ("gpt", {}, 355_200),
-        ("llama", {}, None),
         ("llama", {}, 331_168),
-        ("cnn", {}, None),
     ],
     "2x2": [
         ("mlp", {}, None),
