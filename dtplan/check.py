@@ -10,7 +10,6 @@ compared with the plan's.
 """
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,8 +22,6 @@ from planner.mesh import parse_mesh
 from runtime.run import run_many
 
 __all__ = ["ModelCheck", "check_model_files"]
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)

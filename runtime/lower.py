@@ -44,6 +44,7 @@ from planner import rules
 from planner._dtensor import _spec as dtensor_spec
 from planner.plan import NodePlan, Plan
 from planner.pricing import local_shape
+from runtime.params import piece
 from runtime.redistribute import RankMesh, redistribute_local
 
 __all__ = ["LoweringError", "attr_name", "lower"]
@@ -248,14 +249,11 @@ class _Interpreter:
         target = fx_node.target
         meta = self.graph[fx_node.name].meta
         replicated = all(all(p.is_replicate() for p in pl) for pl in np.inputs) and _replicated(np.output)
-        if target in _LOCAL:
+        if target in _LOCAL or rules.lookup(target) is not None or replicated:
+            # our own rules, factories and fully replicated ops: the op on
+            # local tensors (ours where it needs more than the op: `_LOCAL`)
             la, lk = tree_map(lambda v: v._local_tensor if isinstance(v, DTensor) else v, (args, kwargs))
-            out = _LOCAL[target](self, fx_node, np, *la, **lk)
-            return self._wrap_outputs(out, np.output, meta)
-        if rules.lookup(target) is not None or replicated:
-            # our own rules, factories and fully replicated ops: the op on local tensors
-            la, lk = tree_map(lambda v: v._local_tensor if isinstance(v, DTensor) else v, (args, kwargs))
-            out = target(*la, **lk)
+            out = _LOCAL[target](self, fx_node, np, *la, **lk) if target in _LOCAL else target(*la, **lk)
             return self._wrap_outputs(out, np.output, meta)
         if target in _VIEWS and isinstance(args[0], DTensor) and not args[0]._local_tensor.is_contiguous():
             # a redistribution can leave the local shard in another memory
@@ -299,17 +297,9 @@ def _dropout(interp: _Interpreter, fx_node, np: NodePlan, x: torch.Tensor, p: fl
         return torch.ops.aten.native_dropout.default(x, p, train)
     full = interp.graph[fx_node.args[0].name].tensor_meta
     _, mask = torch.ops.aten.native_dropout.default(torch.zeros(full.shape, dtype=x.dtype, device=x.device), p, True)
-    mask = _piece(mask, interp.rank_mesh, np.output[1])
+    mask = piece(mask, interp.rank_mesh.shape, interp.rank_mesh.coords, np.output[1])
     scale = 0.0 if p == 1 else 1.0 / (1.0 - p)
     return x.mul(mask).mul_(scale), mask
-
-
-def _piece(full: torch.Tensor, mesh: RankMesh, placements) -> torch.Tensor:
-    """This rank's piece of a full tensor (axis 0 splits first, as DTensor does)."""
-    for axis, p in enumerate(placements):
-        if p.is_shard():
-            full = full.chunk(mesh.shape[axis], p.dim)[mesh.coords[axis]]
-    return full
 
 
 #: ops run by our own local implementation (see each function)

@@ -1,23 +1,33 @@
 """Shard full tensors (parameters, buffers, inputs) into this rank's local pieces."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard
 
 from planner._dtensor import Placements
 
-__all__ = ["local_shard"]
+__all__ = ["local_shard", "piece"]
 
 
-def local_shard(full: torch.Tensor, mesh: DeviceMesh, placements: Placements) -> torch.Tensor:
-    """This rank's piece of `full` (even sharding; axis 0 splits first, as DTensor does).
-
-    Returns a fresh contiguous tensor, so the full tensor can be freed."""
+def piece(full: torch.Tensor, sizes: Sequence[int], coords: Sequence[int], placements: Placements) -> torch.Tensor:
+    """The piece of `full` at mesh coordinates `coords` on a mesh of axis
+    sizes `sizes` (even sharding; axis 0 splits first, as DTensor does): a
+    view, traceable with the coordinates known ahead (`runtime.redistribute.RankMesh`)."""
     x = full
     for axis, p in enumerate(placements):
         if isinstance(p, Shard):
-            x = x.chunk(mesh.size(axis), p.dim)[mesh.get_local_rank(axis)]
+            x = x.chunk(sizes[axis], p.dim)[coords[axis]]
         elif not p.is_replicate():
             raise ValueError(f"cannot shard a full tensor to {p} on mesh axis {axis}")
-    return x.detach().clone(memory_format=torch.contiguous_format)
+    return x
+
+
+def local_shard(full: torch.Tensor, mesh: DeviceMesh, placements: Placements) -> torch.Tensor:
+    """This rank's piece of `full` as a fresh contiguous tensor, so the full
+    tensor can be freed."""
+    sizes = [mesh.size(a) for a in range(mesh.ndim)]
+    coords = [mesh.get_local_rank(a) for a in range(mesh.ndim)]
+    return piece(full, sizes, coords, placements).detach().clone(memory_format=torch.contiguous_format)

@@ -124,7 +124,6 @@ def train_rank_work(
             noise_dominated_elements=int(sum(int(m.sum()) for m in noise.values())),
             reference_losses=ref_losses,
             max_loss_rel=loss_cmp.max_rel,
-            mismatched_parameters=summary["mismatched"],
             **summary,
         )
     return report

@@ -62,9 +62,9 @@ class ShardedTrainer:
         self.optimizer = make_optimizer(optimizer, list(self.parameters.values()), lr=lr)
 
     def step(self, *full_inputs: torch.Tensor) -> float:
+        loss, *rest = self.program(*full_inputs)  # a training program: the flat outputs, under no_grad
+        grads, news = rest[: len(self._grad_for)], rest[len(self._grad_for) :]
         with torch.no_grad():
-            loss, *rest = self.program.graph_module(*self.program.shard_inputs(*full_inputs))
-            grads, news = rest[: len(self._grad_for)], rest[len(self._grad_for) :]
             for attr, new in zip(self._update_of, news, strict=True):
                 getattr(self.program.graph_module, attr).copy_(new)
         for fqn, grad in zip(self._grad_for, grads, strict=True):
