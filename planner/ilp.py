@@ -317,22 +317,26 @@ class _Model:
         for label, meta, outs, wants, count in links.values():
             self._link(label, meta, outs, wants, count)
 
-    def _pair_costs(self, meta, outs: dict, wants: dict) -> dict:
-        """Redistribution time (ns) for every (output, wanted) placement pair.
-        Placements are interned to ints once per distinct set: hashing a
-        placement tuple runs Python code per element, and the 8B step asks
-        for 200k pairs (most of them repeats)."""
+    def _pair_costs(self, meta, outs: dict, wants: dict) -> list[list[int]]:
+        """Redistribution time (ns) from each output placement (rows, in
+        `outs` order) to each wanted one (columns). Placements are interned
+        to ints once per distinct set and everything after works on indices:
+        hashing a placement tuple runs Python code per element, and the 8B
+        step asks for 200k pairs (most of them repeats)."""
         m = self._intern(("meta", meta))
         oids, rids = self._ids(outs), self._ids(wants)
         memo = self._pair_memo
-        cost = {}
+        rows = []
         for o, oid in zip(outs, oids, strict=True):
+            row = []
             for r, rid in zip(wants, rids, strict=True):
                 key = (m, oid, rid)
-                if key not in memo:
-                    memo[key] = to_ns(self.pricer.redistribute_s(meta, o, r))
-                cost[o, r] = memo[key]
-        return cost
+                c = memo.get(key)
+                if c is None:
+                    c = memo[key] = to_ns(self.pricer.redistribute_s(meta, o, r))
+                row.append(c)
+            rows.append(row)
+        return rows
 
     def _intern(self, value) -> int:
         return self._interned.setdefault(value, len(self._interned))
@@ -344,23 +348,26 @@ class _Model:
         return self._memo[key]  # type: ignore[return-value]
 
     def _link(self, label: str, meta, outs: dict, wants: dict, count: int) -> None:
-        cost = {pair: count * c for pair, c in self._pair_costs(meta, outs, wants).items()}
-        if not any(cost.values()):
+        cost = self._pair_costs(meta, outs, wants)
+        if not any(any(row) for row in cost):
             return
-        if len(outs) == 1 or len(wants) == 1:
-            for (o, r), c in cost.items():
-                for var in wants[r] if len(outs) == 1 else outs[o]:
-                    self._term(c, var)
+        out_xs, want_xs = list(outs.values()), list(wants.values())
+        if len(out_xs) == 1 or len(want_xs) == 1:
+            for o, row in enumerate(cost):
+                for r, c in enumerate(row):
+                    for var in want_xs[r] if len(out_xs) == 1 else out_xs[o]:
+                        self._term(count * c, var)
             return
-        oi = {o: k for k, o in enumerate(outs)}
-        ri = {r: k for k, r in enumerate(wants)}
-        e = {(o, r): self.p.var(("e", label, oi[o], ri[r])) for o in outs for r in wants}
-        for o, xs in outs.items():
-            self.p.row(_minus({e[o, r]: 1 for r in wants}, xs), 0, 0)
-        for r, xs in wants.items():
-            self.p.row(_minus({e[o, r]: 1 for o in outs}, xs), 0, 0)
-        for pair, c in cost.items():
-            self._term(c, e[pair])
+        # e[o][r]: the value leaves in placement o and is read in r; its
+        # row sums equal the output's choice, its column sums the reader's
+        e = [[self.p.var(("e", label, o, r)) for r in range(len(want_xs))] for o in range(len(out_xs))]
+        for o, xs in enumerate(out_xs):
+            self.p.row(_minus(dict.fromkeys(e[o], 1), xs), 0, 0)
+        for r, xs in enumerate(want_xs):
+            self.p.row(_minus({row[r]: 1 for row in e}, xs), 0, 0)
+        for o, row in enumerate(cost):
+            for r, c in enumerate(row):
+                self._term(count * c, e[o][r])
 
     # ----------------------------------------------------------------- memory
     def memory_terms(self, unit: int = 1) -> tuple[dict[int, int], list[dict[int, int]]]:

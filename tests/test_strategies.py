@@ -64,3 +64,35 @@ def test_redistribution_steps_and_their_price():
     colls = pricer.redistribute(meta, (P("R"), P("P(sum)")), (P("R"), P("S(1)")))
     assert [(c.kind, c.axis, c.bytes) for c in colls] == [("reduce_scatter", 1, 8 * 16 * 4)]
     assert pricer.redistribute(meta, (P("R"), P("R")), (P("S(0)"), P("S(1)"))) == ()
+
+
+def test_redistribution_steps_do_not_depend_on_the_shape():
+    # transform_steps asks DTensor once per (mesh, rank, placements): every
+    # shape, uneven ones included, must get the steps DTensor plans for it
+    import itertools
+
+    from torch.distributed.tensor._dtensor_spec import DTensorSpec
+    from torch.distributed.tensor._dtensor_spec import TensorMeta as DTMeta
+    from torch.distributed.tensor._redistribute import _gen_transform_infos
+
+    from planner._dtensor import planning_mesh
+
+    mesh_shape = (2, 4)
+    mesh = planning_mesh(mesh_shape)
+    singles = [Replicate(), Partial("sum"), Shard(0), Shard(1)]
+    for shape in [(8, 16), (6, 5), (3, 12)]:
+        meta = TensorMeta(shape, (shape[1], 1), torch.float32)
+        dt_meta = DTMeta(shape, (shape[1], 1), torch.float32)
+        for src, dst in itertools.product(itertools.product(singles, repeat=2), repeat=2):
+            if src == dst:
+                continue
+            infos = _gen_transform_infos(DTensorSpec(mesh, src, tensor_meta=dt_meta), DTensorSpec(mesh, dst, tensor_meta=dt_meta))
+            theirs = []
+            for i in infos:
+                a, b = i.src_dst_placements
+                if a.is_shard() and b.is_partial():
+                    theirs += [(i.mesh_dim, a, Replicate()), (i.mesh_dim, Replicate(), b)]
+                else:
+                    theirs.append((i.mesh_dim, a, b))
+            ours = [(s.axis, s.src, s.dst) for s in transform_steps(mesh_shape, meta, src, dst)]
+            assert ours == theirs, (shape, src, dst)
