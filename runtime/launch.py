@@ -8,6 +8,7 @@ process group right after functional collectives aborts ranks now and then.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import traceback
@@ -27,6 +28,8 @@ __all__ = ["LaunchError", "device_type", "launched_by_torchrun", "process_group"
 
 #: a rank's work: (rank, mesh) -> JSON-serialisable result
 Work = Callable[[int, DeviceMesh], object]
+
+log = logging.getLogger(__name__)
 
 
 class LaunchError(RuntimeError):
@@ -80,10 +83,17 @@ def _rank_main(rank: int, mesh_json: dict, work: Work, folder: str) -> None:
     out = Path(folder) / f"rank{rank}.json"
     try:
         with process_group(mesh, rank=rank, store_path=str(Path(folder) / "store")) as device_mesh:
-            result = {"ok": True, "result": work(rank, device_mesh)}
+            # written before teardown: the result stands if tearing down fails
+            _write(out, {"ok": True, "result": work(rank, device_mesh)})
     except BaseException as e:  # noqa: BLE001 - reported to the parent as data
-        result = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
-    out.write_text(json.dumps(result))
+        if not out.exists():
+            _write(out, {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
+
+
+def _write(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)  # whole or absent, never half written
 
 
 def spawn(work: Work, mesh: MeshSpec) -> list[object]:
@@ -93,8 +103,16 @@ def spawn(work: Work, mesh: MeshSpec) -> list[object]:
     """
     with tempfile.TemporaryDirectory(prefix="dtplan-") as folder:
         ctx = mp.start_processes(_rank_main, args=(mesh.to_json(), work, folder), nprocs=mesh.size, join=False, start_method="spawn")
-        while not ctx.join():
-            pass
+        try:
+            while not ctx.join():
+                pass
+        except mp.ProcessExitedException as e:
+            # killed by a signal: fatal unless every rank had written its
+            # result (gloo now and then aborts a rank while it tears down,
+            # after the teardown barrier, so every result is in by then)
+            if not all((Path(folder) / f"rank{r}.json").exists() for r in range(mesh.size)):
+                raise LaunchError(f"rank {e.error_index} died before its result was written: {e}") from None
+            log.warning("rank %d died while tearing down, after writing its result: %s", e.error_index, e)
         results = []
         for r in range(mesh.size):
             path = Path(folder) / f"rank{r}.json"

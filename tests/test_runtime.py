@@ -6,11 +6,13 @@ start. Budgets below the replicated plan's memory force real sharding.
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 from conftest import example_path, plan_example
 
 from planner.mesh import parse_mesh
-from runtime.launch import spawn
+from runtime.launch import LaunchError, spawn
 from runtime.run import run_many
 from runtime.verify import redistribution_selfcheck
 
@@ -63,11 +65,32 @@ CASES_2D = [
 ]
 
 
+def _selfcheck_then_die_tearing_down(rank, mesh, **kwargs):
+    # rank 0 aborts in teardown (after the barrier), as gloo now and then does
+    if rank == 0:
+        import torch.distributed as dist
+
+        dist.destroy_process_group = lambda *a, **k: os.abort()
+    return redistribution_selfcheck(rank, mesh, **kwargs)
+
+
+def _die_before_the_result(rank, mesh):
+    if rank == 1:
+        os.abort()
+    return rank
+
+
 def test_redistribution_steps_on_gloo():
     import functools
 
-    work = functools.partial(redistribution_selfcheck, shape=(8, 12), cases=CASES_2D)
+    # a rank that dies tearing down, its result written, does not lose the run
+    work = functools.partial(_selfcheck_then_die_tearing_down, shape=(8, 12), cases=CASES_2D)
     for rank, results in enumerate(spawn(work, parse_mesh("2x2"))):
         for r in results:
             assert r["values_match"], (rank, r)
             assert r["collectives_match"], (rank, r)
+
+
+def test_a_rank_that_dies_before_its_result_fails_the_run():
+    with pytest.raises(LaunchError, match="rank 1 died before its result was written"):
+        spawn(_die_before_the_result, parse_mesh("2"))
