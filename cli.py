@@ -72,9 +72,9 @@ def _model_args(pairs: list[str]) -> dict[str, str]:
 
 def _plan(args, progress):
     from dtplan.api import plan_program
-    from dtplan.modelfile import capture_model_file, load_model_file
-    from planner.ilp import SolverOptions
-    from planner.mesh import parse_mesh, parse_size
+    from dtplan.ir.modelfile import capture_model_file, load_model_file
+    from dtplan.planner.solver import SolverOptions
+    from dtplan.planner.mesh import parse_mesh, parse_size
 
     parse_mesh(args.mesh)  # fail fast, before the slow capture
     if args.memory is not None:
@@ -102,38 +102,38 @@ def _plan(args, progress):
 def _summary(plan) -> dict:
     c, s = plan.cost, plan.solver
     return {
-        "model": plan.model.get("name"),
+        "model": plan.model.name,
         "mesh": str(plan.mesh),
         "profile": plan.profile["name"],
-        "step_time_s": c["total_s"],
-        "compute_s": c["compute_s"],
-        "comm_s": c["comm_s"],
-        "comm_bytes_per_device": c["comm_bytes"],
-        "peak_memory_bytes_per_device": c["peak_memory_bytes"],
+        "step_time_s": c.total_s,
+        "compute_s": c.compute_s,
+        "comm_s": c.comm_s,
+        "comm_bytes_per_device": c.comm_bytes,
+        "peak_memory_bytes_per_device": c.peak_memory_bytes,
         "memory_budget_bytes": plan.memory_budget_bytes,
         "collectives": len(plan.collectives),
         "fallbacks": len(plan.fallbacks),
-        "train": bool(plan.model.get("train")),
-        "memory_parts_bytes": {k: c.get(k) for k in ("parameter_bytes", "gradient_bytes", "optimizer_bytes", "activation_bytes")},
-        "solver": {k: s[k] for k in ("status", "method", "objective", "bound", "gap", "wall_s")},
+        "train": plan.model.train,
+        "memory_parts_bytes": {k: getattr(c, k) for k in ("parameter_bytes", "gradient_bytes", "optimizer_bytes", "activation_bytes")},
+        "solver": {k: getattr(s, k) for k in ("status", "method", "objective", "bound", "gap", "wall_s")},
         "stage_seconds": dict(plan.stage_seconds),
         "comparison": {r["name"]: {"step_time_s": r["cost"]["total_s"], "fits": r["fits"]} for r in plan.comparison},
     }
 
 
 def _print_summary(plan, out_dir: Path | None) -> None:
-    from planner.mesh import format_bytes, format_seconds
+    from dtplan.planner.mesh import format_bytes, format_seconds
 
     c, s = plan.cost, plan.solver
     budget = "" if plan.memory_budget_bytes is None else f" of {format_bytes(plan.memory_budget_bytes)} budget"
-    print(f"plan for {plan.model.get('name')} on mesh {plan.mesh} ({plan.profile['name']} profile)")
-    print(f"  predicted step   {format_seconds(c['total_s'])}  (compute {format_seconds(c['compute_s'])}, communication {format_seconds(c['comm_s'])})")
-    print(f"  communication    {format_bytes(c['comm_bytes'])} sent per device in {len(plan.collectives)} collective(s)")
-    print(f"  memory           {format_bytes(c['peak_memory_bytes'])} peak per device{budget}")
-    if plan.model.get("train"):
-        parts = ", ".join(f"{k.removesuffix('_bytes')} {format_bytes(c.get(k, 0))}" for k in ("parameter_bytes", "gradient_bytes", "optimizer_bytes", "activation_bytes"))
-        print(f"  memory parts     {parts} ({plan.model.get('optimizer')})")
-    print(f"  solver           {s['status']} by {s['method']} in {format_seconds(s['wall_s'])}, gap {s['gap']:.2%}")
+    print(f"plan for {plan.model.name} on mesh {plan.mesh} ({plan.profile['name']} profile)")
+    print(f"  predicted step   {format_seconds(c.total_s)}  (compute {format_seconds(c.compute_s)}, communication {format_seconds(c.comm_s)})")
+    print(f"  communication    {format_bytes(c.comm_bytes)} sent per device in {len(plan.collectives)} collective(s)")
+    print(f"  memory           {format_bytes(c.peak_memory_bytes)} peak per device{budget}")
+    if plan.model.train:
+        parts = ", ".join(f"{k.removesuffix('_bytes')} {format_bytes(getattr(c, k))}" for k in ("parameter_bytes", "gradient_bytes", "optimizer_bytes", "activation_bytes"))
+        print(f"  memory parts     {parts} ({plan.model.optimizer})")
+    print(f"  solver           {s.status} by {s.method} in {format_seconds(s.wall_s)}, gap {s.gap:.2%}")
     print("  stages           " + ", ".join(f"{k} {format_seconds(v)}" for k, v in plan.stage_seconds.items()))
     for row in plan.comparison:
         fits = "" if row["fits"] else " (does not fit the budget)"
@@ -145,7 +145,7 @@ def _print_summary(plan, out_dir: Path | None) -> None:
 
 
 def cmd_compile(args) -> int:
-    from planner.report import write_report
+    from dtplan.planner.output.report import write_report
 
     progress = _Progress(args.quiet or args.json)
     _, plan = _plan(args, progress)
@@ -161,10 +161,10 @@ def cmd_compile(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from dtplan.modelfile import capture_model_file, load_model_file
-    from planner.mesh import parse_mesh
-    from planner.plan import Plan, PlanError
-    from runtime.run import run_model_file
+    from dtplan.ir.modelfile import capture_model_file, load_model_file
+    from dtplan.planner.mesh import parse_mesh
+    from dtplan.planner.output.plan import Plan, PlanError
+    from dtplan.runtime.run import run_model_file
 
     progress = _Progress(args.quiet)
     if args.plan:
@@ -173,10 +173,10 @@ def cmd_run(args) -> int:
         if tuple(mesh.shape) != tuple(plan.mesh.shape):
             raise PlanError(f"--mesh {mesh} does not match the plan's mesh {plan.mesh}")
         mf = load_model_file(args.model, _model_args(args.model_arg))
-        plan.check_matches(capture_model_file(mf, train=bool(plan.model.get("train"))).graph, mesh)
+        plan.check_matches(capture_model_file(mf, train=plan.model.train).graph, mesh)
     else:
         _, plan = _plan(args, progress)
-    if args.train and not plan.model.get("train"):
+    if args.train and not plan.model.train:
         raise PlanError("--train was given but the plan is for inference; plan with --train")
     progress(f"running on {plan.mesh.size} rank(s)")
     reports = run_model_file(args.model, plan, options=_model_args(args.model_arg), check=args.check, steps=args.steps, lr=args.lr)
@@ -206,8 +206,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from planner.plan import Plan
-    from planner.report import write_report
+    from dtplan.planner.output.plan import Plan
+    from dtplan.planner.output.report import write_report
 
     plan = Plan.load(args.plan)
     out = Path(args.out) if args.out else Path(args.plan).with_name("report.html")

@@ -6,10 +6,10 @@ at scale, in one process, on fake tensors (no weights, no GPUs).
     .venv/bin/python bench/compile_llama.py --runs 8b:32:8x8 --memory 80GiB --no-lower
 
 Each row runs in a fresh process (so peak RSS is that row's) and prints:
-capture seconds (stamped joint graph, `ir.stamp`), build seconds (strategies,
+capture seconds (stamped joint graph, `dtplan.ir.stamp`), build seconds (strategies,
 shrinking, folding and the integer program), solve seconds (HiGHS, or
 CP-SAT when the LP is fractional), lowering seconds (rank 0's sharded
-GraphModule on the fake process group, `runtime.abstract`), the program's
+GraphModule on the fake process group, `dtplan.runtime.abstract`), the program's
 variables and constraints, layers folded, peak RSS and the predicted step
 time. A row that fails prints its one-line error instead.
 """
@@ -47,8 +47,8 @@ def one(preset: str, layers: str, mesh: str, memory: str | None, lower: bool, ti
     sys.path.insert(0, str(ROOT))
     warnings.filterwarnings("ignore")
     from dtplan import load_model_file, plan_program
-    from dtplan.modelfile import capture_model_file
-    from planner.ilp import SolverOptions
+    from dtplan.ir.modelfile import capture_model_file
+    from dtplan.planner.solver import SolverOptions
 
     t0 = time.perf_counter()
     mf = load_model_file(ROOT / "examples" / "llama.py", {"preset": preset, "layers": layers})
@@ -58,7 +58,7 @@ def one(preset: str, layers: str, mesh: str, memory: str | None, lower: bool, ti
     st = plan.stage_seconds
     lower_s = None
     if lower:
-        from runtime.abstract import lower_abstract
+        from dtplan.runtime.abstract import lower_abstract
 
         t = time.perf_counter()
         lower_abstract(captured, plan, rank=0)
@@ -70,13 +70,13 @@ def one(preset: str, layers: str, mesh: str, memory: str | None, lower: bool, ti
         "solve": st["solve"],
         "lower": lower_s,
         "total": time.perf_counter() - t0,
-        "variables": sv["variables"],
-        "constraints": sv["constraints"],
-        "folded": sv["layers_folded"],
-        "method": sv["method"],
+        "variables": sv.variables,
+        "constraints": sv.constraints,
+        "folded": sv.layers_folded,
+        "method": sv.method,
         "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "step_ms": plan.cost["total_s"] * 1e3,
-        "peak_gib": plan.cost["peak_memory_bytes"] / 2**30,
+        "step_ms": plan.cost.total_s * 1e3,
+        "peak_gib": plan.cost.peak_memory_bytes / 2**30,
     }
 
 

@@ -68,17 +68,17 @@ def main() -> None:
 
     plan_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / ".devplans"
     try:
-        from planner.plan import Plan
-        from runtime.run import run_model_file
+        from dtplan.planner.output.plan import Plan
+        from dtplan.runtime.run import run_model_file
     except Exception:  # noqa: BLE001 - report, the calibration above still stands
         print("RUNTIME IMPORT FAILED\n" + traceback.format_exc(), flush=True)
         return
     for path in sorted(plan_dir.glob("*.json")):
         plan = Plan.load(path)
-        model = ROOT / plan.model["source"]
+        model = ROOT / plan.model.source
         t0 = time.perf_counter()
         try:
-            reports = run_model_file(str(model), plan, options=plan.model.get("options", {}), check=True)
+            reports = run_model_file(str(model), plan, options=dict(plan.model.options), check=True)
             r = reports[0]
             print(f"RUN {path.stem}: collectives_match={r['collectives_match']} numerics_match={r['numerics_match']} "
                   f"max_abs={r['max_abs']:.3g} max_rel={r['max_rel']:.3g} ({time.perf_counter() - t0:.1f}s)", flush=True)

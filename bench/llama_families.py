@@ -37,7 +37,7 @@ def one(path: str, mesh: str, memory: str, layers: str | None) -> dict:
     sys.path.insert(0, str(ROOT))
     warnings.filterwarnings("ignore")
     from dtplan import load_model_file, plan_program
-    from dtplan.modelfile import capture_model_file
+    from dtplan.ir.modelfile import capture_model_file
 
     options = {"preset": "8b", **({"layers": layers} if layers else {})}
     mf = load_model_file(path, options)
@@ -50,11 +50,11 @@ def one(path: str, mesh: str, memory: str, layers: str | None) -> dict:
         "capture": capture_s,
         "plan": sum(v for k, v in plan.stage_seconds.items() if k != "capture"),
         "nodes": len(captured.graph),
-        "step_ms": plan.cost["total_s"] * 1e3,
-        "comm_ms": plan.cost["comm_s"] * 1e3,
-        "peak_gib": plan.cost["peak_memory_bytes"] / 2**30,
+        "step_ms": plan.cost.total_s * 1e3,
+        "comm_ms": plan.cost.comm_s * 1e3,
+        "peak_gib": plan.cost.peak_memory_bytes / 2**30,
         "fallbacks": len(plan.fallbacks),
-        "status": plan.solver["status"],
+        "status": plan.solver.status,
         "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 

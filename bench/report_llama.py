@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dtplan import load_model_file, plan_program  # noqa: E402
-from ir.capture import capture  # noqa: E402
-from planner.report import write_report  # noqa: E402
+from dtplan.ir.capture import capture  # noqa: E402
+from dtplan.planner.output.report import write_report  # noqa: E402
 
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -63,7 +63,7 @@ def main() -> None:
     print(f"planning      {plan_s:.1f} s (classic plans included)")
     print(f"report        {size / 1e6:.2f} MB, rendered in {render_s:.2f} s")
     print(f"browser load  {load_s:.2f} s, console errors: {len(errors)} {errors[:3]}")
-    print(f"step time     plan.json {plan.cost['total_s']!r}, page {shown}")
+    print(f"step time     plan.json {plan.cost.total_s!r}, page {shown}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
     program = dtplan.shard(model, example_inputs, mesh=device_mesh, plan=plan)
 """
 from dtplan.api import PlacementSpec, ShardedProgram, compile, plan_program, shard, sharded_program
-from dtplan.modelfile import ModelFile, ModelFileError, capture_model_file, load_model_file
+from dtplan.ir.modelfile import ModelFile, ModelFileError, capture_model_file, load_model_file
 
 __all__ = [
     "ModelFile",

@@ -1,36 +1,35 @@
 """The dtplan pipeline: model -> captured IR -> strategies -> plan -> sharded GraphModule.
 
 `plan_program` owns the order of the planning stages; each stage is also
-callable on its own (`ir.capture`, `planner.strategies.build_strategies`,
-`planner.ilp.solve`, `runtime.lower.lower`).
+callable on its own (`dtplan.ir.capture`, `dtplan.planner.space.strategies.build_strategies`,
+`dtplan.planner.solver.solve`, `dtplan.runtime.lower.lower`).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
-from torch.utils import _pytree as pytree
 
-from ir.capture import Captured, capture
-from ir.graph import Role
-from planner._dtensor import Placements, parse_placement
-from planner.classic import compare_classic
-from planner.coarsen import coarse_mesh, narrow_all, widen, widen_choice
-from planner.cost import DeviceProfile, load_profile
-from planner.ilp import SolverOptions, solve
-from planner.mesh import MeshSpec, parse_mesh, parse_size
-from planner.plan import PLAN_VERSION, Plan, evaluate, parameter_table
-from planner.pricing import Pricer, optimizer_state_factor
-from planner.fold import fold_layers
-from planner.hubs import add_hubs
-from planner.shrink import merge_followers
-from planner.strategies import build_strategies
-from runtime.lower import lower
-from runtime.params import local_shard
+from dtplan.ir.capture import Captured, capture
+from dtplan.ir.graph import Role
+from dtplan.planner.space._dtensor import Placements, parse_placement
+from dtplan.planner.output.classic import compare_classic
+from dtplan.planner.reduce.coarsen import coarse_mesh, narrow_all, widen, widen_choice
+from dtplan.planner.cost.device import DeviceProfile, load_profile
+from dtplan.planner.solver import SolveResult, SolverOptions, solve
+from dtplan.planner.mesh import MeshSpec, parse_mesh, parse_size
+from dtplan.planner.evaluate import Evaluation, evaluate
+from dtplan.planner.output.plan import PLAN_VERSION, CostSummary, ModelInfo, Plan, SolverSummary, parameter_table
+from dtplan.planner.cost.pricing import Pricer, optimizer_state_factor
+from dtplan.planner.reduce.fold import FoldResult, fold_layers
+from dtplan.planner.reduce.hubs import add_hubs
+from dtplan.planner.reduce.followers import merge_followers
+from dtplan.planner.space.strategies import build_strategies
+from dtplan.runtime.program import ShardedProgram, mesh_spec, sharded_program
 
 __all__ = ["PlacementSpec", "ShardedProgram", "compile", "plan_program", "shard", "sharded_program"]
 
@@ -85,18 +84,18 @@ def plan_program(
     progress: Progress | None = None,
 ) -> Plan:
     """Choose placements for a captured program (a forward program, or a
-    training step from `ir.capture_training`). See README for the arguments.
+    training step from `dtplan.ir.capture_training`). See README for the arguments.
 
     For a training step the outputs are the loss (placements as given, else
     Replicate) and the gradients, each of which must end in its parameter's
     placement; `optimizer` sizes the optimizer state in the memory model.
     `parameter_placements` pins parameters (by FQN) to given placements, for
     hand-written plans and for comparing against them. `compare` also plans
-    the classic layouts (`planner.classic`) and records them in the plan.
-    `fold` shares repeated layers' choices (`planner.fold`), so the program
+    the classic layouts (`dtplan.planner.output.classic`) and records them in the plan.
+    `fold` shares repeated layers' choices (`dtplan.planner.reduce.fold`), so the program
     hardly grows with depth. `coarsen` (default: on meshes of three or more
     axes) plans on the mesh with its outer axes merged into one and gives
-    every merged axis the merged axis's placement (`planner.coarsen`)."""
+    every merged axis the merged axis's placement (`dtplan.planner.reduce.coarsen`)."""
     say = progress or (lambda _m: None)
     mesh = parse_mesh(mesh) if isinstance(mesh, str) else mesh
     prof = load_profile(profile) if isinstance(profile, str) else profile
@@ -141,63 +140,82 @@ def plan_program(
         pricer = Pricer(tuple(mesh.shape), prof, pricer.state_factor)
         ins = {k: widen(v, mesh) for k, v in ins.items()}
     ev = evaluate(graph, space, pricer, mesh, choice, wants)
-    out_pl = tuple(ev.nodes[w].output if isinstance(w, str) else w for w in wants)
     params, info = parameter_table(graph, mesh, ev.nodes, pricer)
     stages["evaluate"] = time.perf_counter() - t
-    model = {"name": "model", "num_nodes": len(graph), "graph_signature": graph.signature, "train": captured.train}
-    if captured.train:
-        model["optimizer"] = optimizer
-        model["gradients"] = {graph[p].fqn: g for g, p in captured.gradients.items()}
-    model.update(model_info or {})
     comparison: tuple[dict, ...] = ()
     if compare:
         t = time.perf_counter()
         say("evaluating the classic plans for comparison")
-        kwargs = dict(
-            profile=prof, input_placements=input_placements, output_placements=output_placements, solver=solver, optimizer=optimizer, fold=fold, coarsen=coarsen
-        )
-        comparison = tuple(r.to_json() for r in compare_classic(captured, mesh=mesh, budget=budget, plan_kwargs=kwargs))
+        same = dict(profile=prof, input_placements=input_placements, output_placements=output_placements, solver=solver, optimizer=optimizer, fold=fold, coarsen=coarsen)
+        comparison = _classic_comparison(captured, mesh, budget, same)
         stages["compare"] = time.perf_counter() - t
     return Plan(
         version=PLAN_VERSION,
         comparison=comparison,
-        model=model,
+        model=_model_info(captured, optimizer, model_info),
         mesh=mesh,
         profile={"name": prof.name, "description": prof.description},
         memory_budget_bytes=budget,
         inputs=ins,
-        outputs=out_pl,
+        outputs=tuple(ev.nodes[w].output if isinstance(w, str) else w for w in wants),
         parameters=params,
         parameter_info=info,
         nodes=ev.nodes,
         hubs=ev.hubs,
         collectives=ev.collectives,
         fallbacks=space.fallbacks,
-        cost={
-            "total_s": ev.compute_s + ev.comm_s,
-            "compute_s": ev.compute_s,
-            "comm_s": ev.comm_s,
-            "comm_bytes": ev.comm_bytes,
-            "peak_memory_bytes": ev.peak_memory_bytes,
-            "parameter_bytes": ev.parameter_bytes,
-            "optimizer_bytes": ev.optimizer_bytes,
-            "gradient_bytes": _gradient_bytes(captured, ev, pricer) if captured.train else 0,
-            "activation_bytes": ev.peak_memory_bytes - ev.parameter_bytes - ev.optimizer_bytes,
-        },
-        solver={
-            "status": result.status,
-            "objective": result.objective_ns,
-            "bound": result.bound_ns,
-            "gap": result.gap,
-            "wall_s": result.wall_s,
-            "method": result.method,
-            "variables": result.variables,
-            "constraints": result.constraints,
-            "layers_folded": folded.layers_folded if folded else 0,
-            "nodes_folded": folded.nodes_folded if folded else 0,
-            "planned_mesh": list(planned.shape),
-        },
+        cost=_cost_summary(captured, ev, pricer),
+        solver=_solver_summary(result, folded, planned),
         stage_seconds=stages,
+    )
+
+
+def _classic_comparison(captured: Captured, mesh: MeshSpec, budget: int | None, same: Mapping[str, object]) -> tuple[dict, ...]:
+    """The classic plans, each the same program with its parameters pinned."""
+
+    def plan_pinned(pins: Mapping[str, PlacementSpec]) -> Plan:
+        return plan_program(captured, mesh=mesh, parameter_placements=pins, memory=None, **same)
+
+    return tuple(r.to_json() for r in compare_classic(captured, mesh=mesh, budget=budget, plan_pinned=plan_pinned))
+
+
+def _model_info(captured: Captured, optimizer: str, given: Mapping[str, object] | None) -> ModelInfo:
+    fields = {f.name for f in dataclasses.fields(ModelInfo)}
+    unknown = sorted(set(given or {}) - fields)
+    if unknown:
+        raise ValueError(f"model_info keys {unknown} are not fields of ModelInfo ({sorted(fields)})")
+    graph = captured.graph
+    trained = {"optimizer": optimizer, "gradients": {graph[p].fqn: g for g, p in captured.gradients.items()}} if captured.train else {}
+    return ModelInfo(**{"num_nodes": len(graph), "graph_signature": graph.signature, "train": captured.train, **trained, **(given or {})})
+
+
+def _cost_summary(captured: Captured, ev: Evaluation, pricer: Pricer) -> CostSummary:
+    return CostSummary(
+        total_s=ev.compute_s + ev.comm_s,
+        compute_s=ev.compute_s,
+        comm_s=ev.comm_s,
+        comm_bytes=ev.comm_bytes,
+        peak_memory_bytes=ev.peak_memory_bytes,
+        parameter_bytes=ev.parameter_bytes,
+        optimizer_bytes=ev.optimizer_bytes,
+        gradient_bytes=_gradient_bytes(captured, ev, pricer) if captured.train else 0,
+        activation_bytes=ev.peak_memory_bytes - ev.parameter_bytes - ev.optimizer_bytes,
+    )
+
+
+def _solver_summary(result: SolveResult, folded: FoldResult | None, planned: MeshSpec) -> SolverSummary:
+    return SolverSummary(
+        status=result.status,
+        objective=result.objective_ns,
+        bound=result.bound_ns,
+        gap=result.gap,
+        wall_s=result.wall_s,
+        method=result.method,
+        variables=result.variables,
+        constraints=result.constraints,
+        layers_folded=folded.layers_folded if folded else 0,
+        nodes_folded=folded.nodes_folded if folded else 0,
+        planned_mesh=tuple(planned.shape),
     )
 
 
@@ -212,7 +230,7 @@ def _pinned(captured: Captured, given: Mapping[str, PlacementSpec] | None, mesh:
     return {by_fqn[f]: _placements(spec, mesh, f"parameter {f!r}") for f, spec in given.items()}
 
 
-def _gradient_bytes(captured: Captured, ev, pricer: Pricer) -> int:
+def _gradient_bytes(captured: Captured, ev: Evaluation, pricer: Pricer) -> int:
     """Per device, the gradients once reduced to their parameters' placements
     (they are inside `activation_bytes` too: live from their producer on)."""
     graph = captured.graph
@@ -226,54 +244,6 @@ def captured_stage_seconds(captured: Captured) -> dict[str, float]:
 def compile(model: torch.nn.Module, example_inputs: tuple, **plan_kwargs) -> Plan:  # noqa: A001 - the verb users expect
     """Capture `model(*example_inputs)` and plan it (see `plan_program`)."""
     return plan_program(capture(model, example_inputs), **plan_kwargs)
-
-
-@dataclass(frozen=True)
-class ShardedProgram:
-    """This rank's sharded program: the GraphModule and how to feed it."""
-
-    graph_module: torch.fx.GraphModule
-    plan: Plan
-    mesh: DeviceMesh
-    captured: Captured
-
-    def shard_inputs(self, *full_inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Cut full inputs to this rank's pieces per the plan's input placements."""
-        names = self.captured.user_inputs
-        if len(full_inputs) != len(names):
-            raise ValueError(f"the program takes {len(names)} input(s) {list(names)}, got {len(full_inputs)}")
-        device = self.mesh.device_type
-        return tuple(local_shard(x.to(device), self.mesh, self.plan.inputs[n]) for n, x in zip(names, full_inputs, strict=True))
-
-    def __call__(self, *full_inputs: torch.Tensor) -> object:
-        """This rank's outputs, nested as the model returns them (a tensor, a
-        tuple, a dict, a ModelOutput ...); a training step returns the flat
-        tuple (loss, gradients..., buffer updates...)."""
-        with torch.no_grad():  # the program is its own backward where it has one
-            outs = self.graph_module(*self.shard_inputs(*full_inputs))
-        if self.captured.train or self.captured.out_spec is None:
-            return outs
-        return pytree.tree_unflatten(list(outs), self.captured.out_spec)
-
-
-def sharded_program(model: torch.nn.Module, captured: Captured, plan: Plan, mesh: DeviceMesh) -> ShardedProgram:
-    """Shard the real model's stored tensors and lower the plan for this rank."""
-    plan.check_matches(captured.graph, plan.mesh)
-    stored = {}
-    device = mesh.device_type
-    for name, role, fqn in captured.placeholders:
-        if role is Role.INPUT:
-            continue
-        full = captured.constants[fqn] if role is Role.CONSTANT else _state(model, fqn)
-        stored[name] = local_shard(full.to(device), mesh, plan.nodes[name].output)
-    return ShardedProgram(lower(captured, plan, mesh, stored), plan, mesh, captured)
-
-
-def _state(model: torch.nn.Module, fqn: str) -> torch.Tensor:
-    try:
-        return model.get_parameter(fqn)
-    except AttributeError:
-        return model.get_buffer(fqn)
 
 
 def shard(
@@ -291,6 +261,5 @@ def shard(
     """
     captured = capture(model, example_inputs)
     if plan is None:
-        spec = MeshSpec(tuple(mesh.shape), tuple(mesh.mesh_dim_names or (f"d{i}" for i in range(mesh.ndim))))
-        plan = plan_program(captured, mesh=spec, **plan_kwargs)
+        plan = plan_program(captured, mesh=mesh_spec(mesh), **plan_kwargs)
     return sharded_program(model, captured, plan, mesh)

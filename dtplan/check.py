@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dtplan.api import plan_program
-from dtplan.modelfile import capture_model_file, load_model_file
-from planner.ilp import SolverOptions
-from planner.mesh import parse_mesh
-from runtime.run import run_many
+from dtplan.ir.modelfile import capture_model_file, load_model_file
+from dtplan.planner.solver import SolverOptions
+from dtplan.planner.mesh import parse_mesh
+from dtplan.runtime.run import run_many
 
 __all__ = ["ModelCheck", "check_model_files"]
 
@@ -87,7 +87,7 @@ def check_model_files(
         if not group:
             continue
         say(f"running {', '.join(group)} on {spec.size} ranks")
-        items = [(planned[n][0], p, {}, True, steps if p.model.get("train") else 0) for n in group for p in planned[n][1]]
+        items = [(planned[n][0], p, {}, True, steps if p.model.train else 0) for n in group for p in planned[n][1]]
         t0 = time.perf_counter()
         try:
             per_rank = run_many(items)
@@ -104,7 +104,7 @@ def check_model_files(
 def _row(name: str, planned: list, reports, problem: str, run_s: float) -> ModelCheck:
     _, (infer, train), plan_s = planned
     fallbacks = (len(infer.fallbacks), len(train.fallbacks))
-    predicted = (infer.cost["total_s"], train.cost["total_s"])
+    predicted = (infer.cost.total_s, train.cost.total_s)
     if reports is None:
         return ModelCheck(name, True, fallbacks=fallbacks, predicted_s=predicted, seconds=plan_s + run_s, problem=problem)
     runs = all(r["numerics_match"] and r["collectives_match"] for r, _ in reports)

@@ -25,9 +25,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 
-from ir.decompose import TRAINING_DECOMPOSITIONS
-from ir.flops import node_cost
-from ir.graph import Graph, Node, Ref, Role, TensorMeta
+from dtplan.ir.decompose import TRAINING_DECOMPOSITIONS
+from dtplan.ir.flops import node_cost
+from dtplan.ir.graph import Graph, Node, Ref, Role, TensorMeta
 
 __all__ = ["CaptureError", "Captured", "capture", "capture_training", "fake_build", "lift"]
 
@@ -143,10 +143,10 @@ def lift(ep: ExportedProgram) -> Captured:
     if bad:
         raise CaptureError(f"the model mutates state during forward ({bad}); dtplan plans pure programs")
     roles = {spec.arg.name: _placeholder_role(spec) for spec in sig.input_specs if hasattr(spec.arg, "name")}
-    return _lift_graph(drop_checks(ep.graph_module), roles, dict(ep.constants))
+    return lift_graph(drop_checks(ep.graph_module), roles, dict(ep.constants))
 
 
-def _lift_graph(
+def lift_graph(
     gm: torch.fx.GraphModule,
     roles: Mapping[str, tuple[Role, str | None]],
     constants: Mapping[str, torch.Tensor],
@@ -157,7 +157,7 @@ def _lift_graph(
     """Frozen IR nodes for every node of an ATen graph whose placeholders have `roles`.
 
     `costs` optionally gives nodes' (flops, bytes) by name, known already
-    (`ir.stamp` copies them from the node a node was stamped from)."""
+    (`dtplan.ir.stamp` copies them from the node a node was stamped from)."""
     nodes: list[Node] = []
     placeholders: list[tuple[str, Role, str | None]] = []
     out_names: tuple[str, ...] = ()
@@ -252,9 +252,7 @@ def fake_build(build: Callable[[], tuple[torch.nn.Module, tuple]]) -> tuple[torc
     return model, tuple(fake(t) if isinstance(t, torch.Tensor) else t for t in inputs)
 
 
-def capture_training(
-    model: torch.nn.Module, example_inputs: tuple, loss_fn: Callable[..., torch.Tensor], *, stamp: bool = False
-) -> Captured:
+def capture_training(model: torch.nn.Module, example_inputs: tuple, loss_fn: Callable[..., torch.Tensor]) -> Captured:
     """The joint forward+backward graph of `loss_fn(model(*inputs), *inputs)`.
 
     The step is exported first (`torch.export`, non-strict: library code that
@@ -270,15 +268,10 @@ def capture_training(
     Tied parameters (one tensor under several names) are one placeholder
     whose gradient sums every use.
 
-    `stamp=True` traces only the first blocks of the model's stack of
-    identical layers and stamps the others (`ir.stamp`: same graph, time
-    nearly independent of depth; falls back to this full trace when the
-    stack cannot be verified).
+    `dtplan.ir.stamp.capture_training_stamped` gives the same graph from a
+    trace of a few of the model's repeated layers (time nearly independent
+    of depth).
     """
-    if stamp:
-        from ir.stamp import capture_training_stamped
-
-        return capture_training_stamped(model, example_inputs, loss_fn)
     t0 = time.perf_counter()
     if not any(p.requires_grad for p in model.parameters()):
         raise CaptureError("the model has no trainable parameters; there is nothing to train")
@@ -295,7 +288,7 @@ def capture_training(
     gm, roles, gradients, updates = joint
     lifted = {s.target for s in ep.graph_signature.input_specs if s.kind is InputKind.CONSTANT_TENSOR}
     constants = {k.removeprefix("m."): v for k, v in ep.constants.items() if k in lifted}
-    captured = _lift_graph(gm, roles, constants, gradients=gradients, updates=updates, seconds=time.perf_counter() - t0)
+    captured = lift_graph(gm, roles, constants, gradients=gradients, updates=updates, seconds=time.perf_counter() - t0)
     loss = captured.graph[captured.graph.outputs[0]].tensor_meta
     if loss is None or loss.numel != 1:
         shape = None if loss is None else list(loss.shape)

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import enum
 import operator
+import re
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING
 
-import networkx as nx
 import torch
 
 if TYPE_CHECKING:
@@ -24,6 +24,12 @@ def dtype_name(dtype: torch.dtype) -> str:
     """`torch.float32` -> "float32"."""
     return str(dtype).removeprefix("torch.")
 
+
+
+def base_name(name: str) -> str:
+    """The name tracing asked for ("mm" for "mm_12"): fx makes names unique
+    with a numeric suffix, and a rebuilt graph asks again for the base."""
+    return re.sub(r"_\d+$", "", name)
 
 @dataclass(frozen=True, slots=True)
 class TensorMeta:
@@ -153,18 +159,6 @@ class Graph:
 
     def __len__(self) -> int:
         return len(self.nodes)
-
-    def with_role(self, role: Role) -> tuple[Node, ...]:
-        return tuple(n for n in self.nodes if n.role is role)
-
-    def to_networkx(self) -> nx.DiGraph:
-        """A networkx view (node attribute `node` holds the IR node)."""
-        g = nx.DiGraph()
-        for n in self.nodes:
-            g.add_node(n.name, node=n)
-            for r in dict.fromkeys(n.refs()):
-                g.add_edge(r, n.name)
-        return g
 
     def last_use(self) -> dict[str, int]:
         """Index of the last node reading each value (outputs live to the end)."""

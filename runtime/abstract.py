@@ -2,7 +2,7 @@
 processes, no weights.
 
 `lower_abstract(captured, plan, rank)` gives the GraphModule rank `rank`
-would run (`runtime.lower.lower`: local ATen ops and `_c10d_functional`
+would run (`dtplan.runtime.lower.lower`: local ATen ops and `_c10d_functional`
 collectives), for a 64-rank mesh as easily as for a 4-rank one, on a laptop:
 
 - the process group is torch's *fake* backend (`FakeProcessGroup`: every
@@ -15,9 +15,9 @@ collectives), for a 64-rank mesh as easily as for a 4-rank one, on a laptop:
 
 What you get: a `torch.fx.GraphModule` whose placeholders are the user
 inputs' local shards (in the captured order) and whose outputs are the local
-shards in the plan's output placements, exactly as `runtime.lower.lower`
+shards in the plan's output placements, exactly as `dtplan.runtime.lower.lower`
 builds it for a real run. Stored tensors (parameters, buffers, constants)
-are attributes named by `runtime.lower.attr_name`, holding *meta* tensors of
+are attributes named by `dtplan.runtime.lower.attr_name`, holding *meta* tensors of
 this rank's local shape (parameters as `nn.Parameter`): inspect their
 shapes, or `gm.to_empty(device=...)` to give them (uninitialised) storage.
 Every node's `meta["val"]` is a FakeTensor with the local shape (from the
@@ -40,16 +40,17 @@ from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from ir.capture import Captured
-from ir.graph import Role
-from planner.mesh import MeshSpec
-from planner.plan import Plan
-from planner.pricing import local_shape
-from runtime.lower import _attach_stored, stored_names, trace
-from runtime.verify import COLLECTIVE_KINDS as _KINDS
+from dtplan.ir.capture import Captured
+from dtplan.ir.graph import Role
+from dtplan.planner.mesh import MeshSpec
+from dtplan.planner.output.plan import Plan
+from dtplan.planner.cost.pricing import local_shape
+from dtplan.runtime._fake import FakeTensorMode, init_fake_process_group
+from dtplan.runtime.lower import _attach_stored, stored_names, trace
+from dtplan.runtime.replay import generate_code
+from dtplan.runtime.verify import COLLECTIVE_KINDS as _KINDS
 
 __all__ = ["AbstractLoweringError", "fake_device_mesh", "fake_process_group", "graph_collectives", "lower_abstract"]
 
@@ -80,11 +81,7 @@ def fake_process_group(world_size: int, rank: int = 0) -> Iterator[None]:
             f"abstract lowering needs its own fake group of {world_size} ranks as rank {rank}: run it in a process "
             "without one (e.g. before init_process_group, or in a subprocess)"
         )
-    from torch.testing._internal.distributed.fake_pg import (
-        FakeStore,  # registers the "fake" backend
-    )
-
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    init_fake_process_group(world_size, rank)
     try:
         yield
     finally:
@@ -131,7 +128,7 @@ def lower_abstract(
     seconds["attach_s"] = time.perf_counter() - t
     if codegen:
         t = time.perf_counter()
-        gm.real_recompile()
+        generate_code(gm)
         seconds["codegen_s"] = time.perf_counter() - t
     seconds["total_s"] = time.perf_counter() - t_all
     gm.meta["dtplan_lowering"] = {
@@ -150,7 +147,7 @@ def graph_collectives(gm: torch.fx.GraphModule) -> Counter:
     """The collectives a module from `lower_abstract` issues per call, as
     `Counter((kind, axis, bytes))` in the plan file's convention (bytes of
     the input; all-gather counts its output), comparable with
-    `runtime.verify.expected_collectives(plan)`."""
+    `dtplan.runtime.verify.expected_collectives(plan)`."""
     info = gm.meta["dtplan_lowering"]
     groups, sizes = info["groups"], dict(zip(info["mesh"]["axis_names"], info["mesh"]["shape"], strict=True))
     out: Counter = Counter()
@@ -166,17 +163,17 @@ def graph_collectives(gm: torch.fx.GraphModule) -> Counter:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m runtime.abstract MODEL.py PLAN.json [--rank R] [--train]
+    """`python -m dtplan.runtime.abstract MODEL.py PLAN.json [--rank R] [--train]
     [--model-arg K=V ...] [--codegen]`: lower one rank of a saved plan in
     this process and print the time it took and what the module holds."""
     import argparse
     import json
 
-    from dtplan.modelfile import capture_model_file, load_model_file
-    from ir.capture import capture
-    from runtime.verify import expected_collectives
+    from dtplan.ir.modelfile import capture_model_file, load_model_file
+    from dtplan.ir.capture import capture
+    from dtplan.runtime.verify import expected_collectives
 
-    ap = argparse.ArgumentParser(prog="python -m runtime.abstract", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m dtplan.runtime.abstract", description=main.__doc__)
     ap.add_argument("model")
     ap.add_argument("plan")
     ap.add_argument("--rank", type=int, default=0)

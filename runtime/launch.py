@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from planner.mesh import MeshSpec
+from dtplan.planner.mesh import MeshSpec
 
 __all__ = ["LaunchError", "device_type", "launched_by_torchrun", "process_group", "spawn"]
 

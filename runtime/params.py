@@ -7,7 +7,7 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard
 
-from planner._dtensor import Placements
+from dtplan.planner.space._dtensor import Placements
 
 __all__ = ["local_shard", "piece"]
 
@@ -15,7 +15,7 @@ __all__ = ["local_shard", "piece"]
 def piece(full: torch.Tensor, sizes: Sequence[int], coords: Sequence[int], placements: Placements) -> torch.Tensor:
     """The piece of `full` at mesh coordinates `coords` on a mesh of axis
     sizes `sizes` (even sharding; axis 0 splits first, as DTensor does): a
-    view, traceable with the coordinates known ahead (`runtime.redistribute.RankMesh`)."""
+    view, traceable with the coordinates known ahead (`dtplan.runtime.redistribute.RankMesh`)."""
     x = full
     for axis, p in enumerate(placements):
         if isinstance(p, Shard):

@@ -1,7 +1,7 @@
 """Redistribute a local shard from one placement to another with explicit
 functional collectives, one per-axis step at a time.
 
-The steps are the planner's (`planner._dtensor.transform_steps`), so the
+The steps are the planner's (`dtplan.planner.space._dtensor.transform_steps`), so the
 collectives a run issues are exactly the ones the plan lists. We issue them
 ourselves rather than through DTensor's redistribute because on CPU DTensor
 replaces all-to-all by all-gather + slice, which would break that contract
@@ -16,8 +16,8 @@ import torch.distributed._functional_collectives as funcol
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Partial, Replicate, Shard
 
-from ir.graph import TensorMeta
-from planner._dtensor import Placements, transform_steps
+from dtplan.ir.graph import TensorMeta
+from dtplan.planner.space._dtensor import Placements, transform_steps
 
 __all__ = ["RankMesh", "redistribute_local"]
 

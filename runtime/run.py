@@ -11,13 +11,13 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.utils import _pytree as pytree
 
-from dtplan.api import sharded_program
-from dtplan.modelfile import capture_model_file, load_model_file, require_loss_fn
-from planner.plan import Plan
-from runtime.launch import launched_by_torchrun, process_group, spawn
-from runtime.params import local_shard
-from runtime.train import make_optimizer, sharded_trainer
-from runtime.verify import Comparison, CollectiveRecorder, compare, expected_collectives
+from dtplan.runtime.program import sharded_program
+from dtplan.ir.modelfile import capture_model_file, load_model_file, require_loss_fn
+from dtplan.planner.output.plan import Plan
+from dtplan.runtime.launch import launched_by_torchrun, process_group, spawn
+from dtplan.runtime.params import local_shard
+from dtplan.runtime.train import make_optimizer, sharded_trainer
+from dtplan.runtime.verify import Comparison, CollectiveRecorder, compare, expected_collectives
 
 __all__ = ["rank_work", "run_many", "run_model_file", "single_device_training", "step_seed", "train_rank_work"]
 
@@ -80,7 +80,7 @@ def train_rank_work(
     captured = capture_model_file(mf, train=True)
     t1 = time.perf_counter()
     plan = Plan.from_json(plan_json)
-    optimizer = str(plan.model.get("optimizer", "adamw"))
+    optimizer = plan.model.optimizer or "adamw"
     trainer = sharded_trainer(model, captured, plan, mesh, optimizer=optimizer, lr=lr)
     seconds = {"capture": t1 - t0, "lower": time.perf_counter() - t1}
     t1 = time.perf_counter()
@@ -181,7 +181,7 @@ def run_many(items: list[tuple], *, steps: int = 0) -> list[list[dict]]:
         raise ValueError(f"run_many needs plans for one mesh, got {sorted(meshes)}")
     payload = []
     for path, plan, opts, check, *own in items:
-        n = (own[0] if own else steps) if plan.model.get("train") else 0
+        n = (own[0] if own else steps) if plan.model.train else 0
         payload.append(dict(path=str(path), options=dict(opts), plan_json=plan.to_json(), check=check, **({"steps": n} if n else {})))
     return spawn(functools.partial(_many, items=payload), items[0][1].mesh)
 
@@ -194,7 +194,7 @@ def run_model_file(
 
     Under torchrun this rank runs alone and returns its own report."""
     common = dict(path=str(path), options=dict(options or {}), plan_json=plan.to_json(), check=check)
-    if plan.model.get("train"):
+    if plan.model.train:
         work = functools.partial(train_rank_work, steps=max(steps, 1), lr=lr, **common)
     else:
         work = functools.partial(rank_work, **common)

@@ -13,14 +13,14 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate
 
-from dtplan.api import ShardedProgram, sharded_program
-from ir.capture import Captured
-from ir.graph import Role
-from planner._dtensor import Placements
-from planner.plan import Plan
-from runtime.lower import attr_name
-from runtime.params import local_shard
-from runtime.redistribute import RankMesh, redistribute_local
+from dtplan.runtime.program import ShardedProgram, sharded_program
+from dtplan.ir.capture import Captured
+from dtplan.ir.graph import Role
+from dtplan.planner.space._dtensor import Placements
+from dtplan.planner.output.plan import Plan
+from dtplan.runtime.lower import attr_name
+from dtplan.runtime.params import local_shard
+from dtplan.runtime.redistribute import RankMesh, redistribute_local
 
 __all__ = ["ShardedTrainer", "make_optimizer", "sharded_trainer"]
 

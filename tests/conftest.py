@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from dtplan import load_model_file, plan_program
-from ir.capture import capture
+from dtplan.ir.capture import capture
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

@@ -9,9 +9,9 @@ import pytest
 from conftest import captured_example, plan_example
 
 from dtplan import plan_program
-from planner.classic import TORCHTITAN, classic_pins, placement_diff, torchtitan_pins
-from planner.mesh import parse_mesh
-from planner.report import build_report_data, render_report
+from dtplan.planner.output.classic import TORCHTITAN, classic_pins, placement_diff, torchtitan_pins
+from dtplan.planner.mesh import parse_mesh
+from dtplan.planner.output.report import build_report_data, render_report
 
 
 def test_classic_layouts_for_a_transformer():
@@ -31,7 +31,7 @@ def test_planner_is_no_worse_than_any_classic_plan_that_fits(name, mesh):
     assert plan.comparison, "no classic plan applies"
     for row in plan.comparison:
         if row["fits"]:
-            assert plan.cost["total_s"] <= row["cost"]["total_s"] * (1 + 1e-9), (row["name"], row["cost"], plan.cost)
+            assert plan.cost.total_s <= row["cost"]["total_s"] * (1 + 1e-9), (row["name"], row["cost"], plan.cost)
 
 
 def test_comparison_under_a_budget_marks_what_does_not_fit():
@@ -39,7 +39,7 @@ def test_comparison_under_a_budget_marks_what_does_not_fit():
     by_name = {r["name"]: r for r in plan.comparison}
     assert not by_name["data parallel"]["fits"]  # 32 MiB of weights on every device
     assert by_name["tensor parallel"]["fits"]
-    assert plan.cost["total_s"] <= by_name["tensor parallel"]["cost"]["total_s"] * (1 + 1e-9)
+    assert plan.cost.total_s <= by_name["tensor parallel"]["cost"]["total_s"] * (1 + 1e-9)
 
 
 # ---------------------------------------------------------------------- torchtitan FSDP+TP
@@ -90,10 +90,10 @@ def test_torchtitan_plan_is_planned_as_pinned_and_dtplan_is_no_worse(llama, torc
     assert {f: [str(p) for p in tt.parameters[f]] for f in pins} == pins
     assert placement_diff(tt, {"name": TORCHTITAN, "parameters": pins}) == []
     free = plan_program(llama, mesh="2x2")
-    budget = max(tt.cost["peak_memory_bytes"], free.cost["peak_memory_bytes"])  # torchtitan fits it
+    budget = max(tt.cost.peak_memory_bytes, free.cost.peak_memory_bytes)  # torchtitan fits it
     ours = plan_program(llama, mesh="2x2", memory=budget)
-    assert ours.cost["peak_memory_bytes"] <= budget
-    assert ours.cost["total_s"] <= tt.cost["total_s"] * (1 + 1e-9), (ours.cost, tt.cost)
+    assert ours.cost.peak_memory_bytes <= budget
+    assert ours.cost.total_s <= tt.cost.total_s * (1 + 1e-9), (ours.cost, tt.cost)
 
 
 def test_placement_diff_groups_layers_and_names_axes():
@@ -125,7 +125,7 @@ def test_report_shows_where_dtplan_and_torchtitan_differ(torchtitan_plan):
     for i in (0, 1):
         changed[f"layers.{i}.attention.wq.weight"] = ["S(1)", "S(0)"]  # a hand-made difference on d0
     changed["output.weight"] = ["S(0)", "R"]  # and one on d1
-    plan = dataclasses.replace(tt, comparison=({"name": TORCHTITAN, "parameters": changed, "cost": dict(tt.cost), "fits": True},)).to_json()
+    plan = dataclasses.replace(tt, comparison=({"name": TORCHTITAN, "parameters": changed, "cost": dataclasses.asdict(tt.cost), "fits": True},)).to_json()
     rows = placement_diff(plan, plan["comparison"][0])
     assert [(r.pattern, r.axis, r.ours, r.theirs) for r in rows] == [
         ("layers.*.attention.wq.weight", "d0", "S(0)", "S(1)"),

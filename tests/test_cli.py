@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import example_path
 
-import cli
+from dtplan import cli
 
 
 def run_cli(capsys, *args):

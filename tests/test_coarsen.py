@@ -6,9 +6,10 @@ import pytest
 from conftest import example_path
 
 from dtplan import load_model_file, plan_program
-from dtplan.modelfile import capture_model_file
-from runtime.abstract import graph_collectives, lower_abstract
-from runtime.verify import expected_collectives
+from dtplan.ir.modelfile import capture_model_file
+from dtplan.runtime.abstract import graph_collectives, lower_abstract
+from dtplan.runtime.verify import expected_collectives
+from dtplan.planner.space._dtensor import per_output
 
 
 @pytest.fixture(scope="module")
@@ -18,10 +19,10 @@ def step():
 
 def test_3d_training_plan_is_the_merged_axis_plan_widened_and_lowers_as_predicted(step):
     plan = plan_program(step, mesh="2x2x2", profile="h100", input_placements=["S(0)", "S(0)", "R"])
-    assert plan.solver["planned_mesh"] == [4, 2]
+    assert plan.solver.planned_mesh == (4, 2)
     # every value has the same placement on both outer axes
     for name, n in plan.nodes.items():
-        outs = n.output if n.output and isinstance(n.output[0], tuple) else (n.output,)
+        outs = per_output(n.output)
         for pl in outs:
             if pl is not None:
                 assert pl[0] == pl[1], (name, pl)
@@ -39,8 +40,8 @@ def test_3d_plan_costs_what_the_same_plan_costs_on_the_merged_mesh(step):
     flat = plan_program(step, mesh="4x2", profile="h100")
     # same placements, priced on two outer axes instead of one: compute equal,
     # communication from the same bytes over the real axes' links
-    assert wide.cost["compute_s"] == pytest.approx(flat.cost["compute_s"], rel=1e-9)
-    assert wide.solver["objective"] == flat.solver["objective"]
+    assert wide.cost.compute_s == pytest.approx(flat.cost.compute_s, rel=1e-9)
+    assert wide.solver.objective == flat.solver.objective
 
 
 def test_placements_that_differ_on_the_outer_axes_need_coarsen_off(step):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from planner.cost import (
+from dtplan.planner.cost.device import (
     COLLECTIVE_KINDS,
     DeviceProfile,
     Link,

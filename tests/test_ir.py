@@ -5,8 +5,8 @@ import pytest
 import torch
 from conftest import captured_example
 
-from ir import CaptureError, Role, capture
-from planner.memory import peak_rows
+from dtplan.ir import CaptureError, Role, capture
+from dtplan.planner.cost.memory import live_multisets, stored_values
 
 
 class TwoLinear(torch.nn.Module):
@@ -23,7 +23,7 @@ def test_roles_fqns_and_flops():
     with torch.device("meta"):
         c = capture(TwoLinear(), (torch.randn(4, 16),))
     g = c.graph
-    params = {n.fqn for n in g.with_role(Role.PARAM)}
+    params = {n.fqn for n in (n for n in g if n.role is Role.PARAM)}
     assert params == {"a.weight", "b.weight", "b.bias"}
     assert c.user_inputs == ("x",)
     mm = [n for n in g if n.op_name == "aten.mm.default"]
@@ -31,15 +31,12 @@ def test_roles_fqns_and_flops():
     addmm = [n for n in g if n.op_name == "aten.addmm.default"]
     assert addmm[0].flops == 2 * 4 * 32 * 8
     assert all(n.tensor_meta is not None for n in g)
-    nxg = g.to_networkx()
-    assert nxg.number_of_nodes() == len(g)
-    assert set(nxg.predecessors(mm[0].name)) == set(mm[0].refs())
 
 
 def test_an_fx_traced_graph_module_is_accepted():
     gm = torch.fx.symbolic_trace(TwoLinear())
     c = capture(gm, (torch.randn(4, 16),))
-    assert {n.fqn for n in c.graph.with_role(Role.PARAM)} == {"a.weight", "b.weight", "b.bias"}
+    assert {n.fqn for n in (n for n in c.graph if n.role is Role.PARAM)} == {"a.weight", "b.weight", "b.bias"}
 
 
 def test_signature_is_stable_and_sensitive():
@@ -61,8 +58,8 @@ def test_untraceable_model_names_the_cause():
 
 def test_liveness_rows_hold_params_and_the_live_activations():
     g = captured_example("mlp").graph
-    stored, rows = peak_rows(g)
-    assert set(stored) == {n.name for n in g.with_role(Role.PARAM)}
+    stored, rows = stored_values(g), live_multisets(g, lambda name: name)
+    assert set(stored) == {n.name for n in g if n.role is Role.PARAM}
     # the hidden activation (relu output) and its producer are live together at some point
     names = {n.op_name: n.name for n in g}
     assert any(names["aten.relu.default"] in r and names["aten.mm.default"] in r for r in rows)

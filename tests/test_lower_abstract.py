@@ -8,16 +8,16 @@ import torch.distributed as dist
 from conftest import captured_example, example_path
 
 from dtplan import load_model_file, plan_program
-from dtplan.modelfile import capture_model_file
-from planner.pricing import local_shape
-from runtime.abstract import (
+from dtplan.ir.modelfile import capture_model_file
+from dtplan.planner.cost.pricing import local_shape
+from dtplan.runtime.abstract import (
     AbstractLoweringError,
     fake_process_group,
     graph_collectives,
     lower_abstract,
 )
-from runtime.lower import attr_name
-from runtime.verify import expected_collectives
+from dtplan.runtime.lower import attr_name
+from dtplan.runtime.verify import expected_collectives
 
 MESH = "2x4"
 RANKS = (0, 6)  # 6 is coordinate (1, 2): not on the first row or column
@@ -97,12 +97,12 @@ def test_training_llama_lowers_for_any_rank(training, rank):
 def test_replaying_repeated_layers_gives_the_traced_graph(training, monkeypatch):
     """Layer 1 repeats layer 0: its calls replay layer 0's traced fragments,
     and the module is the one tracing every call gives, code for code."""
-    from runtime import lower
+    from dtplan.runtime import replay
 
     captured, plan = training
     replayed = lower_abstract(captured, plan, 6)
     assert replayed.meta["dtplan_lowering"]["fragments"]["replayed"] > 100
-    monkeypatch.setattr(lower._Fragments, "enabled", False)
+    monkeypatch.setattr(replay.Fragments, "enabled", False)
     traced = lower_abstract(captured, plan, 6)
     assert traced.meta["dtplan_lowering"]["fragments"]["replayed"] == 0
     assert replayed.code == traced.code

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from planner.mesh import MeshError, MeshSpec, format_bytes, format_seconds, parse_mesh, parse_size
+from dtplan.planner.mesh import MeshError, MeshSpec, format_bytes, format_seconds, parse_mesh, parse_size
 
 
 @pytest.mark.parametrize(

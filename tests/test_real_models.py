@@ -9,13 +9,12 @@ import json
 import textwrap
 from pathlib import Path
 
-import pytest
 import torch
 
 from dtplan import capture_model_file, load_model_file, plan_program
 from dtplan.check import check_model_files
-from planner.report import write_report
-from runtime.run import run_many
+from dtplan.planner.output.report import write_report
+from dtplan.runtime.run import run_many
 
 ZOO = Path(__file__).resolve().parents[1] / "examples" / "zoo"
 FAMILIES = sorted(ZOO.glob("*.py"))

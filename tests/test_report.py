@@ -1,4 +1,4 @@
-"""Tests for the self-contained HTML plan report (planner.report)."""
+"""Tests for the self-contained HTML plan report (dtplan.planner.output.report)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from planner.report import (
+from dtplan.planner.output.report import (
     build_report_data,
     format_bytes,
     format_seconds,

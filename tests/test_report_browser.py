@@ -10,8 +10,8 @@ import shutil
 import pytest
 from conftest import example_path
 
-import cli
-from planner.report import write_report
+from dtplan import cli
+from dtplan.planner.output.report import write_report
 
 CHROMIUM = shutil.which("chromium")
 pytestmark = pytest.mark.skipif(

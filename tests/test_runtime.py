@@ -11,10 +11,10 @@ import os
 import pytest
 from conftest import example_path, plan_example
 
-from planner.mesh import parse_mesh
-from runtime.launch import LaunchError, spawn
-from runtime.run import run_many
-from runtime.verify import redistribution_selfcheck
+from dtplan.planner.mesh import parse_mesh
+from dtplan.runtime.launch import LaunchError, spawn
+from dtplan.runtime.run import run_many
+from redistribution_check import redistribution_selfcheck
 
 #: (example, options, memory budget or None) per mesh. A 1-D mesh of 4 ranks
 #: runs in test_real_models.py (an unknown op) and the CLI tests (mesh 2): the

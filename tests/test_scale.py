@@ -6,9 +6,9 @@ import pytest
 from conftest import example_path
 
 from dtplan import load_model_file, plan_program
-from dtplan.modelfile import capture_model_file
-from planner.classic import placement_diff, torchtitan_pins
-from planner.mesh import parse_mesh, parse_size
+from dtplan.ir.modelfile import capture_model_file
+from dtplan.planner.output.classic import placement_diff, torchtitan_pins
+from dtplan.planner.mesh import parse_mesh, parse_size
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +28,9 @@ def test_8b_training_plan_beats_torchtitan_fsdp_tp_within_80gib(llama8b_step):
     assert [str(p) for p in titan.parameters["layers.5.attention.wq.weight"]] == ["S(0)", "S(0)"]
     assert [str(p) for p in titan.parameters["layers.5.feed_forward.w2.weight"]] == ["S(0)", "S(1)"]
     # both fit; the planner's predicted step is no slower under the same cost model
-    assert ours.cost["peak_memory_bytes"] <= budget and titan.cost["peak_memory_bytes"] <= budget
-    assert ours.cost["total_s"] <= titan.cost["total_s"]
-    assert ours.solver["layers_folded"] == 30
+    assert ours.cost.peak_memory_bytes <= budget and titan.cost.peak_memory_bytes <= budget
+    assert ours.cost.total_s <= titan.cost.total_s
+    assert ours.solver.layers_folded == 30
     # the differences name weights and mesh axes
     entry = {"name": "torchtitan FSDP+TP", "parameters": pins}
     rows = placement_diff(ours, entry)

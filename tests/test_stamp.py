@@ -1,7 +1,8 @@
-"""Stamped training capture (ir.stamp): the L-layer joint graph built from a
+"""Stamped training capture (dtplan.ir.stamp): the L-layer joint graph built from a
 3-layer trace must be the real L-layer capture, structurally and numerically."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -9,8 +10,8 @@ import torch
 from conftest import example_path
 
 from dtplan import load_model_file
-from ir import Ref, Role, capture_training, fake_build
-from ir.stamp import StampError, capture_training_stamped
+from dtplan.ir import Ref, Role, capture_training, fake_build
+from dtplan.ir.stamp import StampError, capture_training_stamped
 
 LAYERS = {"llama": 5, "gpt": 4}  # at least keep + 1 = 4 blocks
 
@@ -95,8 +96,6 @@ def test_stamped_graph_runs_like_the_real_graph(pair):
         torch.testing.assert_close(grads[g], params[fqn_of[p]].grad, rtol=1e-5, atol=1e-6)
 
 
-
-
 class _Records(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
@@ -140,9 +139,9 @@ def _loss(out, *inputs):
     return out.pow(2).mean()
 
 
-def test_a_plain_stack_stamps_through_the_hook_and_equals_its_real_capture():
+def test_a_plain_stack_stamps_with_its_check_and_equals_its_real_capture():
     model, inputs = fake_build(lambda: (_Stack([8] * 6), (torch.randn(4, 8),)))
-    stamped = capture_training(model, inputs, _loss, stamp=True)  # default: with the 4-block trace check
+    stamped = capture_training_stamped(model, inputs, _loss)  # default: with the 4-block trace check
     assert sum(1 for _, role, _ in stamped.placeholders if role is Role.PARAM) == 2 + 2 * 6
     assert stamped.graph.signature == capture_training(model, inputs, _loss).graph.signature
     assert len(model.blocks) == 6  # the model is given back whole
@@ -158,7 +157,7 @@ def test_a_first_block_whose_input_needs_no_gradient_is_stamped_from_four_blocks
 
 def test_too_few_layers_fall_back_to_the_full_capture():
     model, inputs = fake_build(lambda: (_Stack([8] * 3), (torch.randn(4, 8),)))
-    logger, records = logging.getLogger("ir.stamp"), _Records()
+    logger, records = logging.getLogger("dtplan.ir.stamp"), _Records()
     level = logger.level
     logger.addHandler(records)
     logger.setLevel(logging.DEBUG)
@@ -184,3 +183,28 @@ def test_a_forward_that_reads_the_depth_is_caught_by_the_check():
 def test_blocks_that_differ_are_not_stamped():
     with pytest.raises(StampError, match="not identical"):
         _capture_stack(lambda: _Stack([8, 8, 8, 16, 16]), fallback=False)
+
+
+def test_segments_tile_the_traced_graph_and_are_frozen():
+    from dtplan.ir.stamp import _BlockTrace
+
+    model, inputs = fake_build(lambda: (_Stack([8] * 3), (torch.randn(4, 8),)))
+    traced = capture_training(model, inputs, _loss)
+    segments = _BlockTrace(traced, "blocks", 3).segment()
+    # A B0 B1 B2 M E2 E1, then E0 and the epilogue Z (the tail): back to back, covering every op
+    regions = [
+        segments.prologue,
+        *(segments.forward_window(i) for i in range(3)),
+        segments.middle,
+        segments.backward_window(2),
+        segments.backward_window(1),
+        segments.tail,
+    ]
+    assert regions[0].start == segments.placeholder_count == len(traced.placeholders)
+    assert all(a.stop == b.start for a, b in zip(regions, regions[1:]))
+    assert regions[-1].stop == segments.node_count == len(traced.gm.graph.nodes) - 1  # the output excluded
+    assert segments.backward_window(0).start == segments.tail.start
+    assert len(segments.forward_template) == segments.forward_period > 0
+    assert len(segments.backward_template) == segments.backward_period > 0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        segments.forward_start = 0

@@ -5,11 +5,11 @@ from __future__ import annotations
 from conftest import captured_example
 from torch.distributed.tensor import Partial, Replicate, Shard
 
-from ir.graph import TensorMeta
-from planner._dtensor import parse_placement, transform_steps
-from planner.cost import load_profile
-from planner.pricing import Pricer
-from planner.strategies import build_strategies, valid_on
+from dtplan.ir.graph import TensorMeta
+from dtplan.planner.space._dtensor import parse_placement, transform_steps
+from dtplan.planner.cost.device import load_profile
+from dtplan.planner.cost.pricing import Pricer
+from dtplan.planner.space.strategies import build_strategies, valid_on
 
 import torch
 
@@ -75,7 +75,7 @@ def test_redistribution_steps_do_not_depend_on_the_shape():
     from torch.distributed.tensor._dtensor_spec import TensorMeta as DTMeta
     from torch.distributed.tensor._redistribute import _gen_transform_infos
 
-    from planner._dtensor import planning_mesh
+    from dtplan.planner.space._dtensor import planning_mesh
 
     mesh_shape = (2, 4)
     mesh = planning_mesh(mesh_shape)

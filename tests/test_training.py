@@ -8,8 +8,8 @@ import pytest
 from conftest import example_path
 
 from dtplan import load_model_file, plan_program
-from ir import CaptureError, capture_training, fake_build
-from runtime.run import run_many
+from dtplan.ir import CaptureError, capture_training, fake_build
+from dtplan.runtime.run import run_many
 
 
 def captured_training(name: str, **options):
@@ -39,12 +39,12 @@ def test_memory_counts_gradients_and_optimizer_state():
     c = captured_training("mlp", batch=8, d=64, hidden=256)
     adamw = plan_program(c, mesh="4", optimizer="adamw")
     sgd = plan_program(c, mesh="4", optimizer="sgd")
-    params = adamw.cost["parameter_bytes"]
+    params = adamw.cost.parameter_bytes
     assert params == 2 * 64 * 256 * 4
-    assert adamw.cost["optimizer_bytes"] == 2 * params and sgd.cost["optimizer_bytes"] == 0
-    assert adamw.cost["gradient_bytes"] == params
-    assert adamw.cost["peak_memory_bytes"] - sgd.cost["peak_memory_bytes"] == 2 * params
-    assert adamw.model["train"] and set(adamw.model["gradients"]) == {"fc1.weight", "fc2.weight"}
+    assert adamw.cost.optimizer_bytes == 2 * params and sgd.cost.optimizer_bytes == 0
+    assert adamw.cost.gradient_bytes == params
+    assert adamw.cost.peak_memory_bytes - sgd.cost.peak_memory_bytes == 2 * params
+    assert adamw.model.train and set(adamw.model.gradients) == {"fc1.weight", "fc2.weight"}
 
 
 def test_fsdp_and_tensor_parallel_on_2x4_under_a_budget():
@@ -52,16 +52,16 @@ def test_fsdp_and_tensor_parallel_on_2x4_under_a_budget():
     mesh, inputs = "dp=2,tp=4", ["S(0)", "R"]
     tp_only = {"fc1.weight": ["R", "S(0)"], "fc2.weight": ["R", "S(1)"]}
     fsdp_tp = {"fc1.weight": ["S(1)", "S(0)"], "fc2.weight": ["S(0)", "S(1)"]}
-    need_dp_tp = plan_program(c, mesh=mesh, input_placements=inputs, parameter_placements=tp_only).cost["peak_memory_bytes"]
-    need_fsdp_tp = plan_program(c, mesh=mesh, input_placements=inputs, parameter_placements=fsdp_tp).cost["peak_memory_bytes"]
+    need_dp_tp = plan_program(c, mesh=mesh, input_placements=inputs, parameter_placements=tp_only).cost.peak_memory_bytes
+    need_fsdp_tp = plan_program(c, mesh=mesh, input_placements=inputs, parameter_placements=fsdp_tp).cost.peak_memory_bytes
     assert need_fsdp_tp < need_dp_tp
     budget = (need_fsdp_tp + need_dp_tp) // 2
     plan = plan_program(c, mesh=mesh, input_placements=inputs, memory=budget)
-    assert plan.cost["peak_memory_bytes"] <= budget
+    assert plan.cost.peak_memory_bytes <= budget
     # parameters (and with them their AdamW state) are sharded over dp too ...
     assert any(placements(plan, f)[0].startswith("S(") for f in ("fc1.weight", "fc2.weight")), plan.parameters
     assert all(placements(plan, f)[1].startswith("S(") for f in ("fc1.weight", "fc2.weight"))
-    assert plan.cost["optimizer_bytes"] < 2 * need_dp_tp  # smaller than DP+TP's state
+    assert plan.cost.optimizer_bytes < 2 * need_dp_tp  # smaller than DP+TP's state
     # ... so gradients are reduce-scattered and parameters all-gathered over dp
     kinds = {(c.kind, c.axis) for c in plan.collectives}
     assert ("reduce_scatter", "dp") in kinds and ("all_gather", "dp") in kinds

@@ -11,9 +11,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from ir.graph import Graph
-from planner.pricing import Pricer
-from planner.strategies import NodeStrategies, StrategySpace
+from dtplan.ir.graph import Graph
+from dtplan.planner.cost.pricing import Pricer
+from dtplan.planner.space.strategies import NodeStrategies, Source, StrategySpace
 
 __all__ = ["merge_followers"]
 
@@ -29,7 +29,7 @@ def merge_followers(graph: Graph, space: StrategySpace, pricer: Pricer) -> Strat
     for v in graph:
         ns = nodes[v.name]
         refs = v.refs()
-        if v.is_placeholder or ns.source in ("follow", "fallback") or len(refs) != 1 or len(ns.options) == 1:
+        if v.is_placeholder or ns.source in (Source.FOLLOW, Source.FALLBACK) or len(refs) != 1 or len(ns.options) == 1:
             continue
         if isinstance(v.meta, tuple):  # its tuple projections follow its own options, index by index
             continue
@@ -39,7 +39,7 @@ def merge_followers(graph: Graph, space: StrategySpace, pricer: Pricer) -> Strat
             memo[key] = _aligned(v, ns, u, pricer)
         aligned = memo[key]
         if aligned is not None:
-            nodes[v.name] = NodeStrategies(v.name, aligned, "follow", follows=u.follows or u.name)
+            nodes[v.name] = NodeStrategies(v.name, aligned, Source.FOLLOW, follows=u.follows or u.name)
             merged += 1
     log.debug("merged %d follower nodes", merged)
     return dataclasses.replace(space, nodes=nodes)

@@ -23,12 +23,15 @@ from torch.distributed.tensor._redistribute import _gen_transform_infos
 from torch.distributed.tensor.placement_types import Placement
 from torch.utils._python_dispatch import _disable_current_modes
 
-from ir.graph import Ref, TensorMeta
+from dtplan.ir.graph import Ref, TensorMeta
 
 __all__ = [
     "Placements",
     "TransformStep",
     "dtensor_rule_kind",
+    "dtensor_spec",
+    "is_multi_output",
+    "per_output",
     "format_placements",
     "op_strategies",
     "parse_placement",
@@ -70,11 +73,23 @@ def parse_placement(text: str) -> Placement:
     return Replicate()
 
 
+def is_multi_output(output: Placements | tuple[Placements | None, ...]) -> bool:
+    """A strategy's (or plan node's) output holds one Placements per output of
+    a multi-output op (None for a non-tensor output), else one Placements."""
+    return bool(output) and (output[0] is None or isinstance(output[0], tuple))
+
+
+def per_output(output: Placements | tuple[Placements | None, ...]) -> tuple[Placements | None, ...]:
+    """The placements of each output (a single-output op's as a 1-tuple)."""
+    return tuple(output) if is_multi_output(output) else (output,)
+
+
 def format_placements(p: Placements | None) -> list[str] | None:
     return None if p is None else [str(x) for x in p]
 
 
-def _spec(mesh: DeviceMesh, placements: Placements, meta: TensorMeta) -> DTensorSpec:
+def dtensor_spec(mesh: DeviceMesh, placements: Placements, meta: TensorMeta) -> DTensorSpec:
+    """The DTensorSpec of a tensor with this metadata and these placements."""
     return DTensorSpec(mesh, tuple(placements), tensor_meta=DTMeta(meta.shape, meta.stride, meta.dtype))
 
 
@@ -120,7 +135,7 @@ def _steps(mesh_shape: tuple[int, ...], ndim: int, src: Placements, dst: Placeme
     # a shape every axis divides evenly (the steps do not depend on it)
     n = math.prod(mesh_shape)
     meta = TensorMeta(shape=(n,) * ndim, stride=tuple(n ** (ndim - 1 - d) for d in range(ndim)), dtype=torch.float32)
-    infos = _gen_transform_infos(_spec(mesh, src, meta), _spec(mesh, dst, meta))
+    infos = _gen_transform_infos(dtensor_spec(mesh, src, meta), dtensor_spec(mesh, dst, meta))
     steps = []
     for i in infos:
         a, b = i.src_dst_placements
@@ -192,7 +207,7 @@ def op_strategies(
         raise KeyError(op)
 
     def strategy_of(r: Ref) -> OpStrategy:
-        return OpStrategy([OpSpec(_spec(mesh, p, metas[r.name])) for p in candidates[r.name]])
+        return OpStrategy([OpSpec(dtensor_spec(mesh, p, metas[r.name])) for p in candidates[r.name]])
 
     schema = OpSchema(
         op,

@@ -49,14 +49,15 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from planner.mesh import MeshSpec
+from dtplan.ir.graph import Role
+from dtplan.planner.mesh import MeshSpec, parse_mesh
 
 if TYPE_CHECKING:
-    from ir.capture import Captured
+    from dtplan.ir.capture import Captured
 
 __all__ = [
     "TORCHTITAN",
@@ -98,8 +99,6 @@ class ClassicResult:
 
 
 def _shapes(captured: Captured) -> dict[str, tuple[int, ...]]:
-    from ir.graph import Role
-
     return {n.fqn: n.tensor_meta.shape for n in captured.graph if n.role is Role.PARAM and n.fqn}
 
 
@@ -165,8 +164,6 @@ def torchtitan_pins(captured: Captured, mesh: MeshSpec | str) -> dict[str, list[
 
     Raises ValueError on a mesh of fewer than two axes or a model without
     Llama's names."""
-    from planner.mesh import parse_mesh
-
     mesh = parse_mesh(mesh) if isinstance(mesh, str) else mesh
     if mesh.ndim < 2:
         raise ValueError(f"the torchtitan FSDP+TP plan needs a mesh of two or more axes (dp..., tp); got {mesh}")
@@ -202,20 +199,20 @@ def _torchtitan_tp(fqn: str, shape: tuple[int, ...], tp: int) -> str:
 # ---------------------------------------------------------------------- comparison
 
 
-def compare_classic(captured: Captured, *, mesh: MeshSpec, budget: int | None, plan_kwargs: Mapping) -> tuple[ClassicResult, ...]:
+def compare_classic(captured: Captured, *, mesh: MeshSpec, budget: int | None, plan_pinned: Callable[[Mapping[str, Sequence[str]]], Any]) -> tuple[ClassicResult, ...]:
     """Plan each classic layout under the same cost model (no budget), and say
-    whether it fits the budget."""
-    from dtplan.api import plan_program
-
+    whether it fits the budget. `plan_pinned(pins)` plans the captured
+    program with its parameters pinned (by FQN) and no budget (the API
+    passes `plan_program` with the free plan's arguments)."""
     results = []
     for name, pins in classic_pins(captured, mesh).items():
         try:
-            plan = plan_program(captured, mesh=mesh, parameter_placements=pins, memory=None, **plan_kwargs)
+            plan = plan_pinned(pins)
         except Exception as e:  # noqa: BLE001 - a layout this model cannot take is left out, logged
             log.info("classic plan %s skipped: %s", name, e)
             continue
-        cost = {k: plan.cost[k] for k in ("total_s", "compute_s", "comm_s", "comm_bytes", "peak_memory_bytes")}
-        fits = budget is None or plan.cost["peak_memory_bytes"] <= budget
+        cost = {k: getattr(plan.cost, k) for k in ("total_s", "compute_s", "comm_s", "comm_bytes", "peak_memory_bytes")}
+        fits = budget is None or plan.cost.peak_memory_bytes <= budget
         results.append(ClassicResult(name, {k: tuple(v) for k, v in pins.items()}, cost, fits))
     return tuple(results)
 

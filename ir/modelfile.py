@@ -2,6 +2,7 @@
 optionally loss_fn(output, *inputs)."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import sys
 from collections.abc import Callable, Mapping
@@ -9,6 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from dtplan.ir.capture import capture, fake_build
+from dtplan.ir.stamp import capture_training_stamped
 
 __all__ = ["ModelFile", "ModelFileError", "capture_model_file", "load_model_file", "require_loss_fn"]
 
@@ -83,15 +87,11 @@ def capture_model_file(mf: ModelFile, *, train: bool):
     Inference: captured on meta (a real-device export may differ in
     layout-driven ops such as clones), lifted constants taken from a real
     capture. Training: the joint graph on fake tensors, stamped from a few
-    traced layers where the model repeats a block (`ir.stamp`), so deep
+    traced layers where the model repeats a block (`dtplan.ir.stamp`), so deep
     models capture in seconds.
     """
-    import dataclasses
-
-    from ir.capture import capture, capture_training, fake_build
-
     if train:
-        return capture_training(*fake_build(lambda: mf.build(train=True)), require_loss_fn(mf), stamp=True)
+        return capture_training_stamped(*fake_build(lambda: mf.build(train=True)), require_loss_fn(mf))
     captured = capture(*mf.build(meta=True))
     if captured.constants:
         real = capture(*mf.build(meta=False))

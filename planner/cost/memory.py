@@ -4,17 +4,16 @@ Everything here is one sweep over the schedule: allocations enter at their
 producer and leave after their last reader, so the candidate peaks are the
 points just before something is freed. The integer program gets one row per
 candidate peak (`live_multisets`, which merges the copies of folded layers);
-`peak_rows` lists the candidate peaks by name, `peak_bytes` prices one
-concrete choice.
+`peak_bytes` prices one concrete choice.
 """
 from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Callable, Hashable
 
-from ir.graph import Graph, Node, Role
+from dtplan.ir.graph import Graph, Node, Role
 
-__all__ = ["STORED_ROLES", "is_allocation", "live_multisets", "peak_bytes", "peak_rows", "stored_values"]
+__all__ = ["STORED_ROLES", "is_allocation", "live_multisets", "peak_bytes", "stored_values"]
 
 #: values that stay resident for the whole step
 STORED_ROLES = (Role.PARAM, Role.BUFFER, Role.CONSTANT)
@@ -40,15 +39,6 @@ def _frees(graph: Graph) -> dict[int, list[str]]:
         if is_allocation(n):
             frees[last[n.name]].append(n.name)
     return frees
-
-
-def peak_rows(graph: Graph) -> tuple[tuple[str, ...], tuple[tuple[str, ...], ...]]:
-    """(stored values, allocations live at each candidate peak): per-device
-    memory at a point t is the stored values plus that point's allocations.
-    Only points after which something is freed are candidates: at any other
-    point the live set is contained in the next one's (a dominated row)."""
-    rows = tuple(tuple(live) for live in _sweep(graph, lambda name: name))
-    return stored_values(graph), rows or ((),)
 
 
 def _sweep(graph: Graph, key: Callable[[str], Hashable]):

@@ -14,9 +14,9 @@ import dataclasses
 from collections import Counter
 from collections.abc import Sequence
 
-from ir.graph import Graph
-from planner._dtensor import Placements
-from planner.strategies import StrategySpace
+from dtplan.ir.graph import Graph
+from dtplan.planner.space._dtensor import Placements
+from dtplan.planner.space.strategies import Source, StrategySpace
 
 __all__ = ["add_hubs", "reads_via_hub"]
 
@@ -28,7 +28,7 @@ def reads_via_hub(space: StrategySpace, producer: str, consumer: str) -> bool:
 
 def _reads_directly(space: StrategySpace, producer: str, consumer: str) -> bool:
     """A follower sharing its producer's choice reads the value as it is."""
-    return space.nodes[consumer].source == "follow" and _group(space, consumer) == _group(space, producer)
+    return space.nodes[consumer].source is Source.FOLLOW and _group(space, consumer) == _group(space, producer)
 
 
 def _group(space: StrategySpace, name: str) -> str:

@@ -2,7 +2,7 @@
 and the collectives (with their times) that turn one placement into another.
 
 The collectives come from the same per-axis transform steps the runtime
-executes (`planner._dtensor.transform_steps`), so what the plan predicts is
+executes (`dtplan.planner.space._dtensor.transform_steps`), so what the plan predicts is
 what a run issues.
 """
 from __future__ import annotations
@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 from torch.distributed.tensor import Shard
 
-from ir.graph import Node, Role, TensorMeta, dtype_name
-from planner._dtensor import Placements, transform_steps
-from planner.cost import DeviceProfile, collective_time, compute_time
-from planner.strategies import Strategy, shard_factor
+from dtplan.ir.graph import Node, Role, TensorMeta, dtype_name
+from dtplan.planner.space._dtensor import Placements, per_output, transform_steps
+from dtplan.planner.cost.device import DeviceProfile, collective_time, compute_time
+from dtplan.planner.space.strategies import Strategy, shard_factor
 
 __all__ = ["Collective", "Pricer", "local_shape", "optimizer_state_factor", "primary_output"]
 
@@ -43,10 +43,7 @@ def local_shape(shape: tuple[int, ...], mesh_shape: tuple[int, ...], placements:
 
 def primary_output(strategy: Strategy) -> Placements | None:
     """The output placements, or the first tensor output's for multi-output ops."""
-    out = strategy.output
-    if out and (out[0] is None or isinstance(out[0], tuple)):
-        return next((o for o in out if o is not None), None)
-    return out
+    return next((o for o in per_output(strategy.output) if o is not None), None)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

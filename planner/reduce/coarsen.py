@@ -20,9 +20,9 @@ import dataclasses
 import math
 from collections.abc import Mapping
 
-from planner._dtensor import Placements
-from planner.mesh import MeshSpec
-from planner.strategies import NodeStrategies, Strategy, StrategySpace, hub_name
+from dtplan.planner.space._dtensor import Placements, is_multi_output
+from dtplan.planner.mesh import MeshSpec
+from dtplan.planner.space.strategies import NodeStrategies, Strategy, StrategySpace, hub_name
 
 __all__ = ["coarse_mesh", "narrow", "narrow_all", "widen", "widen_choice"]
 
@@ -56,7 +56,7 @@ def narrow_all(given: Mapping[str, Placements], mesh: MeshSpec) -> dict[str, Pla
 
 
 def _widen_output(out, mesh: MeshSpec):
-    if out and (out[0] is None or isinstance(out[0], tuple)):  # multi-output op
+    if is_multi_output(out):
         return tuple(widen(o, mesh) for o in out)
     return widen(out, mesh)
 

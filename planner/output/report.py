@@ -18,8 +18,8 @@ from typing import Any
 
 import jinja2
 
-import planner.mesh as mesh_format
-from planner.classic import placement_diff
+import dtplan.planner.mesh as mesh_format
+from dtplan.planner.output.classic import placement_diff
 
 __all__ = [
     "TEMPLATE_DIR",
@@ -56,13 +56,13 @@ def _number(value: Any) -> int | float | None:
 
 
 def format_bytes(value: Any) -> str:
-    """`planner.mesh.format_bytes`, with a dash for a missing value."""
+    """`dtplan.planner.mesh.format_bytes`, with a dash for a missing value."""
     number = _number(value)
     return MISSING if number is None else mesh_format.format_bytes(number)
 
 
 def format_seconds(value: Any) -> str:
-    """`planner.mesh.format_seconds`, with a dash for a missing value."""
+    """`dtplan.planner.mesh.format_seconds`, with a dash for a missing value."""
     number = _number(value)
     return MISSING if number is None else mesh_format.format_seconds(number)
 
@@ -406,7 +406,7 @@ def _memory_parts(plan: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def _comparison_rows(plan: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The planner's plan beside the classic plans (planner.classic), each with
+    """The planner's plan beside the classic plans (dtplan.planner.output.classic), each with
     compute and communication as shares of the slowest, for a bar chart."""
     cost = _mapping(plan.get("cost"))
     rows = [{"name": "dtplan", "ours": True, "fits": True, "cost": cost}]
@@ -437,7 +437,7 @@ def _comparison_rows(plan: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 def _placement_diffs(plan: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Per classic plan in the comparison, where its pinned parameter
-    placements differ from the plan's (`planner.classic.placement_diff`):
+    placements differ from the plan's (`dtplan.planner.output.classic.placement_diff`):
     grouped rows of weights, mesh axis and both placements."""
     out: list[dict[str, Any]] = []
     slugs: set[str] = set()

@@ -13,8 +13,8 @@ from collections.abc import Callable
 import torch
 from torch.distributed.tensor import Partial, Replicate, Shard
 
-from ir.graph import Node, TensorMeta
-from planner._dtensor import dtensor_rule_kind
+from dtplan.ir.graph import Node, TensorMeta
+from dtplan.planner.space._dtensor import dtensor_rule_kind
 
 __all__ = ["RULES", "is_random", "lookup", "pointwise_rule", "register_rule"]
 
@@ -157,7 +157,7 @@ def fill_rule(node: Node, metas: dict[str, TensorMeta]) -> list[list]:
 def dropout_rule(node: Node, metas: dict[str, TensorMeta]) -> list[list]:
     """(out, mask) from x, split like x. The runtime draws the whole mask on
     every rank, as one device draws it for the same seed, and keeps this
-    rank's piece (`runtime.lower`), so the values equal the single-device
+    rank's piece (`dtplan.runtime.lower`), so the values equal the single-device
     step's; DTensor's rule would draw each shard from its own offset."""
     ndim = len(metas[node.refs()[0]].shape)
     return [[Shard(d), Shard(d), Shard(d)] for d in range(ndim)]

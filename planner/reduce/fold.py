@@ -8,12 +8,12 @@ planned 0.3% slower than unfolded; with it kept, identically). When layer
 k > 1 matches the template one for one (op, shapes, module path below the
 index), each decision node of layer k whose strategies equal its twin's
 becomes a follower of the twin, so it shares the twin's choice variables.
-The integer program then has two layers' decisions, and `planner.ilp` builds
+The integer program then has two layers' decisions, and `dtplan.planner.solver` builds
 each distinct edge link once, whatever the depth. A node whose strategies
 differ keeps its own choice. Models of fewer than three layers are not
 folded.
 The positional twins are recorded (`StrategySpace.twins`) so that the hubs of
-a folded layer share their twins' choices too (`planner.hubs`).
+a folded layer share their twins' choices too (`dtplan.planner.reduce.hubs`).
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ import logging
 import re
 from collections import defaultdict
 
-from ir.graph import Graph, Node
-from planner.strategies import NodeStrategies, StrategySpace
+from dtplan.ir.graph import Graph, Node
+from dtplan.planner.space.strategies import NodeStrategies, StrategySpace
 
 __all__ = ["FoldResult", "fold_layers"]
 

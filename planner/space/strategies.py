@@ -1,7 +1,7 @@
 """Candidate placement strategies for every IR node on an N-D mesh.
 
-Sources, in order: DTensor's registered rules (through `planner._dtensor`),
-dtplan's own rules (`planner.rules`), and as a last resort Replicate, which
+Sources, in order: DTensor's registered rules (through `dtplan.planner.space._dtensor`),
+dtplan's own rules (`dtplan.planner.space.rules`), and as a last resort Replicate, which
 is recorded as a fallback and shown in the plan and report.
 """
 from __future__ import annotations
@@ -10,14 +10,15 @@ import itertools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 
 from torch.distributed.tensor import Partial, Replicate, Shard
 
-from ir.graph import Graph, Node, Ref, Role, TensorMeta
-from planner import rules
-from planner._dtensor import Placements, dtensor_rule_kind, expand_single_dim_rules, op_strategies
+from dtplan.ir.graph import Graph, Node, Ref, Role, TensorMeta
+from dtplan.planner.space import rules
+from dtplan.planner.space._dtensor import Placements, dtensor_rule_kind, expand_single_dim_rules, op_strategies
 
-__all__ = ["Fallback", "NodeStrategies", "Strategy", "StrategySpace", "build_strategies", "hub_name", "shard_factor", "valid_on"]
+__all__ = ["Fallback", "NodeStrategies", "Source", "Strategy", "StrategySpace", "build_strategies", "hub_name", "shard_factor", "valid_on"]
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +39,24 @@ class Fallback:
     reason: str
 
 
+class Source(str, Enum):
+    """Where a node's strategies come from (a str, so plan files and the
+    report read it as text)."""
+
+    PLACEHOLDER = "placeholder"  # inputs, parameters, buffers, constants
+    DTENSOR = "dtensor"  # DTensor's registered rule
+    DTPLAN = "dtplan"  # dtplan's own rule (planner.space.rules)
+    FACTORY = "factory"  # reads no tensor: computed replicated
+    FALLBACK = "fallback"  # no rule applies: every input and output replicated
+    FOLLOW = "follow"  # shares another node's choice (tuple projections, followers)
+
+
 @dataclass(frozen=True, slots=True)
 class NodeStrategies:
     name: str
     options: tuple[Strategy, ...]
-    #: "placeholder", "dtensor", "dtplan", "factory", "fallback" or "follow"
-    source: str
-    #: for "follow" nodes (tuple projections): the node whose choice this one shares
+    source: Source
+    #: for FOLLOW nodes (and folded layers): the node whose choice this one shares
     follows: str | None = None
 
 
@@ -53,9 +65,9 @@ class StrategySpace:
     mesh_shape: tuple[int, ...]
     nodes: Mapping[str, NodeStrategies]
     fallbacks: tuple[Fallback, ...] = field(default=())
-    #: values read by several consumers: candidate hub placements (see planner.hubs)
+    #: values read by several consumers: candidate hub placements (see dtplan.planner.reduce.hubs)
     hubs: Mapping[str, tuple[Placements, ...]] = field(default_factory=dict)
-    #: folded layers (see planner.fold): node -> its twin in the template layer
+    #: folded layers (see dtplan.planner.reduce.fold): node -> its twin in the template layer
     twins: Mapping[str, str] = field(default_factory=dict)
     #: hubs sharing the choice of their twin's hub
     hub_follows: Mapping[str, str] = field(default_factory=dict)
@@ -167,20 +179,20 @@ def _node_strategies(node, mesh_shape, fixed, metas, candidates, done) -> tuple[
         parent = done[node.args[0].name]
         idx = node.args[1]
         opts = tuple(Strategy((s.output[idx],), s.output[idx]) for s in parent.options)
-        return NodeStrategies(node.name, opts, "follow", follows=parent.follows or parent.name), None
+        return NodeStrategies(node.name, opts, Source.FOLLOW, follows=parent.follows or parent.name), None
     refs = node.refs()
     if not refs:
-        return NodeStrategies(node.name, (_replicated(node, 0, mesh_shape),), "factory"), None
+        return NodeStrategies(node.name, (_replicated(node, 0, mesh_shape),), Source.FACTORY), None
     if rules.is_random(node.target) and rules.lookup(node.target) is None:
         # drawn whole on every rank from the same generator state: the values
         # one device draws (DTensor's rules would draw each shard apart)
-        return NodeStrategies(node.name, (_replicated(node, len(refs), mesh_shape),), "dtplan"), None
+        return NodeStrategies(node.name, (_replicated(node, len(refs), mesh_shape),), Source.DTPLAN), None
     raw, source, reason = _rule_strategies(node, mesh_shape, metas, candidates)
     opts = _filter(node, raw, mesh_shape, metas, candidates) if raw else ()
     if not opts:
         reason = reason or "no strategy with even shards on this mesh"
         return (
-            NodeStrategies(node.name, (_replicated(node, len(refs), mesh_shape),), "fallback"),
+            NodeStrategies(node.name, (_replicated(node, len(refs), mesh_shape),), Source.FALLBACK),
             Fallback(node.name, node.op_name, reason),
         )
     return NodeStrategies(node.name, opts, source), None
@@ -195,10 +207,10 @@ def _placeholder(node: Node, mesh_shape, fixed) -> NodeStrategies:
                 f"placement {[str(p) for p in pl]} for input {node.name!r} of shape {list(meta.shape)} "
                 f"does not shard evenly on mesh {list(mesh_shape)}"
             )
-        return NodeStrategies(node.name, (Strategy((), pl),), "placeholder")
+        return NodeStrategies(node.name, (Strategy((), pl),), Source.PLACEHOLDER)
     if node.role in (Role.PARAM, Role.BUFFER):
-        return NodeStrategies(node.name, tuple(Strategy((), p) for p in placeholder_options(meta, mesh_shape)), "placeholder")
-    return NodeStrategies(node.name, (Strategy((), (Replicate(),) * len(mesh_shape)),), "placeholder")
+        return NodeStrategies(node.name, tuple(Strategy((), p) for p in placeholder_options(meta, mesh_shape)), Source.PLACEHOLDER)
+    return NodeStrategies(node.name, (Strategy((), (Replicate(),) * len(mesh_shape)),), Source.PLACEHOLDER)
 
 
 def _replicated(node: Node, n_inputs: int, mesh_shape) -> Strategy:
@@ -212,12 +224,12 @@ def _rule_strategies(node: Node, mesh_shape, metas, candidates):
     if own is not None:
         per_axis = own(node, metas)
         if not per_axis:
-            return [], "fallback", "dtplan's rule for this op does not cover these shapes"
-        return expand_single_dim_rules(mesh_shape, per_axis, len(node.refs()), node.meta), "dtplan", None
+            return [], Source.FALLBACK, "dtplan's rule for this op does not cover these shapes"
+        return expand_single_dim_rules(mesh_shape, per_axis, len(node.refs()), node.meta), Source.DTPLAN, None
     if dtensor_rule_kind(node.target) is None:
-        return [], "fallback", "no sharding rule for this op (DTensor or dtplan)"
+        return [], Source.FALLBACK, "no sharding rule for this op (DTensor or dtplan)"
     try:
-        return op_strategies(mesh_shape, node.target, node.args, node.kwargs, metas, candidates, node.meta), "dtensor", None
+        return op_strategies(mesh_shape, node.target, node.args, node.kwargs, metas, candidates, node.meta), Source.DTENSOR, None
     except Exception as e:  # noqa: BLE001 - a rule that rejects these args is a fallback, listed
         why = f"DTensor rule failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     refs = node.refs()
@@ -231,8 +243,8 @@ def _rule_strategies(node: Node, mesh_shape, metas, candidates):
             except Exception:  # noqa: BLE001 - that placement has no strategy; the others may
                 continue
         if found:
-            return found, "dtensor", None
-    return [], "fallback", why
+            return found, Source.DTENSOR, None
+    return [], Source.FALLBACK, why
 
 
 def _filter(node: Node, raw, mesh_shape, metas, candidates) -> tuple[Strategy, ...]:

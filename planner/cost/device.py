@@ -1,6 +1,6 @@
 """Alpha-beta cost model for collectives and a roofline compute model.
 
-Device profiles are data: JSON files in ``planner/profiles/`` (or any path).
+Device profiles are data: JSON files in ``planner/cost/profiles/`` (or any path).
 All times are in seconds; ``to_ns`` converts to the integer nanoseconds used
 by the integer program.
 """
@@ -224,7 +224,7 @@ def _require_int(what: str, value: Any) -> None:
 
 
 def available_profiles() -> tuple[str, ...]:
-    """Names of the profiles shipped in planner/profiles/ (sorted)."""
+    """Names of the profiles shipped in planner/cost/profiles/ (sorted)."""
     return tuple(sorted(p.stem for p in PROFILES_DIR.glob("*.json")))
 
 

@@ -4,21 +4,20 @@ no pickle anywhere.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ir.graph import Graph, Role
-from planner._dtensor import Placements, format_placements, parse_placement
-from planner.cost import bytes_sent_per_rank
-from planner.memory import peak_bytes, stored_values
-from planner.mesh import MeshSpec
-from planner.pricing import Pricer, local_shape
-from planner.hubs import reads_via_hub
-from planner.strategies import Fallback, Strategy, StrategySpace, hub_name
+from dtplan.ir.graph import Graph, Role
+from dtplan.planner.cost.pricing import Pricer, local_shape
+from dtplan.planner.evaluate import NodePlan, PlannedCollective
+from dtplan.planner.mesh import MeshSpec
+from dtplan.planner.space._dtensor import Placements, format_placements, is_multi_output, parse_placement
+from dtplan.planner.space.strategies import Fallback
 
-__all__ = ["PLAN_VERSION", "NodePlan", "Plan", "PlanError", "PlannedCollective", "evaluate"]
+__all__ = ["PLAN_VERSION", "CostSummary", "ModelInfo", "NodePlan", "Plan", "SolverSummary", "PlanError", "PlannedCollective", "parameter_table"]
 
 PLAN_VERSION = 1
 
@@ -27,33 +26,81 @@ class PlanError(ValueError):
     """A plan file that is malformed or does not match the model or mesh."""
 
 
-@dataclass(frozen=True, slots=True)
-class NodePlan:
-    op: str
-    module: str
-    inputs: tuple[Placements, ...]
-    output: Placements | tuple[Placements | None, ...]
+@dataclass(frozen=True, kw_only=True)
+class ModelInfo:
+    """What was planned: the plan file's `model` section."""
+
+    name: str = "model"
+    num_nodes: int = 0
+    #: the captured graph's signature: a plan runs only on the graph it was made for
+    graph_signature: str = ""
+    train: bool = False
+    #: training: the optimizer whose state the memory model sizes, and
+    #: parameter FQN -> the graph output holding its gradient
+    optimizer: str | None = None
+    gradients: Mapping[str, str] = field(default_factory=dict)
+    #: the model file and its options, when planned from one (CLI)
+    source: str | None = None
+    options: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CostSummary:
+    """The predicted step per device: the plan file's `cost` section."""
+
+    total_s: float
     compute_s: float
-    #: per input: read through the producer's hub (else its output as is)
-    via_hub: tuple[bool, ...] = ()
+    comm_s: float
+    #: bytes each device sends over the step
+    comm_bytes: float
+    peak_memory_bytes: int
+    #: parts of the peak: parameters and buffers, their optimizer state,
+    #: gradients in their parameters' placements (inside activation_bytes too)
+    parameter_bytes: int
+    optimizer_bytes: int
+    gradient_bytes: int
+    activation_bytes: int
 
 
-@dataclass(frozen=True, slots=True)
-class PlannedCollective:
-    kind: str
-    axis: str
-    bytes: int
-    time_s: float
-    #: the value being redistributed and the node (or "output") that wants it
-    producer: str
-    node: str
-    module: str
+@dataclass(frozen=True, kw_only=True)
+class SolverSummary:
+    """How the plan was found: the plan file's `solver` section."""
+
+    status: str
+    #: objective and bound of the integer program, in nanoseconds
+    objective: int
+    bound: int
+    gap: float
+    wall_s: float
+    #: the ladder step that returned (see dtplan.planner.solver)
+    method: str
+    variables: int
+    constraints: int
+    layers_folded: int = 0
+    nodes_folded: int = 0
+    #: the mesh the program was solved on (outer axes merged on 3-axis meshes)
+    planned_mesh: tuple[int, ...] = ()
+
+
+def _section(cls, d: object, name: str):
+    if not isinstance(d, Mapping):
+        raise PlanError(f"malformed plan file: '{name}' is not an object")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise PlanError(f"malformed plan file: unknown key(s) {unknown} in '{name}'")
+    return cls(**d)
+
+
+def _section_json(section) -> dict:
+    out = dataclasses.asdict(section)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 
 @dataclass(frozen=True, kw_only=True)
 class Plan:
     version: int = PLAN_VERSION
-    model: Mapping[str, object]
+    model: ModelInfo
     mesh: MeshSpec
     profile: Mapping[str, str]
     memory_budget_bytes: int | None
@@ -62,21 +109,21 @@ class Plan:
     parameters: Mapping[str, Placements]
     parameter_info: Mapping[str, Mapping[str, object]]
     nodes: Mapping[str, NodePlan]
-    #: values redistributed once for all their readers (see planner.hubs)
+    #: values redistributed once for all their readers (see dtplan.planner.reduce.hubs)
     hubs: Mapping[str, Placements]
     collectives: tuple[PlannedCollective, ...]
     fallbacks: tuple[Fallback, ...]
-    cost: Mapping[str, float]
-    solver: Mapping[str, object]
+    cost: CostSummary
+    solver: SolverSummary
     stage_seconds: Mapping[str, float] = field(default_factory=dict)
-    #: the classic plans under the same cost model (planner.classic), if asked
+    #: the classic plans under the same cost model (dtplan.planner.output.classic), if asked
     comparison: tuple[Mapping[str, object], ...] = ()
 
     # ------------------------------------------------------------------ json
     def to_json(self) -> dict:
         return {
             "version": self.version,
-            "model": dict(self.model),
+            "model": _section_json(self.model),
             "mesh": self.mesh.to_json(),
             "profile": dict(self.profile),
             "memory_budget_bytes": self.memory_budget_bytes,
@@ -88,8 +135,8 @@ class Plan:
             "hubs": {k: format_placements(v) for k, v in self.hubs.items()},
             "collectives": [_collective_json(c) for c in self.collectives],
             "fallbacks": [{"node": f.node, "op": f.op, "reason": f.reason} for f in self.fallbacks],
-            "cost": dict(self.cost),
-            "solver": dict(self.solver),
+            "cost": _section_json(self.cost),
+            "solver": _section_json(self.solver),
             "stage_seconds": dict(self.stage_seconds),
             "comparison": [dict(c) for c in self.comparison],
         }
@@ -103,7 +150,7 @@ class Plan:
         try:
             return cls(
                 version=d["version"],
-                model=d["model"],
+                model=_section(ModelInfo, d["model"], "model"),
                 mesh=MeshSpec.from_json(d["mesh"]),
                 profile=d["profile"],
                 memory_budget_bytes=d.get("memory_budget_bytes"),
@@ -115,8 +162,10 @@ class Plan:
                 hubs={k: _pl(v) for k, v in d.get("hubs", {}).items()},
                 collectives=tuple(PlannedCollective(**c) for c in d["collectives"]),
                 fallbacks=tuple(Fallback(**f) for f in d.get("fallbacks", [])),
-                cost=d["cost"],
-                solver=d["solver"],
+                cost=_section(CostSummary, d["cost"], "cost"),
+                solver=dataclasses.replace(
+                    _section(SolverSummary, d["solver"], "solver"), planned_mesh=tuple(d["solver"].get("planned_mesh", ()))
+                ),
                 stage_seconds=d.get("stage_seconds", {}),
                 comparison=tuple(d.get("comparison", ())),
             )
@@ -143,7 +192,7 @@ class Plan:
         """Refuse a plan made for another model or mesh."""
         if tuple(self.mesh.shape) != tuple(mesh.shape):
             raise PlanError(f"the plan is for mesh {self.mesh} but the run uses mesh {mesh}")
-        sig = self.model.get("graph_signature")
+        sig = self.model.graph_signature
         if sig != graph.signature:
             raise PlanError(
                 f"the plan does not match this model: its graph signature is {sig}, the model's is {graph.signature} "
@@ -156,7 +205,7 @@ def _pl(v) -> Placements | None:
 
 
 def _node_json(n: NodePlan) -> dict:
-    multi = bool(n.output) and (n.output[0] is None or isinstance(n.output[0], tuple))
+    multi = is_multi_output(n.output)
     out = [format_placements(o) for o in n.output] if multi else format_placements(n.output)
     return {
         "op": n.op,
@@ -184,78 +233,6 @@ def _collective_json(c: PlannedCollective) -> dict:
         "node": c.node,
         "module": c.module,
     }
-
-
-# ---------------------------------------------------------------------- evaluation
-
-
-@dataclass(frozen=True, slots=True)
-class Evaluation:
-    nodes: Mapping[str, NodePlan]
-    #: shared values and the placement each is redistributed to once
-    hubs: Mapping[str, Placements]
-    collectives: tuple[PlannedCollective, ...]
-    compute_s: float
-    comm_s: float
-    comm_bytes: float
-    #: parameters and buffers per device; optimizer state beside them
-    parameter_bytes: int
-    optimizer_bytes: int
-    peak_memory_bytes: int
-
-
-def evaluate(
-    graph: Graph,
-    space: StrategySpace,
-    pricer: Pricer,
-    mesh: MeshSpec,
-    choice: Mapping[str, int],
-    output_placements: tuple[Placements, ...],
-) -> Evaluation:
-    """Price one choice of strategies under the cost model: the same numbers
-    the integer program minimises, itemised."""
-    chosen: dict[str, Strategy] = {n.name: space.nodes[n.name].options[choice[n.name]] for n in graph}
-    nodes = {
-        n.name: NodePlan(
-            n.op_name, n.module, s.inputs, s.output, pricer.compute_s(n, s), tuple(reads_via_hub(space, u, n.name) for u in n.refs())
-        )
-        for n, s in ((n, chosen[n.name]) for n in graph)
-    }
-    colls: list[PlannedCollective] = []
-
-    hubs = {u: space.hubs[u][choice[hub_name(u)]] for u in space.hubs}
-
-    def edge(u: str, src: Placements, want: Placements, consumer: str, module: str) -> None:
-        for c in pricer.redistribute(graph[u].tensor_meta, src, want):
-            colls.append(PlannedCollective(c.kind, mesh.axis_names[c.axis], c.bytes, c.time_s, u, consumer, module))
-
-    for u, h in hubs.items():  # once per shared value, before its readers
-        edge(u, chosen[u].output, h, "hub", graph[u].module)
-    for v in graph:
-        if space.nodes[v.name].source == "follow":
-            continue
-        for i, u in enumerate(v.refs()):
-            src = hubs[u] if reads_via_hub(space, u, v.name) else chosen[u].output
-            edge(u, src, chosen[v.name].inputs[i], v.name, v.module)
-    for u, want in zip(graph.outputs, output_placements, strict=True):
-        src = hubs.get(u, chosen[u].output)
-        edge(u, src, chosen[want].output if isinstance(want, str) else want, "output", graph[u].module)
-    per_node = {n.name: pricer.bytes_per_device(n.tensor_meta, chosen[n.name].output) for n in graph if n.tensor_meta is not None}
-    stored_names = stored_values(graph)
-    stored = sum(per_node[name] for name in stored_names)
-    resident = sum(pricer.resident_bytes(graph[name], chosen[name].output) for name in stored_names)
-    peak = resident + peak_bytes(graph, per_node.__getitem__)
-    return Evaluation(
-        nodes=nodes,
-        hubs=hubs,
-        collectives=tuple(colls),
-        compute_s=sum(p.compute_s for p in nodes.values()),
-        comm_s=sum(c.time_s for c in colls),
-        comm_bytes=sum(bytes_sent_per_rank(c.kind, c.bytes, mesh.shape[mesh.axis_index(c.axis)]) for c in colls),
-        parameter_bytes=stored,
-        optimizer_bytes=resident - stored,
-        peak_memory_bytes=peak,
-    )
 
 
 def parameter_table(graph: Graph, mesh: MeshSpec, nodes: Mapping[str, NodePlan], pricer: Pricer) -> tuple[dict, dict]:

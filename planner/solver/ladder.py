@@ -1,0 +1,426 @@
+"""The solve ladder: the placement program (`formulation`) tried by the cheap
+methods first. Each step takes the shared `SolveState` and returns a
+`SolveResult` or None; `solve` runs `LADDER` in order and returns the first
+result.
+
+1. `lp_relaxation`: the LP relaxation (HiGHS dual simplex, chosen over GLOP,
+   PDLP and interior point by measurement; docs/architecture.md), peak rows
+   added lazily (`_lp`). The aggregated edge rows make it integral for most
+   programs without a binding memory row, and an integral LP optimum is an
+   integer optimum.
+2. `lp_rounding`: the LP solution rounded per group, when it fits the memory
+   budget and is within `SolverOptions.rounding_gap` of the LP bound (status
+   FEASIBLE, the bound and gap reported).
+3. `lp_dive`: LP diving (`_dive`) towards an integer plan near the LP bound;
+   its plan is returned when it fits and is within the same gap, else kept as
+   the candidate when it fits.
+4. `lp_fix_cp_sat`: when diving found no plan, CP-SAT with the groups the LP
+   decided fixed (a memory budget binds at a few peaks, so few groups are
+   left), hinted from the rounding; its plan becomes the candidate. It returns
+   nothing: the whole program is searched next.
+5. `cp_sat`: CP-SAT over the whole program, hinted from the candidate (else
+   from the rounding), in the time left; the better of its plan and the
+   candidate. No plan at all under a budget: `MemoryBudgetError`.
+
+When no step returns (the whole-program search found no plan in its time),
+the candidate is the answer, against the LP bound.
+
+CP-SAT runs a parallel portfolio with a fixed seed; the tie-break in the
+objective (`PlacementProgram.objective`) keeps its answer stable. CP-SAT
+variables carry readable names (`x[n=<node>,s=<k>]`, `e[<u>-><v>:<i>,o=<k>,r=<k>]`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import highspy
+import numpy as np
+from ortools.sat.python import cp_model
+
+from dtplan.ir.graph import Graph
+from dtplan.planner.cost.device import to_ns
+from dtplan.planner.cost.pricing import Pricer
+from dtplan.planner.evaluate import evaluate
+from dtplan.planner.mesh import MeshSpec, format_bytes
+from dtplan.planner.solver.formulation import PlacementProgram
+from dtplan.planner.solver.program import add_highs_rows
+from dtplan.planner.space._dtensor import Placements
+from dtplan.planner.space.strategies import StrategySpace
+
+__all__ = [
+    "LADDER",
+    "MemoryBudgetError",
+    "SolveResult",
+    "SolveState",
+    "SolverOptions",
+    "Step",
+    "cp_sat",
+    "least_memory",
+    "lp_dive",
+    "lp_fix_cp_sat",
+    "lp_relaxation",
+    "lp_rounding",
+    "solve",
+]
+
+log = logging.getLogger(__name__)
+
+
+class MemoryBudgetError(ValueError):
+    """No plan fits the per-device memory budget."""
+
+    def __init__(self, budget: int, least: int, exact: bool = True) -> None:
+        self.budget, self.least = budget, least
+        what = "is" if exact else "is at least"
+        super().__init__(
+            f"no plan fits the memory budget of {format_bytes(budget)} ({budget} bytes) per device; "
+            f"the least memory any plan needs {what} {format_bytes(least)} ({least} bytes) per device"
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SolverOptions:
+    #: seconds for the LP (HiGHS's limit; past it planning fails) and for
+    #: each CP-SAT search; diving stops half of it after the start, and the
+    #: whole-program search started from a plan gets what is left (at least 1 s)
+    time_limit_s: float = 60.0
+    workers: int = 8
+    seed: int = 0
+    #: accept the LP solution rounded per group (or diving's plan) when it
+    #: fits the memory budget and is within this relative gap of the LP bound
+    rounding_gap: float = 0.01
+
+
+@dataclass(frozen=True, slots=True)
+class SolveResult:
+    #: chosen strategy index per node
+    choice: Mapping[str, int]
+    status: str
+    objective_ns: int
+    bound_ns: int
+    wall_s: float
+    #: "lp-relaxation" (integral LP optimum), "lp-rounding", "lp-dive",
+    #: "lp-fix+cp-sat" or "cp-sat"
+    method: str
+    variables: int
+    constraints: int
+    #: seconds spent building the program (included in wall_s)
+    build_s: float = 0.0
+
+    @property
+    def gap(self) -> float:
+        return 0.0 if self.objective_ns == 0 else abs(self.objective_ns - self.bound_ns) / abs(self.objective_ns)
+
+
+class LP(NamedTuple):
+    """The LP relaxation's optimum: its bound (ns), each variable's value
+    then, and the HiGHS instance (diving goes on from its basis)."""
+
+    bound: int
+    value: Callable[[int], float]
+    highs: highspy.Highs
+
+
+class Candidate(NamedTuple):
+    """A plan a step found on the way, returned unless the whole-program
+    search finds a cheaper one."""
+
+    choice: dict[str, int]
+    #: ns, as its step priced it (diving: `evaluate`; lp-fix: the program)
+    objective: int
+    #: the step's name, the result's `method` when the candidate is returned
+    method: str
+
+
+@dataclass
+class SolveState:
+    """What the steps share: the problem, the built program, and what the
+    steps before found."""
+
+    graph: Graph
+    space: StrategySpace
+    pricer: Pricer
+    output_placements: tuple[Placements | str, ...]
+    memory_budget: int | None
+    options: SolverOptions
+    model: PlacementProgram
+    t0: float
+    build_s: float
+    #: the program's size as built, before any lazy row: the size the
+    #: lp-relaxation and lp-rounding results report
+    built: dict[str, int]
+    lp: LP | None = None
+    #: the LP solution rounded per group
+    rounded: dict[str, int] | None = None
+    candidate: Candidate | None = None
+
+    @classmethod
+    def start(cls, graph, space, pricer, output_placements, memory_budget, options) -> SolveState:
+        """Build the program (its time counts as the solve's)."""
+        t0 = time.perf_counter()
+        model = PlacementProgram(graph, space, pricer)
+        model.build(output_placements, memory_budget)
+        build_s = time.perf_counter() - t0
+        built = model.program.size
+        log.debug("program: %d variables, %d constraints, built in %.2fs", built["variables"], built["constraints"], build_s)
+        return cls(graph, space, pricer, output_placements, memory_budget, options, model, t0, build_s, built)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def result(self, choice, status: str, objective: int, bound: int, method: str, *, size=None, wall: float | None = None) -> SolveResult:
+        """A result; its size the program's now unless given."""
+        size = self.model.program.size if size is None else size
+        wall = self.elapsed() if wall is None else wall
+        return SolveResult(choice, status, objective, bound, wall, method, **size, build_s=self.build_s)
+
+    def candidate_result(self, bound: int, wall: float | None = None) -> SolveResult:
+        """The candidate as the answer, against `bound`."""
+        c = self.candidate
+        assert c is not None
+        status = "OPTIMAL" if c.objective <= bound else "FEASIBLE"
+        return self.result(c.choice, status, c.objective, min(bound, c.objective), c.method, wall=wall)
+
+    def price(self, choice: Mapping[str, int]) -> tuple[int, int]:
+        """(predicted time in ns, peak bytes per device) of one choice."""
+        shape = self.pricer.mesh_shape
+        mesh = MeshSpec(shape, tuple(f"d{i}" for i in range(len(shape))))
+        ev = evaluate(self.graph, self.space, self.pricer, mesh, choice, self.output_placements)
+        return to_ns(ev.compute_s + ev.comm_s), ev.peak_memory_bytes
+
+    def fits(self, peak: int) -> bool:
+        return self.memory_budget is None or peak <= self.memory_budget
+
+    def within_gap(self, cost_ns: int) -> bool:
+        assert self.lp is not None
+        return cost_ns - self.lp.bound <= self.options.rounding_gap * cost_ns
+
+
+#: one rung: a result, or None to go on
+Step = Callable[[SolveState], "SolveResult | None"]
+
+
+# --------------------------------------------------------------------- steps
+def lp_relaxation(s: SolveState) -> SolveResult | None:
+    """The LP relaxation; its optimum when integral."""
+    s.lp = _lp(s.model, s.options)
+    if s.lp is None:
+        return None
+    s.rounded, integral = s.model.choice(s.lp.value)
+    if not integral:
+        return None
+    log.debug("ILP solved by its LP relaxation: %.3fs", s.elapsed())
+    return s.result(s.rounded, "OPTIMAL", s.lp.bound, s.lp.bound, "lp-relaxation", size=s.built)
+
+
+def lp_rounding(s: SolveState) -> SolveResult | None:
+    """The LP solution rounded per group, when it fits and is within the gap."""
+    if s.lp is None:
+        return None
+    cost_ns, peak = s.price(s.rounded)
+    if s.fits(peak) and s.within_gap(cost_ns):
+        return s.result(s.rounded, "FEASIBLE", cost_ns, min(s.lp.bound, cost_ns), "lp-rounding", size=s.built)
+    return None
+
+
+def lp_dive(s: SolveState) -> SolveResult | None:
+    """Diving's plan when it fits and is within the gap; when it only
+    fits, the candidate."""
+    if s.lp is None:
+        return None
+    dive = _dive(s.model, s.lp.highs, s.t0 + s.options.time_limit_s / 2)
+    if dive is None:
+        return None
+    choice, _ = s.model.choice(dive)
+    cost_ns, peak = s.price(choice)
+    log.debug("LP dive: %d ns (LP bound %d), peak %d, %.2fs", cost_ns, s.lp.bound, peak, s.elapsed())
+    if not s.fits(peak):
+        return None
+    s.candidate = Candidate(choice, cost_ns, "lp-dive")
+    if s.within_gap(cost_ns):
+        return s.result(choice, "FEASIBLE", cost_ns, min(s.lp.bound, cost_ns), "lp-dive")
+    return None
+
+
+def lp_fix_cp_sat(s: SolveState) -> SolveResult | None:
+    """When diving found no plan: CP-SAT over the groups the LP left
+    fractional (the others fixed as the LP decided them), hinted from the
+    rounding, in the whole time limit. Its plan becomes the candidate; the
+    step itself returns nothing."""
+    s.model.add_pending()
+    if s.lp is None or s.candidate is not None:
+        return None
+    value = s.lp.value
+    fixed = [(xs, k) for xs in s.model.leaders() for k, x in enumerate(xs) if value(x) >= 1 - 1e-6]
+    if not fixed:
+        return None
+    solver, vs, status, scale = _cp_sat(s.model, s.options, s.rounded, fixed, s.options.time_limit_s)
+    if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        choice = s.model.choice(lambda x: float(solver.BooleanValue(vs[x])))[0]
+        s.candidate = Candidate(choice, int(round(solver.ObjectiveValue())) // scale, "lp-fix+cp-sat")
+    log.debug("CP-SAT with %d groups fixed from the LP: %s", len(fixed), solver.StatusName(status))
+    return None
+
+
+def cp_sat(s: SolveState) -> SolveResult | None:
+    """CP-SAT over the whole program, hinted from the candidate (else the
+    rounding), in the time left (all of it without a candidate). Its plan,
+    unless the candidate is strictly better; None when it found no plan
+    but there is a candidate."""
+    s.model.add_pending()
+    first = s.candidate
+    left = max(1.0, s.options.time_limit_s - s.elapsed()) if first else s.options.time_limit_s
+    solver, vs, status, scale = _cp_sat(s.model, s.options, first.choice if first else s.rounded, [], left)
+    wall = s.elapsed()
+    name = solver.StatusName(status)
+    size = s.model.program.size
+    log.debug("ILP %s: %d vars, %d constraints, %.3fs", name, size["variables"], size["constraints"], wall)
+    if status == cp_model.INFEASIBLE and s.memory_budget is not None:
+        raise MemoryBudgetError(s.memory_budget, *least_memory(s.graph, s.space, s.pricer, s.options))
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        if first is None:
+            raise RuntimeError(f"the solver found no plan: status {name} after {wall:.1f}s")
+        return None
+    bound = -(-int(round(solver.BestObjectiveBound())) // scale)
+    objective = int(round(solver.ObjectiveValue())) // scale
+    if first is not None and first.objective < objective:
+        return s.candidate_result(bound, wall)
+    choice = s.model.choice(lambda x: float(solver.BooleanValue(vs[x])))[0]
+    return s.result(choice, name, objective, min(bound, objective), "cp-sat", wall=wall)
+
+
+#: the steps `solve` runs, in order
+LADDER: tuple[Step, ...] = (lp_relaxation, lp_rounding, lp_dive, lp_fix_cp_sat, cp_sat)
+
+
+def solve(
+    graph: Graph,
+    space: StrategySpace,
+    pricer: Pricer,
+    *,
+    output_placements: tuple[Placements | str, ...],
+    memory_budget: int | None = None,
+    options: SolverOptions = SolverOptions(),
+    steps: Sequence[Step] | None = None,
+) -> SolveResult:
+    """Choose one strategy per node minimising predicted step time: the
+    first result of `steps` (default `LADDER`, see the module docstring),
+    else the candidate a step left."""
+    s = SolveState.start(graph, space, pricer, output_placements, memory_budget, options)
+    for step in LADDER if steps is None else steps:
+        result = step(s)
+        if result is not None:
+            return result
+    if s.candidate is None:
+        raise RuntimeError("the solver found no plan")
+    return s.candidate_result(s.lp.bound if s.lp is not None else 0)
+
+
+def least_memory(graph: Graph, space: StrategySpace, pricer: Pricer, options: SolverOptions) -> tuple[int, bool]:
+    """The smallest per-device peak any plan reaches (for error messages),
+    and whether it is exact (else a lower bound: the search ran out of time)."""
+    m, peak = PlacementProgram.least_memory_model(graph, space, pricer)
+    solver = _cp_solver(options)
+    status = solver.Solve(m)
+    if status == cp_model.OPTIMAL:
+        return int(solver.Value(peak)), True
+    return int(np.ceil(solver.BestObjectiveBound())), False
+
+
+# --------------------------------------------------------------------- LP
+def _lp(model: PlacementProgram, options: SolverOptions) -> LP | None:
+    """The LP relaxation's optimum (HiGHS dual simplex), None when it has
+    none (an infeasible budget). Peak rows are added lazily: solve, add the
+    rows the solution violates, re-solve from the last basis, until none is
+    violated. The result is the LP optimum with every row; a budget that
+    binds nowhere costs (nearly) nothing."""
+    t = time.perf_counter()
+    h = model.program.highs(model.objective(1), options.time_limit_s)
+    status, rounds, added = _solve_lazily(model, h)
+    log.debug(
+        "LP: %s, %d simplex iterations, %d round(s), %d peak rows added, %.2fs",
+        h.modelStatusToString(status), h.getInfo().simplex_iteration_count, rounds, added, time.perf_counter() - t,
+    )
+    if status == highspy.HighsModelStatus.kTimeLimit:
+        size = model.program.size
+        raise RuntimeError(
+            f"the LP relaxation did not finish within {options.time_limit_s:g}s ({size['variables']} variables, "
+            f"{size['constraints']} constraints); raise the time limit (--time-limit) or plan on a mesh with fewer axes"
+        )
+    if status != highspy.HighsModelStatus.kOptimal:
+        return None
+    values = h.getSolution().col_value
+    return LP(int(round(h.getInfo().objective_function_value)) + model.const_ns, values.__getitem__, h)
+
+
+def _solve_lazily(model: PlacementProgram, h: highspy.Highs) -> tuple:
+    """Solve, adding violated peak rows until none is: (status, rounds, rows added)."""
+    rounds = added = 0
+    while True:
+        h.run()
+        rounds += 1
+        status = h.getModelStatus()
+        if status != highspy.HighsModelStatus.kOptimal or not model.pending_rows:
+            return status, rounds, added
+        first = len(model.program.rows)
+        n = model.add_violated(np.asarray(h.getSolution().col_value))
+        if not n:
+            return status, rounds, added
+        added += n
+        add_highs_rows(h, model.program.rows[first:])
+
+
+def _dive(model: PlacementProgram, h: highspy.Highs, deadline: float) -> Callable[[int], float] | None:
+    """LP diving: fix the fractional groups the LP weighs most (a quarter of
+    them at a time) to their heaviest strategy and re-solve from the last
+    basis, until the LP is integral. A batch that leaves the LP without an
+    optimum is undone and the heaviest group alone is tried instead; when
+    that fails too, or at `deadline`, diving gives up (None). Gives an
+    integer plan whose cost stays near the LP bound where a memory budget
+    binds."""
+    leaders = model.leaders()
+    while time.perf_counter() < deadline:
+        values = np.asarray(h.getSolution().col_value)
+        frac = []
+        for xs in leaders:
+            vals = values[xs]
+            k = int(np.argmax(vals))
+            if vals[k] < 1 - 1e-6:
+                frac.append((float(vals[k]), xs[k]))
+        if not frac:
+            return values.__getitem__
+        frac.sort(reverse=True)
+        for batch in (frac[: max(1, len(frac) // 4)], frac[:1]):
+            for _, x in batch:
+                h.changeColBounds(x, 1.0, 1.0)
+            if _solve_lazily(model, h)[0] == highspy.HighsModelStatus.kOptimal:
+                break
+            for _, x in batch:
+                h.changeColBounds(x, 0.0, 1.0)
+        else:
+            return None
+    return None
+
+
+# --------------------------------------------------------------------- CP-SAT
+def _cp_solver(options: SolverOptions) -> cp_model.CpSolver:
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = options.time_limit_s
+    solver.parameters.num_workers = options.workers
+    solver.parameters.random_seed = options.seed
+    # parallel portfolio; the tie-break in the objective keeps the answer stable
+    return solver
+
+
+def _cp_sat(model: PlacementProgram, options: SolverOptions, hint: Mapping[str, int] | None, fixed: list, time_limit_s: float) -> tuple:
+    """CP-SAT on the whole program with `fixed` (choice variables, index)
+    set, hinted from `hint` (a choice per node and hub): (solver, variables,
+    status, scale)."""
+    m, vs, scale = model.cp_sat(hint, fixed)
+    solver = _cp_solver(dataclasses.replace(options, time_limit_s=time_limit_s))
+    return solver, vs, solver.Solve(m), scale
