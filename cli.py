@@ -10,9 +10,11 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 __all__ = ["main"]
@@ -164,9 +166,11 @@ def cmd_run(args) -> int:
     from dtplan.ir.modelfile import capture_model_file, load_model_file
     from dtplan.planner.mesh import parse_mesh
     from dtplan.planner.output.plan import Plan, PlanError
+    from dtplan.runtime.launch import check_rank_count
     from dtplan.runtime.run import run_model_file
 
     progress = _Progress(args.quiet)
+    check_rank_count(parse_mesh(args.mesh).size)  # before planning for a mesh this machine cannot run
     if args.plan:
         plan = Plan.load(args.plan)
         mesh = parse_mesh(args.mesh)
@@ -248,8 +252,8 @@ def _parser() -> argparse.ArgumentParser:
     planning(r)
     r.add_argument("--plan", help="plan.json to run (default: plan first)")
     r.add_argument("--check", action="store_true", help="compare outputs (training: every loss and the final parameters) with one device")
-    r.add_argument("--steps", type=int, default=5, help="training steps to run (with --train)")
-    r.add_argument("--lr", type=float, default=1e-3, help="learning rate (with --train)")
+    r.add_argument("--steps", type=_positive(int), default=5, help="training steps to run (with --train)")
+    r.add_argument("--lr", type=_positive(float), default=1e-3, help="learning rate (with --train)")
     r.set_defaults(func=cmd_run)
 
     rep = sub.add_parser("report", help="render report.html again from a saved plan")
@@ -269,14 +273,49 @@ def quiet_torch_warnings() -> None:
     torch._logging.set_logs(all=logging.ERROR)
 
 
+def _positive(kind: type) -> Callable[[str], object]:
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text} is not positive")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def _negative_values_joined(argv: list[str]) -> list[str]:
+    """`--memory -5GB` as `--memory=-5GB`: argparse takes a value that starts
+    with '-' for an option and prints its usage screen; joined, the value
+    reaches its own check and gets its own one-line error."""
+    out: list[str] = []
+    for a in argv:
+        if out and out[-1] in _VALUED and out[-1].startswith("--") and a[:1] == "-" and a[1:2].isdigit():
+            out[-1] = f"{out[-1]}={a}"
+        else:
+            out.append(a)
+    return out
+
+
+#: options that take a value a user may write negative by mistake
+_VALUED = ("--memory", "--steps", "--lr")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(_negative_values_joined(sys.argv[1:] if argv is None else argv))
     quiet_torch_warnings()
     try:
         return args.func(args)
     except KeyboardInterrupt:
         print("dtplan: interrupted", file=sys.stderr)
         return 130
+    except SystemExit as e:
+        if e.code == 128 + signal.SIGTERM:  # raised by the launcher's SIGTERM handler, ranks already ended
+            print("dtplan: terminated", file=sys.stderr)
+        raise
     except Exception as e:  # noqa: BLE001 - one clear line, no traceback (DTPLAN_DEBUG=1 shows it)
         if os.environ.get("DTPLAN_DEBUG"):
             raise

@@ -78,6 +78,7 @@ def capture(model: torch.nn.Module, example_inputs: tuple) -> Captured:
 
     Works on meta tensors (planning only) and on real ones.
     """
+    _check_names(model)
     t0 = time.perf_counter()
     try:
         # export prints the partial graph to stderr on some failures; the
@@ -93,6 +94,15 @@ def capture(model: torch.nn.Module, example_inputs: tuple) -> Captured:
     seconds = time.perf_counter() - t0
     log.debug("export + decompositions: %.3fs", seconds)
     return dataclasses.replace(lift(ep), seconds=seconds, out_spec=ep.call_spec.out_spec)
+
+
+def _check_names(model: torch.nn.Module) -> None:
+    """torch.export writes module names into generated Python code: a
+    ModuleDict key with a quote or backslash breaks it with a SyntaxError
+    that names neither the key nor the model. Say which."""
+    for name, _ in model.named_modules():
+        if any(c in name for c in "'\"\\\n"):
+            raise CaptureError(f"module name {name!r} holds a quote, backslash or newline, which torch.export cannot trace: rename that ModuleDict key")
 
 
 def _explain_export_failure(e: Exception) -> str:
@@ -273,6 +283,7 @@ def capture_training(model: torch.nn.Module, example_inputs: tuple, loss_fn: Cal
     of depth).
     """
     t0 = time.perf_counter()
+    _check_names(model)
     if not any(p.requires_grad for p in model.parameters()):
         raise CaptureError("the model has no trainable parameters; there is nothing to train")
     step = _TrainStep(model, loss_fn)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import sys
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,17 +34,20 @@ class ModelFile:
     def name(self) -> str:
         return self.path.stem
 
+    def _call(self, what: str, fn: Callable):
+        try:
+            return fn(**self.options)
+        except Exception as e:  # noqa: BLE001 - user code: report it in one line, naming where
+            raise ModelFileError(f"{self.path}: {what}({_kwargs(self.options)}) raised {type(e).__name__}: {e}{_where(e)}") from e
+
     def build(self, *, meta: bool = False, train: bool = False) -> tuple[torch.nn.Module, tuple]:
         """The model and its example inputs, on the meta device when only
         planning; in train mode for training (dropout on, batch norm on batch
         statistics), else in eval mode, as a user serving it expects."""
         device = torch.device("meta") if meta else torch.device("cpu")
-        try:
-            with device:
-                model = self.build_model(**self.options)
-                inputs = self.example_inputs(**self.options)
-        except Exception as e:  # noqa: BLE001 - user code: report it in one line, naming where
-            raise ModelFileError(f"{self.path}: build_model()/example_inputs() raised {type(e).__name__}: {e}") from e
+        with device:
+            model = self._call("build_model", self.build_model)
+            inputs = self._call("example_inputs", self.example_inputs)
         if not isinstance(model, torch.nn.Module):
             raise ModelFileError(f"{self.path}: build_model() returned {type(model).__name__}, not a torch.nn.Module")
         if not isinstance(inputs, tuple) or not all(isinstance(t, torch.Tensor) for t in inputs):
@@ -97,3 +101,18 @@ def capture_model_file(mf: ModelFile, *, train: bool):
         real = capture(*mf.build(meta=False))
         captured = dataclasses.replace(captured, constants=real.constants)
     return captured
+
+
+def _kwargs(options: Mapping[str, str]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in options.items())
+
+
+def _where(e: BaseException) -> str:
+    """' (at FILE:LINE: code)' for the innermost frame outside torch and this
+    module (the user's code, where it went wrong), else ''."""
+    torch_dir = str(Path(torch.__file__).resolve().parent)
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if not f.filename.startswith(torch_dir) and f.filename != __file__]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" (at {f.filename}:{f.lineno}: {(f.line or '').strip()})"

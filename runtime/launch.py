@@ -10,10 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import tempfile
+import threading
+import time
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,7 +27,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from dtplan.planner.mesh import MeshSpec
 
-__all__ = ["LaunchError", "device_type", "launched_by_torchrun", "process_group", "spawn"]
+__all__ = ["LaunchError", "check_rank_count", "device_type", "launched_by_torchrun", "process_group", "spawn"]
 
 #: a rank's work: (rank, mesh) -> JSON-serialisable result
 Work = Callable[[int, DeviceMesh], object]
@@ -80,6 +83,9 @@ def _rank_main(rank: int, mesh_json: dict, work: Work, folder: str) -> None:
         # the ranks share this machine's cores: one share each, not every
         # rank running a thread per core (4 ranks on 2 cores ran 8 threads)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // mesh.size))
+    # the parent owns interruption: on Ctrl-C (sent to the whole process
+    # group) it ends the ranks itself, so they print no tracebacks of their own
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     out = Path(folder) / f"rank{rank}.json"
     try:
         with process_group(mesh, rank=rank, store_path=str(Path(folder) / "store")) as device_mesh:
@@ -100,26 +106,96 @@ def spawn(work: Work, mesh: MeshSpec) -> list[object]:
     """Run `work` on mesh.size spawned ranks; return each rank's result in rank order.
 
     `work` must be a module-level function (it is imported by the children).
+    SIGINT or SIGTERM to this process ends every rank (and removes the
+    rendezvous folder) before it is raised here: KeyboardInterrupt for
+    SIGINT, SystemExit(143) for SIGTERM.
     """
+    check_rank_count(mesh.size)
     with tempfile.TemporaryDirectory(prefix="dtplan-") as folder:
         ctx = mp.start_processes(_rank_main, args=(mesh.to_json(), work, folder), nprocs=mesh.size, join=False, start_method="spawn")
         try:
-            while not ctx.join():
-                pass
-        except mp.ProcessExitedException as e:
-            # killed by a signal: fatal unless every rank had written its
-            # result (gloo now and then aborts a rank while it tears down,
-            # after the teardown barrier, so every result is in by then)
-            if not all((Path(folder) / f"rank{r}.json").exists() for r in range(mesh.size)):
-                raise LaunchError(f"rank {e.error_index} died before its result was written: {e}") from None
-            log.warning("rank %d died while tearing down, after writing its result: %s", e.error_index, e)
-        results = []
-        for r in range(mesh.size):
-            path = Path(folder) / f"rank{r}.json"
-            if not path.exists():
-                raise LaunchError(f"rank {r} exited without a result")
-            data = json.loads(path.read_text())
-            if not data["ok"]:
-                raise LaunchError(f"rank {r} failed: {data['error']}\n{data['traceback']}")
-            results.append(data["result"])
-        return results
+            with _signals_raise():
+                _join(ctx, folder, mesh.size)
+        finally:
+            _end(ctx.processes)
+        return _results(folder, mesh.size)
+
+
+def check_rank_count(ranks: int) -> None:
+    """Refuse a mesh this machine cannot run: more ranks than GPUs, or on CPU
+    more than 4 per core (at least 16; DTPLAN_MAX_RANKS overrides)."""
+    if device_type() == "cuda":
+        have = torch.cuda.device_count()
+        if ranks > have:
+            raise LaunchError(f"the mesh needs {ranks} ranks, one GPU each; this machine has {have}")
+        return
+    cores = os.cpu_count() or 1
+    limit = int(os.environ.get("DTPLAN_MAX_RANKS", max(16, 4 * cores)))
+    if ranks > limit:
+        raise LaunchError(
+            f"the mesh needs {ranks} ranks; this machine runs at most {limit} CPU ranks ({cores} cores; set DTPLAN_MAX_RANKS to change)"
+        )
+
+
+def _join(ctx, folder: str, size: int) -> None:
+    try:
+        while not ctx.join():
+            pass
+    except mp.ProcessExitedException as e:
+        # killed by a signal: fatal unless every rank had written its
+        # result (gloo now and then aborts a rank while it tears down,
+        # after the teardown barrier, so every result is in by then)
+        if not all((Path(folder) / f"rank{r}.json").exists() for r in range(size)):
+            raise LaunchError(f"rank {e.error_index} died before its result was written: {e}") from None
+        log.warning("rank %d died while tearing down, after writing its result: %s", e.error_index, e)
+
+
+def _results(folder: str, size: int) -> list[object]:
+    results = []
+    for r in range(size):
+        path = Path(folder) / f"rank{r}.json"
+        if not path.exists():
+            raise LaunchError(f"rank {r} exited without a result")
+        data = json.loads(path.read_text())
+        if not data["ok"]:
+            raise LaunchError(f"rank {r} failed: {data['error']}\n{data['traceback']}")
+        results.append(data["result"])
+    return results
+
+
+def _end(processes, grace_s: float = 3.0) -> None:
+    """Terminate the ranks still running (SIGTERM, then SIGKILL after `grace_s`)
+    and reap them all, so none outlives the run."""
+    alive = [p for p in processes if p.is_alive()]
+    for p in alive:
+        p.terminate()
+    deadline = time.monotonic() + grace_s
+    for p in alive:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in alive:
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+@contextmanager
+def _signals_raise() -> Iterator[None]:
+    """While ranks run: SIGINT raises KeyboardInterrupt (Python's default,
+    restored in case a caller changed it) and SIGTERM raises SystemExit(143),
+    so the caller's cleanup runs instead of the process dying with its ranks
+    orphaned. Only in the main thread (signals are delivered there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminated(signum, frame):
+        raise SystemExit(128 + signum)
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)

@@ -146,3 +146,19 @@ def test_run_train_check_on_two_ranks(tmp_path, capsys):
     code, out, err = run_cli(capsys, "run", example_path("mlp"), "--mesh", "2", "--train", "--steps", "3", "--check", "--memory", "350KB")
     assert code == 0, err
     assert out.count("losses") == 2 and "check passed" in out
+
+
+def test_an_error_in_the_users_build_names_the_file_function_and_line(tmp_path, capsys):
+    bad = tmp_path / "bad.py"
+    bad.write_text("import torch\ndef build_model():\n    cfg = {}\n    return cfg['hidden']\ndef example_inputs():\n    return (torch.ones(2),)\n")
+    assert cli.main(["compile", str(bad), "--mesh", "2", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert f"{bad}: build_model() raised KeyError: 'hidden' (at {bad}:4: return cfg['hidden'])" in err, err
+
+
+def test_negative_values_get_their_own_one_line_errors(capsys):
+    assert cli.main(["compile", str(example_path("mlp")), "--mesh", "2", "--memory", "-5GB"]) == 1
+    assert "size '-5GB' is -5000000000 bytes" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["run", str(example_path("mlp")), "--mesh", "2", "--train", "--steps", "-3"])
+    assert e.value.code == 2 and "argument --steps: -3 is not positive" in capsys.readouterr().err

@@ -63,3 +63,16 @@ def test_liveness_rows_hold_params_and_the_live_activations():
     # the hidden activation (relu output) and its producer are live together at some point
     names = {n.op_name: n.name for n in g}
     assert any(names["aten.relu.default"] in r and names["aten.mm.default"] in r for r in rows)
+
+
+def test_a_module_name_export_cannot_trace_is_named():
+    class Keys(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.d = torch.nn.ModuleDict({"a'b": torch.nn.Linear(4, 4)})
+
+        def forward(self, x):
+            return self.d["a'b"](x)
+
+    with pytest.raises(CaptureError, match="module name \"d.a'b\" holds a quote"):
+        capture(Keys(), (torch.randn(2, 4),))

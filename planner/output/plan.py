@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ from dtplan.ir.graph import Graph, Role
 from dtplan.planner.cost.pricing import Pricer, local_shape
 from dtplan.planner.evaluate import NodePlan, PlannedCollective
 from dtplan.planner.mesh import MeshSpec
-from dtplan.planner.space._dtensor import Placements, format_placements, is_multi_output, parse_placement
+from dtplan.planner.space._dtensor import Placements, format_placements, is_multi_output, parse_placement, per_output
 from dtplan.planner.space.strategies import Fallback
 
 __all__ = ["PLAN_VERSION", "CostSummary", "ModelInfo", "NodePlan", "Plan", "SolverSummary", "PlanError", "PlannedCollective", "parameter_table"]
@@ -145,10 +146,10 @@ class Plan:
     def from_json(cls, d: Mapping) -> Plan:
         if not isinstance(d, Mapping) or "version" not in d:
             raise PlanError("not a dtplan plan: no 'version' key")
-        if d["version"] != PLAN_VERSION:
+        if type(d["version"]) is not int or d["version"] != PLAN_VERSION:
             raise PlanError(f"plan schema version {d['version']!r} is not supported; this dtplan reads version {PLAN_VERSION}")
         try:
-            return cls(
+            plan = cls(
                 version=d["version"],
                 model=_section(ModelInfo, d["model"], "model"),
                 mesh=MeshSpec.from_json(d["mesh"]),
@@ -169,8 +170,47 @@ class Plan:
                 stage_seconds=d.get("stage_seconds", {}),
                 comparison=tuple(d.get("comparison", ())),
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise PlanError(f"malformed plan file: {type(e).__name__}: {e}") from e
+        plan._check_values()
+        return plan
+
+    def _check_values(self) -> None:
+        """What a plan file must hold whatever the model: one placement per mesh
+        axis everywhere, shard dims that exist, sizes and costs that are
+        finite and not negative."""
+        ndim = self.mesh.ndim
+
+        def placements(pl, where: str, rank: int | None = None) -> None:
+            if pl is None:
+                return
+            if not isinstance(pl, tuple) or len(pl) != ndim:
+                raise PlanError(f"malformed plan file: {where} has {len(pl) if isinstance(pl, tuple) else pl!r} placement(s); mesh {self.mesh} needs {ndim}")
+            for p in pl:
+                if p.is_shard() and (p.dim < 0 or (rank is not None and p.dim >= rank)):
+                    raise PlanError(f"malformed plan file: {where} shards dim {p.dim} of a tensor with {rank} dims")
+
+        budget = self.memory_budget_bytes
+        if budget is not None and (type(budget) is not int or not 0 <= budget < 2**63):
+            raise PlanError(f"malformed plan file: memory_budget_bytes {str(budget)[:40]} is not a byte count (0 to 2**63)")
+        for f in dataclasses.fields(CostSummary):
+            v = getattr(self.cost, f.name)
+            if type(v) not in (int, float) or not math.isfinite(v) or v < 0:
+                raise PlanError(f"malformed plan file: cost.{f.name} is {v!r}, not a finite non-negative number")
+        for name, pl in self.inputs.items():
+            placements(pl, f"input {name!r}")
+        for i, pl in enumerate(self.outputs):
+            placements(pl, f"output {i}")
+        for fqn, pl in self.parameters.items():
+            shape = self.parameter_info.get(fqn, {}).get("shape")
+            placements(pl, f"parameter {fqn!r}", len(shape) if isinstance(shape, list) else None)
+        for name, pl in self.hubs.items():
+            placements(pl, f"hub of {name!r}")
+        for name, n in self.nodes.items():
+            for i, pl in enumerate(n.inputs):
+                placements(pl, f"node {name!r} input {i}")
+            for pl in per_output(n.output):
+                placements(pl, f"node {name!r} output")
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -186,6 +226,8 @@ class Plan:
             raise PlanError(f"plan file {str(path)!r} does not exist") from None
         except json.JSONDecodeError as e:
             raise PlanError(f"plan file {str(path)!r} is not JSON: {e}") from None
+        except UnicodeDecodeError:
+            raise PlanError(f"plan file {str(path)!r} is not JSON text (it does not decode as UTF-8)") from None
         return cls.from_json(data)
 
     def check_matches(self, graph: Graph, mesh: MeshSpec) -> None:
@@ -198,6 +240,47 @@ class Plan:
                 f"the plan does not match this model: its graph signature is {sig}, the model's is {graph.signature} "
                 "(the model, its options or its example inputs changed; plan again)"
             )
+        self._check_against(graph)
+
+    def _check_against(self, graph: Graph) -> None:
+        """Every node planned as the graph has it (op, inputs, outputs, shard
+        dims within its tensors), every parameter named and placed as its
+        node, every input and output placed: a damaged plan stops here, not
+        inside the ranks."""
+        missing = [n.name for n in graph if n.name not in self.nodes]
+        extra = sorted(set(self.nodes) - {n.name for n in graph})
+        if missing or extra:
+            raise PlanError(f"the plan's nodes are not the graph's: missing {missing[:5]}, unknown {extra[:5]}")
+        for n in graph:
+            p = self.nodes[n.name]
+            if p.op != n.op_name or len(p.inputs) != len(n.refs()):
+                raise PlanError(f"plan node {n.name!r} is {p.op} reading {len(p.inputs)} tensor(s); the graph's is {n.op_name} reading {len(n.refs())}")
+            metas = n.meta if isinstance(n.meta, tuple) else (n.meta,)
+            outs = per_output(p.output)
+            if len(outs) != len(metas):
+                raise PlanError(f"plan node {n.name!r} places {len(outs)} output(s); {n.op_name} has {len(metas)}")
+            for pl, meta in zip(outs, metas, strict=True):
+                rank = len(meta.shape) if meta is not None else 0
+                if pl is not None and any(q.is_shard() and q.dim >= rank for q in pl):
+                    raise PlanError(f"plan node {n.name!r} shards a dim its {rank}-dim output does not have: {format_placements(pl)}")
+            for i, (u, pl) in enumerate(zip(n.refs(), p.inputs, strict=True)):
+                rank = len(graph[u].tensor_meta.shape) if graph[u].tensor_meta is not None else 0
+                if any(q.is_shard() and q.dim >= rank for q in pl):
+                    raise PlanError(f"plan node {n.name!r} reads input {i} sharded on a dim its {rank}-dim tensor does not have")
+        by_fqn = {n.fqn: n.name for n in graph if n.role in (Role.PARAM, Role.BUFFER) and n.fqn}
+        if set(self.parameters) != set(by_fqn):
+            raise PlanError(
+                f"the plan's parameters are not the model's: missing {sorted(set(by_fqn) - set(self.parameters))[:5]}, "
+                f"unknown {sorted(set(self.parameters) - set(by_fqn))[:5]}"
+            )
+        for fqn, name in by_fqn.items():
+            if tuple(self.parameters[fqn]) != tuple(self.nodes[name].output):
+                raise PlanError(f"parameter {fqn!r} is placed {format_placements(self.parameters[fqn])} but its node {name!r} {format_placements(self.nodes[name].output)}")
+        inputs = {n.name for n in graph if n.role is Role.INPUT}
+        if set(self.inputs) != inputs:
+            raise PlanError(f"the plan's inputs {sorted(self.inputs)} are not the model's {sorted(inputs)}")
+        if len(self.outputs) != len(graph.outputs):
+            raise PlanError(f"the plan places {len(self.outputs)} output(s); the model has {len(graph.outputs)}")
 
 
 def _pl(v) -> Placements | None:

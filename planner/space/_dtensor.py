@@ -58,6 +58,8 @@ def planning_mesh(shape: tuple[int, ...]) -> DeviceMesh:
         return DeviceMesh("cpu", torch.arange(n).reshape(shape), _init_backend=False, _rank=0)
 
 
+#: the reductions a Partial placement can owe (DTensor's)
+_REDUCE_OPS = ("sum", "avg", "max", "min")
 _PLACEMENT_RE = re.compile(r"^(R|S\((-?\d+)\)|P\((\w+)\))$")
 
 
@@ -69,6 +71,8 @@ def parse_placement(text: str) -> Placement:
     if m.group(2) is not None:
         return Shard(int(m.group(2)))
     if m.group(3) is not None:
+        if m.group(3) not in _REDUCE_OPS:
+            raise ValueError(f"bad placement {text!r}: Partial's reduce op must be one of {', '.join(_REDUCE_OPS)}")
         return Partial(m.group(3))
     return Replicate()
 
