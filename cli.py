@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
-import signal
 import sys
 import time
 import warnings
@@ -146,15 +146,32 @@ def _print_summary(plan, out_dir: Path | None) -> None:
         print(f"  wrote            {out_dir / 'plan.json'}, {out_dir / 'report.html'}")
 
 
+def _write_together(folder: Path, files: dict[str, str]) -> None:
+    """Write every file or none: each goes to a temporary name first, and the
+    renames happen only once all are written (a failure leaves no half output)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    temps = []
+    try:
+        for name, text in files.items():
+            tmp = folder / f".{name}.tmp-{os.getpid()}"
+            temps.append((tmp, folder / name))
+            tmp.write_text(text, encoding="utf-8")
+        for tmp, final in temps:
+            tmp.replace(final)
+    finally:
+        for tmp, _ in temps:
+            tmp.unlink(missing_ok=True)
+
+
 def cmd_compile(args) -> int:
-    from dtplan.planner.output.report import write_report
+    from dtplan.planner.output.plan import plan_text
+    from dtplan.planner.output.report import build_report_data, render_report
 
     progress = _Progress(args.quiet or args.json)
     _, plan = _plan(args, progress)
     out = Path(args.out)
-    plan.save(out / "plan.json")
-    progress("writing the report")
-    write_report(plan.to_json(), out / "report.html")
+    progress("writing the plan and its report")
+    _write_together(out, {"plan.json": plan_text(plan), "report.html": render_report(build_report_data(plan.to_json()))})
     if args.json:
         print(json.dumps(_summary(plan), indent=1))
     else:
@@ -182,8 +199,12 @@ def cmd_run(args) -> int:
         _, plan = _plan(args, progress)
     if args.train and not plan.model.train:
         raise PlanError("--train was given but the plan is for inference; plan with --train")
+    if plan.model.train and not args.train:
+        raise PlanError("the plan is a training step; run it with --train")
     progress(f"running on {plan.mesh.size} rank(s)")
-    reports = run_model_file(args.model, plan, options=_model_args(args.model_arg), check=args.check, steps=args.steps, lr=args.lr)
+    reports = run_model_file(
+        args.model, plan, options=_model_args(args.model_arg), check=args.check, steps=args.steps, lr=args.lr, timeout_s=args.timeout
+    )
     ok = True
     for r in reports:
         line = f"rank {r['rank']}: collectives {'as planned' if r['collectives_match'] else 'DIFFER from the plan'}"
@@ -232,7 +253,7 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--input-placements", help='e.g. "S(0),R" for all inputs or "x=S(0),R;y=R,R"')
         sp.add_argument("--output-placements", help='e.g. "R,R" for all outputs or "0=S(0),R"')
         sp.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", help="option passed to build_model/example_inputs")
-        sp.add_argument("--time-limit", type=float, default=60.0, help="solver time limit in seconds")
+        sp.add_argument("--time-limit", type=_positive(float), default=60.0, help="solver time limit in seconds")
         sp.add_argument("--train", action="store_true", help="plan a training step (needs loss_fn in the model file)")
         sp.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw", help="optimizer whose state the memory model counts")
         sp.add_argument("--quiet", action="store_true", help="no progress messages")
@@ -254,6 +275,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--check", action="store_true", help="compare outputs (training: every loss and the final parameters) with one device")
     r.add_argument("--steps", type=_positive(int), default=5, help="training steps to run (with --train)")
     r.add_argument("--lr", type=_positive(float), default=1e-3, help="learning rate (with --train)")
+    r.add_argument(
+        "--timeout", type=_positive(float), default=600.0, help="seconds a collective may wait before its rank fails and the run ends (default 600)"
+    )
     r.set_defaults(func=cmd_run)
 
     rep = sub.add_parser("report", help="render report.html again from a saved plan")
@@ -279,8 +303,8 @@ def _positive(kind: type) -> Callable[[str], object]:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"{text} is not positive")
+        if not value > 0 or (kind is float and not math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"{text} is not positive" + (" and finite" if kind is float else ""))
         return value
 
     parse.__name__ = f"positive {kind.__name__}"
@@ -301,7 +325,7 @@ def _negative_values_joined(argv: list[str]) -> list[str]:
 
 
 #: options that take a value a user may write negative by mistake
-_VALUED = ("--memory", "--steps", "--lr")
+_VALUED = ("--memory", "--steps", "--lr", "--time-limit", "--timeout")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -309,12 +333,13 @@ def main(argv: list[str] | None = None) -> int:
     quiet_torch_warnings()
     try:
         return args.func(args)
-    except KeyboardInterrupt:
-        print("dtplan: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        stopped = getattr(e, "ranks_stopped", None)  # the launcher's Interrupted
+        print("dtplan: interrupted" + (f"; {stopped} rank(s) stopped" if stopped is not None else ""), file=sys.stderr)
         return 130
     except SystemExit as e:
-        if e.code == 128 + signal.SIGTERM:  # raised by the launcher's SIGTERM handler, ranks already ended
-            print("dtplan: terminated", file=sys.stderr)
+        if hasattr(e, "ranks_stopped"):  # the launcher's Terminated (SIGTERM, SIGHUP)
+            print(f"dtplan: terminated by {e.signal_name}; {e.ranks_stopped} rank(s) stopped", file=sys.stderr)
         raise
     except Exception as e:  # noqa: BLE001 - one clear line, no traceback (DTPLAN_DEBUG=1 shows it)
         if os.environ.get("DTPLAN_DEBUG"):

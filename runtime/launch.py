@@ -7,6 +7,7 @@ process group right after functional collectives aborts ranks now and then.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from dtplan.planner.mesh import MeshSpec
 
-__all__ = ["LaunchError", "check_rank_count", "device_type", "launched_by_torchrun", "process_group", "spawn"]
+__all__ = ["Interrupted", "LaunchError", "Terminated", "check_rank_count", "device_type", "launched_by_torchrun", "process_group", "spawn"]
 
 #: a rank's work: (rank, mesh) -> JSON-serialisable result
 Work = Callable[[int, DeviceMesh], object]
@@ -39,6 +40,29 @@ class LaunchError(RuntimeError):
     """A rank failed; the message carries its error."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT while ranks ran: every rank was stopped first."""
+
+    def __init__(self, ranks_stopped: int) -> None:
+        super().__init__(f"interrupted; {ranks_stopped} rank(s) stopped")
+        self.ranks_stopped = ranks_stopped
+
+
+class Terminated(SystemExit):
+    """SIGTERM or SIGHUP while ranks ran: every rank was stopped first; the
+    exit code is 128 + the signal's number, as a shell reports it."""
+
+    def __init__(self, signum: int, ranks_stopped: int) -> None:
+        super().__init__(128 + signum)
+        self.signal_name = signal.Signals(signum).name
+        self.ranks_stopped = ranks_stopped
+
+
+class _Signalled(BaseException):
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+
+
 def device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -48,9 +72,11 @@ def launched_by_torchrun() -> bool:
 
 
 @contextmanager
-def process_group(mesh: MeshSpec, *, rank: int | None = None, store_path: str | None = None):
+def process_group(mesh: MeshSpec, *, rank: int | None = None, store_path: str | None = None, timeout_s: float | None = None):
     """Initialise the default group (env:// under torchrun, else a FileStore)
-    and yield this rank's DeviceMesh; tear down cleanly on exit."""
+    and yield this rank's DeviceMesh; tear down cleanly on exit. A collective
+    that waits longer than `timeout_s` (torch's default: 30 minutes) raises."""
+    timeout = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
     dev = device_type()
     backend = "nccl" if dev == "cuda" else "gloo"
     if launched_by_torchrun():
@@ -58,13 +84,13 @@ def process_group(mesh: MeshSpec, *, rank: int | None = None, store_path: str | 
         world = int(os.environ["WORLD_SIZE"])
         if dev == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, **timeout)
     else:
         world = mesh.size
         if dev == "cuda":
             torch.cuda.set_device(rank % torch.cuda.device_count())
         store = dist.FileStore(store_path, world)
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, **timeout)
     if world != mesh.size:
         dist.destroy_process_group()
         raise LaunchError(f"mesh {mesh} needs {mesh.size} ranks; the launcher started {world}")
@@ -75,7 +101,7 @@ def process_group(mesh: MeshSpec, *, rank: int | None = None, store_path: str | 
         dist.destroy_process_group()
 
 
-def _rank_main(rank: int, mesh_json: dict, work: Work, folder: str) -> None:
+def _rank_main(rank: int, mesh_json: dict, work: Work, folder: str, timeout_s: float | None) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")
     mesh = MeshSpec.from_json(mesh_json)
@@ -88,7 +114,7 @@ def _rank_main(rank: int, mesh_json: dict, work: Work, folder: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     out = Path(folder) / f"rank{rank}.json"
     try:
-        with process_group(mesh, rank=rank, store_path=str(Path(folder) / "store")) as device_mesh:
+        with process_group(mesh, rank=rank, store_path=str(Path(folder) / "store"), timeout_s=timeout_s) as device_mesh:
             # written before teardown: the result stands if tearing down fails
             _write(out, {"ok": True, "result": work(rank, device_mesh)})
     except BaseException as e:  # noqa: BLE001 - reported to the parent as data
@@ -102,20 +128,27 @@ def _write(path: Path, data: dict) -> None:
     tmp.replace(path)  # whole or absent, never half written
 
 
-def spawn(work: Work, mesh: MeshSpec) -> list[object]:
+def spawn(work: Work, mesh: MeshSpec, *, timeout_s: float | None = None) -> list[object]:
     """Run `work` on mesh.size spawned ranks; return each rank's result in rank order.
 
     `work` must be a module-level function (it is imported by the children).
-    SIGINT or SIGTERM to this process ends every rank (and removes the
-    rendezvous folder) before it is raised here: KeyboardInterrupt for
-    SIGINT, SystemExit(143) for SIGTERM.
+    SIGINT, SIGTERM or SIGHUP to this process ends every rank (and removes
+    the rendezvous folder) before it is raised here: `Interrupted` (a
+    KeyboardInterrupt) for SIGINT, `Terminated` (a SystemExit, code 143 or
+    129) for the others. A collective waiting longer than `timeout_s` fails
+    its rank; once a rank has failed, the others get `_GRACE_S` to finish
+    and are then stopped, so a dead or hung rank ends the run.
     """
     check_rank_count(mesh.size)
     with tempfile.TemporaryDirectory(prefix="dtplan-") as folder:
-        ctx = mp.start_processes(_rank_main, args=(mesh.to_json(), work, folder), nprocs=mesh.size, join=False, start_method="spawn")
+        ctx = mp.start_processes(_rank_main, args=(mesh.to_json(), work, folder, timeout_s), nprocs=mesh.size, join=False, start_method="spawn")
         try:
             with _signals_raise():
                 _join(ctx, folder, mesh.size)
+        except KeyboardInterrupt:
+            raise Interrupted(_end(ctx.processes)) from None
+        except _Signalled as e:
+            raise Terminated(e.signum, _end(ctx.processes)) from None
         finally:
             _end(ctx.processes)
         return _results(folder, mesh.size)
@@ -137,10 +170,20 @@ def check_rank_count(ranks: int) -> None:
         )
 
 
+#: once a rank has failed, how long the others get to finish before they are stopped
+_GRACE_S = 5.0
+
+
 def _join(ctx, folder: str, size: int) -> None:
+    failed_at = None
     try:
-        while not ctx.join():
-            pass
+        while not ctx.join(timeout=0.5):
+            if failed_at is None and any(_failed(folder, r) for r in range(size)):
+                failed_at = time.monotonic()
+            if failed_at is not None and time.monotonic() - failed_at > _GRACE_S:
+                stopped = _end(ctx.processes)
+                log.warning("a rank failed; %d rank(s) still running after %.0f s were stopped", stopped, _GRACE_S)
+                return
     except mp.ProcessExitedException as e:
         # killed by a signal: fatal unless every rank had written its
         # result (gloo now and then aborts a rank while it tears down,
@@ -150,22 +193,33 @@ def _join(ctx, folder: str, size: int) -> None:
         log.warning("rank %d died while tearing down, after writing its result: %s", e.error_index, e)
 
 
+def _failed(folder: str, rank: int) -> bool:
+    path = Path(folder) / f"rank{rank}.json"
+    return path.exists() and not json.loads(path.read_text())["ok"]
+
+
 def _results(folder: str, size: int) -> list[object]:
-    results = []
+    """Every rank's result, or LaunchError naming the first rank that failed
+    (its error), else the first that left none (stopped, or died)."""
+    data = {}
     for r in range(size):
         path = Path(folder) / f"rank{r}.json"
-        if not path.exists():
+        if path.exists():
+            data[r] = json.loads(path.read_text())
+    for r, d in data.items():
+        if not d["ok"]:
+            silent = [q for q in range(size) if q not in data]
+            also = f" (rank(s) {silent} stopped without a result)" if silent else ""
+            raise LaunchError(f"rank {r} failed: {d['error']}{also}\n{d['traceback']}")
+    for r in range(size):
+        if r not in data:
             raise LaunchError(f"rank {r} exited without a result")
-        data = json.loads(path.read_text())
-        if not data["ok"]:
-            raise LaunchError(f"rank {r} failed: {data['error']}\n{data['traceback']}")
-        results.append(data["result"])
-    return results
+    return [data[r]["result"] for r in range(size)]
 
 
-def _end(processes, grace_s: float = 3.0) -> None:
+def _end(processes, grace_s: float = 3.0) -> int:
     """Terminate the ranks still running (SIGTERM, then SIGKILL after `grace_s`)
-    and reap them all, so none outlives the run."""
+    and reap them all, so none outlives the run; how many were running."""
     alive = [p for p in processes if p.is_alive()]
     for p in alive:
         p.terminate()
@@ -176,24 +230,27 @@ def _end(processes, grace_s: float = 3.0) -> None:
         if p.is_alive():
             p.kill()
             p.join()
+    return len(alive)
 
 
 @contextmanager
 def _signals_raise() -> Iterator[None]:
     """While ranks run: SIGINT raises KeyboardInterrupt (Python's default,
-    restored in case a caller changed it) and SIGTERM raises SystemExit(143),
-    so the caller's cleanup runs instead of the process dying with its ranks
-    orphaned. Only in the main thread (signals are delivered there)."""
+    restored in case a caller changed it), SIGTERM and SIGHUP raise
+    `_Signalled`, so the caller's cleanup runs instead of the process dying
+    with its ranks orphaned. Only in the main thread (signals are delivered
+    there)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def terminated(signum, frame):
-        raise SystemExit(128 + signum)
+    def signalled(signum, frame):
+        raise _Signalled(signum)
 
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, terminated)
+    signal.signal(signal.SIGTERM, signalled)
+    signal.signal(signal.SIGHUP, signalled)
     try:
         yield
     finally:

@@ -187,10 +187,18 @@ def run_many(items: list[tuple], *, steps: int = 0) -> list[list[dict]]:
 
 
 def run_model_file(
-    path: str, plan: Plan, *, options: Mapping[str, str] | None = None, check: bool = False, steps: int = 0, lr: float = 1e-3
+    path: str,
+    plan: Plan,
+    *,
+    options: Mapping[str, str] | None = None,
+    check: bool = False,
+    steps: int = 0,
+    lr: float = 1e-3,
+    timeout_s: float | None = None,
 ) -> list[dict]:
     """Run the plan on as many ranks as its mesh has; one report per rank.
-    A training plan runs `steps` optimizer steps.
+    A training plan runs `steps` optimizer steps. A collective that waits
+    longer than `timeout_s` fails its rank (see `launch.spawn`).
 
     Under torchrun this rank runs alone and returns its own report."""
     common = dict(path=str(path), options=dict(options or {}), plan_json=plan.to_json(), check=check)
@@ -199,6 +207,6 @@ def run_model_file(
     else:
         work = functools.partial(rank_work, **common)
     if launched_by_torchrun():
-        with process_group(plan.mesh) as mesh:
+        with process_group(plan.mesh, timeout_s=timeout_s) as mesh:
             return [work(mesh.get_rank(), mesh)]
-    return spawn(work, plan.mesh)
+    return spawn(work, plan.mesh, timeout_s=timeout_s)

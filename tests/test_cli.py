@@ -162,3 +162,26 @@ def test_negative_values_get_their_own_one_line_errors(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["run", str(example_path("mlp")), "--mesh", "2", "--train", "--steps", "-3"])
     assert e.value.code == 2 and "argument --steps: -3 is not positive" in capsys.readouterr().err
+
+
+def test_outputs_are_written_whole_or_not_at_all(tmp_path, capsys, monkeypatch):
+    from dtplan.planner.output import report
+
+    def broken(data):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(report, "render_report", broken)
+    assert cli.main(["compile", str(example_path("mlp")), "--mesh", "2", "--out", str(tmp_path), "--quiet"]) == 1
+    assert "disk full" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no plan.json without its report, no temporaries
+
+
+def test_a_training_plan_needs_train_and_arguments_are_checked(tmp_path, capsys):
+    assert cli.main(["compile", str(example_path("mlp")), "--mesh", "2", "--train", "--out", str(tmp_path), "--quiet"]) == 0
+    capsys.readouterr()
+    assert cli.main(["run", str(example_path("mlp")), "--mesh", "2", "--plan", str(tmp_path / "plan.json")]) == 1
+    assert "the plan is a training step; run it with --train" in capsys.readouterr().err
+    for flag, value in (("--time-limit", "-1"), ("--timeout", "0"), ("--lr", "nan")):
+        with pytest.raises(SystemExit):
+            cli.main(["run" if flag != "--time-limit" else "compile", str(example_path("mlp")), "--mesh", "2", flag, value])
+        assert f"argument {flag}: {value} is not positive" in capsys.readouterr().err

@@ -13,9 +13,12 @@ import pytest
 import torch
 from conftest import captured_example, example_path, plan_example
 
+import torch.distributed as dist
+
 from dtplan.planner.mesh import parse_mesh
 from dtplan.planner.output.plan import PlanError
 from dtplan.runtime.abstract import fake_device_mesh
+from dtplan.runtime.launch import LaunchError, spawn
 from dtplan.runtime.program import sharded_program
 
 DTPLAN = Path(sys.executable).parent / "dtplan"
@@ -78,3 +81,32 @@ def test_the_api_refuses_a_plan_for_another_mesh():
     for shape in ("2x2", "2"):
         with fake_device_mesh(parse_mesh(shape)) as mesh, pytest.raises(PlanError, match="the plan is for mesh d0=4 but the run uses mesh d0="):
             sharded_program(model, captured, plan, mesh)
+
+
+def _one_rank_hangs(rank, mesh):
+    if rank == 1:
+        time.sleep(3600)  # never enters the collective
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    return float(t)
+
+
+def _one_rank_is_killed(rank, mesh):
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    return float(t)
+
+
+def test_a_hung_or_killed_rank_ends_the_run_in_bounded_time():
+    t0 = time.monotonic()
+    with pytest.raises(LaunchError, match=r"rank 0 failed: .*\(rank\(s\) \[1\] stopped without a result\)"):
+        spawn(_one_rank_hangs, parse_mesh("2"), timeout_s=3)
+    hung = time.monotonic() - t0
+    t0 = time.monotonic()
+    with pytest.raises(LaunchError, match="rank 1 died before its result was written"):
+        spawn(_one_rank_is_killed, parse_mesh("2"), timeout_s=3)
+    killed = time.monotonic() - t0
+    # start-up (a few seconds) + the collective timeout + the grace the others get
+    assert hung < 20 and killed < 10, (hung, killed)

@@ -18,7 +18,7 @@ from dtplan.planner.mesh import MeshSpec
 from dtplan.planner.space._dtensor import Placements, format_placements, is_multi_output, parse_placement, per_output
 from dtplan.planner.space.strategies import Fallback
 
-__all__ = ["PLAN_VERSION", "CostSummary", "ModelInfo", "NodePlan", "Plan", "SolverSummary", "PlanError", "PlannedCollective", "parameter_table"]
+__all__ = ["plan_text", "PLAN_VERSION", "CostSummary", "ModelInfo", "NodePlan", "Plan", "SolverSummary", "PlanError", "PlannedCollective", "parameter_table"]
 
 PLAN_VERSION = 1
 
@@ -81,6 +81,11 @@ class SolverSummary:
     nodes_folded: int = 0
     #: the mesh the program was solved on (outer axes merged on 3-axis meshes)
     planned_mesh: tuple[int, ...] = ()
+
+
+def plan_text(plan: Plan) -> str:
+    """The plan file's text."""
+    return json.dumps(plan.to_json(), indent=1) + "\n"
 
 
 def _section(cls, d: object, name: str):
@@ -215,7 +220,9 @@ class Plan:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(plan_text(self))
+        tmp.replace(path)  # whole or not at all
         return path
 
     @classmethod
