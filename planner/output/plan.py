@@ -271,8 +271,9 @@ class Plan:
                 if pl is not None and any(q.is_shard() and q.dim >= rank for q in pl):
                     raise PlanError(f"plan node {n.name!r} shards a dim its {rank}-dim output does not have: {format_placements(pl)}")
             for i, (u, pl) in enumerate(zip(n.refs(), p.inputs, strict=True)):
-                rank = len(graph[u].tensor_meta.shape) if graph[u].tensor_meta is not None else 0
-                if any(q.is_shard() and q.dim >= rank for q in pl):
+                meta = graph[u].tensor_meta  # None for a tuple (a getitem reads one of its elements)
+                if meta is not None and any(q.is_shard() and q.dim >= len(meta.shape) for q in pl):
+                    rank = len(meta.shape)
                     raise PlanError(f"plan node {n.name!r} reads input {i} sharded on a dim its {rank}-dim tensor does not have")
         by_fqn = {n.fqn: n.name for n in graph if n.role in (Role.PARAM, Role.BUFFER) and n.fqn}
         if set(self.parameters) != set(by_fqn):
