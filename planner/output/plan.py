@@ -267,8 +267,10 @@ class Plan:
             if len(outs) != len(metas):
                 raise PlanError(f"plan node {n.name!r} places {len(outs)} output(s); {n.op_name} has {len(metas)}")
             for pl, meta in zip(outs, metas, strict=True):
-                rank = len(meta.shape) if meta is not None else 0
-                if pl is not None and any(q.is_shard() and q.dim >= rank for q in pl):
+                if meta is None or pl is None:  # no tensor there (an output the op did not compute)
+                    continue
+                rank = len(meta.shape)
+                if any(q.is_shard() and q.dim >= rank for q in pl):
                     raise PlanError(f"plan node {n.name!r} shards a dim its {rank}-dim output does not have: {format_placements(pl)}")
             for i, (u, pl) in enumerate(zip(n.refs(), p.inputs, strict=True)):
                 meta = graph[u].tensor_meta  # None for a tuple (a getitem reads one of its elements)
