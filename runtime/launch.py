@@ -128,7 +128,7 @@ def _write(path: Path, data: dict) -> None:
     tmp.replace(path)  # whole or absent, never half written
 
 
-def spawn(work: Work, mesh: MeshSpec, *, timeout_s: float | None = None) -> list[object]:
+def spawn(work: Work, mesh: MeshSpec, *, timeout_s: float | None = None, grace_s: float = 5.0) -> list[object]:
     """Run `work` on mesh.size spawned ranks; return each rank's result in rank order.
 
     `work` must be a module-level function (it is imported by the children).
@@ -136,7 +136,7 @@ def spawn(work: Work, mesh: MeshSpec, *, timeout_s: float | None = None) -> list
     the rendezvous folder) before it is raised here: `Interrupted` (a
     KeyboardInterrupt) for SIGINT, `Terminated` (a SystemExit, code 143 or
     129) for the others. A collective waiting longer than `timeout_s` fails
-    its rank; once a rank has failed, the others get `_GRACE_S` to finish
+    its rank; once a rank has failed, the others get `grace_s` to finish
     and are then stopped, so a dead or hung rank ends the run.
     """
     check_rank_count(mesh.size)
@@ -144,7 +144,7 @@ def spawn(work: Work, mesh: MeshSpec, *, timeout_s: float | None = None) -> list
         ctx = mp.start_processes(_rank_main, args=(mesh.to_json(), work, folder, timeout_s), nprocs=mesh.size, join=False, start_method="spawn")
         try:
             with _signals_raise():
-                _join(ctx, folder, mesh.size)
+                _join(ctx, folder, mesh.size, grace_s)
         except KeyboardInterrupt:
             raise Interrupted(_end(ctx.processes)) from None
         except _Signalled as e:
@@ -170,19 +170,15 @@ def check_rank_count(ranks: int) -> None:
         )
 
 
-#: once a rank has failed, how long the others get to finish before they are stopped
-_GRACE_S = 5.0
-
-
-def _join(ctx, folder: str, size: int) -> None:
+def _join(ctx, folder: str, size: int, grace_s: float) -> None:
     failed_at = None
     try:
         while not ctx.join(timeout=0.5):
             if failed_at is None and any(_failed(folder, r) for r in range(size)):
                 failed_at = time.monotonic()
-            if failed_at is not None and time.monotonic() - failed_at > _GRACE_S:
+            if failed_at is not None and time.monotonic() - failed_at > grace_s:
                 stopped = _end(ctx.processes)
-                log.warning("a rank failed; %d rank(s) still running after %.0f s were stopped", stopped, _GRACE_S)
+                log.warning("a rank failed; %d rank(s) still running after %.0f s were stopped", stopped, grace_s)
                 return
     except mp.ProcessExitedException as e:
         # killed by a signal: fatal unless every rank had written its

@@ -102,11 +102,11 @@ def _one_rank_is_killed(rank, mesh):
 def test_a_hung_or_killed_rank_ends_the_run_in_bounded_time():
     t0 = time.monotonic()
     with pytest.raises(LaunchError, match=r"rank 0 failed: .*\(rank\(s\) \[1\] stopped without a result\)"):
-        spawn(_one_rank_hangs, parse_mesh("2"), timeout_s=3)
+        spawn(_one_rank_hangs, parse_mesh("2"), timeout_s=2, grace_s=1)
     hung = time.monotonic() - t0
     t0 = time.monotonic()
     with pytest.raises(LaunchError, match="rank 1 died before its result was written"):
-        spawn(_one_rank_is_killed, parse_mesh("2"), timeout_s=3)
+        spawn(_one_rank_is_killed, parse_mesh("2"), timeout_s=2, grace_s=1)
     killed = time.monotonic() - t0
     # start-up (a few seconds) + the collective timeout + the grace the others get
-    assert hung < 20 and killed < 10, (hung, killed)
+    assert hung < 30 and killed < 20, (hung, killed)  # generous: the suite runs two workers on two cores

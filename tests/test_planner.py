@@ -116,10 +116,14 @@ DAMAGE = [
 ]
 
 
+@pytest.fixture(scope="module")
+def small_plan():
+    return plan_example("mlp", "2x2", {"batch": 8, "d": 64, "hidden": 256}), captured_example("mlp", batch=8, d=64, hidden=256).graph
+
+
 @pytest.mark.parametrize("damage, says", DAMAGE, ids=[says[:28] for _, says in DAMAGE])
-def test_a_damaged_plan_file_is_refused_before_anything_runs(damage, says):
-    plan = plan_example("mlp", "2x2", {"batch": 8, "d": 64, "hidden": 256})
-    graph = captured_example("mlp", batch=8, d=64, hidden=256).graph
+def test_a_damaged_plan_file_is_refused_before_anything_runs(small_plan, damage, says):
+    plan, graph = small_plan
     data = json.loads(json.dumps(plan.to_json()))
     damage(data)
     with pytest.raises(PlanError, match=says):
