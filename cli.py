@@ -187,10 +187,10 @@ def cmd_run(args) -> int:
     from dtplan.runtime.run import run_model_file
 
     progress = _Progress(args.quiet)
-    check_rank_count(parse_mesh(args.mesh).size)  # before planning for a mesh this machine cannot run
+    mesh = parse_mesh(args.mesh)
+    check_rank_count(mesh.size)  # before planning for a mesh this machine cannot run
     if args.plan:
         plan = Plan.load(args.plan)
-        mesh = parse_mesh(args.mesh)
         if tuple(mesh.shape) != tuple(plan.mesh.shape):
             raise PlanError(f"--mesh {mesh} does not match the plan's mesh {plan.mesh}")
         mf = load_model_file(args.model, _model_args(args.model_arg))

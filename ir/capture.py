@@ -29,7 +29,7 @@ from dtplan.ir.decompose import TRAINING_DECOMPOSITIONS
 from dtplan.ir.flops import node_cost
 from dtplan.ir.graph import Graph, Node, Ref, Role, TensorMeta
 
-__all__ = ["CaptureError", "Captured", "capture", "capture_training", "fake_build", "lift"]
+__all__ = ["CaptureError", "Captured", "capture", "capture_training", "fake_build", "lift", "lift_graph", "user_frame"]
 
 log = logging.getLogger(__name__)
 
@@ -107,13 +107,14 @@ def _check_names(model: torch.nn.Module) -> None:
 
 def _explain_export_failure(e: Exception) -> str:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    where = _user_frame(e)
+    where = user_frame(e)
     at = f" (at {where})" if where else ""
     return f"torch.export could not trace the model{at}: {type(e).__name__}: {first}"
 
 
-def _user_frame(e: BaseException) -> str | None:
-    """The innermost traceback line in the user's code (not torch's nor ours)."""
+def user_frame(e: BaseException) -> str | None:
+    """The innermost traceback line in the user's code (not torch's nor ours),
+    as FILE:LINE: code."""
     ours = Path(__file__).resolve().parents[1]
     torch_dir = Path(torch.__file__).resolve().parent
     found = None

@@ -5,14 +5,13 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import sys
-import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from dtplan.ir.capture import capture, fake_build
+from dtplan.ir.capture import capture, fake_build, user_frame
 from dtplan.ir.stamp import capture_training_stamped
 
 __all__ = ["ModelFile", "ModelFileError", "capture_model_file", "load_model_file", "require_loss_fn"]
@@ -38,7 +37,7 @@ class ModelFile:
         try:
             return fn(**self.options)
         except Exception as e:  # noqa: BLE001 - user code: report it in one line, naming where
-            raise ModelFileError(f"{self.path}: {what}({_kwargs(self.options)}) raised {type(e).__name__}: {e}{_where(e)}") from e
+            raise ModelFileError(f"{self.path}: {what}({_kwargs(self.options)}) raised {type(e).__name__}: {e}{_at(e)}") from e
 
     def build(self, *, meta: bool = False, train: bool = False) -> tuple[torch.nn.Module, tuple]:
         """The model and its example inputs, on the meta device when only
@@ -103,16 +102,10 @@ def capture_model_file(mf: ModelFile, *, train: bool):
     return captured
 
 
+def _at(e: BaseException) -> str:
+    where = user_frame(e)
+    return f" (at {where})" if where else ""
+
+
 def _kwargs(options: Mapping[str, str]) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in options.items())
-
-
-def _where(e: BaseException) -> str:
-    """' (at FILE:LINE: code)' for the innermost frame outside torch and this
-    module (the user's code, where it went wrong), else ''."""
-    torch_dir = str(Path(torch.__file__).resolve().parent)
-    frames = [f for f in traceback.extract_tb(e.__traceback__) if not f.filename.startswith(torch_dir) and f.filename != __file__]
-    if not frames:
-        return ""
-    f = frames[-1]
-    return f" (at {f.filename}:{f.lineno}: {(f.line or '').strip()})"

@@ -112,7 +112,7 @@ def _rank_main(rank: int, mesh_json: dict, work: Work, folder: str, timeout_s: f
     # the parent owns interruption: on Ctrl-C (sent to the whole process
     # group) it ends the ranks itself, so they print no tracebacks of their own
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    out = Path(folder) / f"rank{rank}.json"
+    out = _result_path(folder, rank)
     try:
         with process_group(mesh, rank=rank, store_path=str(Path(folder) / "store"), timeout_s=timeout_s) as device_mesh:
             # written before teardown: the result stands if tearing down fails
@@ -172,9 +172,10 @@ def check_rank_count(ranks: int) -> None:
 
 def _join(ctx, folder: str, size: int, grace_s: float) -> None:
     failed_at = None
+    read: set[int] = set()  # results already read (each is read once)
     try:
         while not ctx.join(timeout=0.5):
-            if failed_at is None and any(_failed(folder, r) for r in range(size)):
+            if failed_at is None and _any_new_failure(folder, size, read):
                 failed_at = time.monotonic()
             if failed_at is not None and time.monotonic() - failed_at > grace_s:
                 stopped = _end(ctx.processes)
@@ -184,14 +185,24 @@ def _join(ctx, folder: str, size: int, grace_s: float) -> None:
         # killed by a signal: fatal unless every rank had written its
         # result (gloo now and then aborts a rank while it tears down,
         # after the teardown barrier, so every result is in by then)
-        if not all((Path(folder) / f"rank{r}.json").exists() for r in range(size)):
+        if not all(_result_path(folder, r).exists() for r in range(size)):
             raise LaunchError(f"rank {e.error_index} died before its result was written: {e}") from None
         log.warning("rank %d died while tearing down, after writing its result: %s", e.error_index, e)
 
 
-def _failed(folder: str, rank: int) -> bool:
-    path = Path(folder) / f"rank{rank}.json"
-    return path.exists() and not json.loads(path.read_text())["ok"]
+def _result_path(folder: str, rank: int) -> Path:
+    return Path(folder) / f"rank{rank}.json"
+
+
+def _any_new_failure(folder: str, size: int, read: set[int]) -> bool:
+    """Has a rank written a failed result since the last look?"""
+    failed = False
+    for r in range(size):
+        path = _result_path(folder, r)
+        if r not in read and path.exists():
+            read.add(r)
+            failed |= not json.loads(path.read_text())["ok"]
+    return failed
 
 
 def _results(folder: str, size: int) -> list[object]:
@@ -199,7 +210,7 @@ def _results(folder: str, size: int) -> list[object]:
     (its error), else the first that left none (stopped, or died)."""
     data = {}
     for r in range(size):
-        path = Path(folder) / f"rank{r}.json"
+        path = _result_path(folder, r)
         if path.exists():
             data[r] = json.loads(path.read_text())
     for r, d in data.items():

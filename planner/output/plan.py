@@ -191,9 +191,9 @@ class Plan:
                 return
             if not isinstance(pl, tuple) or len(pl) != ndim:
                 raise PlanError(f"malformed plan file: {where} has {len(pl) if isinstance(pl, tuple) else pl!r} placement(s); mesh {self.mesh} needs {ndim}")
-            for p in pl:
-                if p.is_shard() and (p.dim < 0 or (rank is not None and p.dim >= rank)):
-                    raise PlanError(f"malformed plan file: {where} shards dim {p.dim} of a tensor with {rank} dims")
+            dim = _dim_outside(pl, rank)
+            if dim is not None:
+                raise PlanError(f"malformed plan file: {where} shards dim {dim} of a tensor with {rank} dims")
 
         budget = self.memory_budget_bytes
         if budget is not None and (type(budget) is not int or not 0 <= budget < 2**63):
@@ -269,14 +269,12 @@ class Plan:
             for pl, meta in zip(outs, metas, strict=True):
                 if meta is None or pl is None:  # no tensor there (an output the op did not compute)
                     continue
-                rank = len(meta.shape)
-                if any(q.is_shard() and q.dim >= rank for q in pl):
-                    raise PlanError(f"plan node {n.name!r} shards a dim its {rank}-dim output does not have: {format_placements(pl)}")
+                if _dim_outside(pl, len(meta.shape)) is not None:
+                    raise PlanError(f"plan node {n.name!r} shards a dim its {len(meta.shape)}-dim output does not have: {format_placements(pl)}")
             for i, (u, pl) in enumerate(zip(n.refs(), p.inputs, strict=True)):
                 meta = graph[u].tensor_meta  # None for a tuple (a getitem reads one of its elements)
-                if meta is not None and any(q.is_shard() and q.dim >= len(meta.shape) for q in pl):
-                    rank = len(meta.shape)
-                    raise PlanError(f"plan node {n.name!r} reads input {i} sharded on a dim its {rank}-dim tensor does not have")
+                if meta is not None and _dim_outside(pl, len(meta.shape)) is not None:
+                    raise PlanError(f"plan node {n.name!r} reads input {i} sharded on a dim its {len(meta.shape)}-dim tensor does not have")
         by_fqn = {n.fqn: n.name for n in graph if n.role in (Role.PARAM, Role.BUFFER) and n.fqn}
         if set(self.parameters) != set(by_fqn):
             raise PlanError(
@@ -291,6 +289,11 @@ class Plan:
             raise PlanError(f"the plan's inputs {sorted(self.inputs)} are not the model's {sorted(inputs)}")
         if len(self.outputs) != len(graph.outputs):
             raise PlanError(f"the plan places {len(self.outputs)} output(s); the model has {len(graph.outputs)}")
+
+
+def _dim_outside(pl: Placements, rank: int | None) -> int | None:
+    """The first shard dim that is negative or (rank given) not below `rank`."""
+    return next((p.dim for p in pl if p.is_shard() and not (0 <= p.dim and (rank is None or p.dim < rank))), None)
 
 
 def _pl(v) -> Placements | None:
