@@ -11,7 +11,9 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -328,10 +330,29 @@ def _negative_values_joined(argv: list[str]) -> list[str]:
 _VALUED = ("--memory", "--steps", "--lr", "--time-limit", "--timeout")
 
 
+def _exit_on_interrupt(rank: str) -> None:
+    """A rank under torchrun: SIGINT (torchrun forwards Ctrl-C to every rank)
+    ends this process at once with one line, wherever it is. A Python handler
+    would wait for the main thread to return from C++, and a rank blocked in
+    a rendezvous or a collective whose peer has already gone never returns
+    (torchrun then kills it after 30 s). So SIGINT is blocked in every thread
+    (threads started later inherit the mask) and one thread waits for it."""
+
+    def wait() -> None:
+        signal.sigwait({signal.SIGINT})
+        print(f"dtplan: rank {rank}: interrupted", file=sys.stderr, flush=True)
+        os._exit(130)
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    threading.Thread(target=wait, name="dtplan-sigint", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(_negative_values_joined(sys.argv[1:] if argv is None else argv))
-    quiet_torch_warnings()
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and argv is None:
+        _exit_on_interrupt(os.environ["RANK"])
     try:
+        quiet_torch_warnings()  # imports torch: seconds in which Ctrl-C must land here too
         return args.func(args)
     except KeyboardInterrupt as e:
         stopped = getattr(e, "ranks_stopped", None)  # the launcher's Interrupted

@@ -78,7 +78,6 @@ def capture(model: torch.nn.Module, example_inputs: tuple) -> Captured:
 
     Works on meta tensors (planning only) and on real ones.
     """
-    _check_names(model)
     t0 = time.perf_counter()
     try:
         # export prints the partial graph to stderr on some failures; the
@@ -90,25 +89,20 @@ def capture(model: torch.nn.Module, example_inputs: tuple) -> Captured:
             table.pop(op, None)
         ep = ep.run_decompositions(table)
     except Exception as e:  # noqa: BLE001 - re-raised with a one-line cause
-        raise CaptureError(_explain_export_failure(e)) from e
+        raise CaptureError(_explain_export_failure(e, model)) from e
     seconds = time.perf_counter() - t0
     log.debug("export + decompositions: %.3fs", seconds)
     return dataclasses.replace(lift(ep), seconds=seconds, out_spec=ep.call_spec.out_spec)
 
 
-def _check_names(model: torch.nn.Module) -> None:
-    """torch.export writes module names into generated Python code: a
-    ModuleDict key with a quote or backslash breaks it with a SyntaxError
-    that names neither the key nor the model. Say which."""
-    for name, _ in model.named_modules():
-        if any(c in name for c in "'\"\\\n"):
-            raise CaptureError(f"module name {name!r} holds a quote, backslash or newline, which torch.export cannot trace: rename that ModuleDict key")
-
-
-def _explain_export_failure(e: Exception) -> str:
+def _explain_export_failure(e: Exception, model: torch.nn.Module) -> str:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     where = user_frame(e)
     at = f" (at {where})" if where else ""
+    odd = [name for name, _ in model.named_modules() if not all(part.isidentifier() for part in name.split(".") if not part.isdigit())]
+    if isinstance(e, SyntaxError) and odd:
+        # torch releases before 2.14 wrote module names into generated code unquoted
+        at += f" (module name {odd[0]!r} is not a Python identifier; this torch's export cannot take it: rename that ModuleDict key)"
     return f"torch.export could not trace the model{at}: {type(e).__name__}: {first}"
 
 
@@ -284,7 +278,6 @@ def capture_training(model: torch.nn.Module, example_inputs: tuple, loss_fn: Cal
     of depth).
     """
     t0 = time.perf_counter()
-    _check_names(model)
     if not any(p.requires_grad for p in model.parameters()):
         raise CaptureError("the model has no trainable parameters; there is nothing to train")
     step = _TrainStep(model, loss_fn)
@@ -296,7 +289,7 @@ def capture_training(model: torch.nn.Module, example_inputs: tuple, loss_fn: Cal
     except CaptureError:
         raise
     except Exception as e:  # noqa: BLE001 - re-raised with a one-line cause
-        raise CaptureError(_explain_export_failure(e)) from e
+        raise CaptureError(_explain_export_failure(e, model)) from e
     gm, roles, gradients, updates = joint
     lifted = {s.target for s in ep.graph_signature.input_specs if s.kind is InputKind.CONSTANT_TENSOR}
     constants = {k.removeprefix("m."): v for k, v in ep.constants.items() if k in lifted}

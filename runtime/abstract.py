@@ -50,7 +50,7 @@ from dtplan.planner.cost.pricing import local_shape
 from dtplan.runtime._fake import FakeTensorMode, init_fake_process_group
 from dtplan.runtime.lower import _attach_stored, stored_names, trace
 from dtplan.runtime.replay import generate_code
-from dtplan.runtime.verify import COLLECTIVE_KINDS as _KINDS
+from dtplan.runtime.watch import KINDS as _KINDS
 
 __all__ = ["AbstractLoweringError", "fake_device_mesh", "fake_process_group", "graph_collectives", "lower_abstract"]
 

@@ -27,6 +27,7 @@ import torch.multiprocessing as mp
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from dtplan.planner.mesh import MeshSpec
+from dtplan.runtime.watch import last_entered
 
 __all__ = ["Interrupted", "LaunchError", "Terminated", "check_rank_count", "device_type", "launched_by_torchrun", "process_group", "spawn"]
 
@@ -119,7 +120,7 @@ def _rank_main(rank: int, mesh_json: dict, work: Work, folder: str, timeout_s: f
             _write(out, {"ok": True, "result": work(rank, device_mesh)})
     except BaseException as e:  # noqa: BLE001 - reported to the parent as data
         if not out.exists():
-            _write(out, {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
+            _write(out, {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(), "collective": last_entered()})
 
 
 def _write(path: Path, data: dict) -> None:
@@ -179,7 +180,7 @@ def _join(ctx, folder: str, size: int, grace_s: float) -> None:
                 failed_at = time.monotonic()
             if failed_at is not None and time.monotonic() - failed_at > grace_s:
                 stopped = _end(ctx.processes)
-                log.warning("a rank failed; %d rank(s) still running after %.0f s were stopped", stopped, grace_s)
+                log.info("a rank failed; %d rank(s) still running after %.0f s were stopped", stopped, grace_s)
                 return
     except mp.ProcessExitedException as e:
         # killed by a signal: fatal unless every rank had written its
@@ -217,11 +218,17 @@ def _results(folder: str, size: int) -> list[object]:
         if not d["ok"]:
             silent = [q for q in range(size) if q not in data]
             also = f" (rank(s) {silent} stopped without a result)" if silent else ""
-            raise LaunchError(f"rank {r} failed: {d['error']}{also}\n{d['traceback']}")
+            where = f" (last collective entered: {d['collective']})" if d.get("collective") else ""
+            raise LaunchError(f"rank {r} failed{where}: {_one_line(d['error'])}{also}\n{d['traceback']}")
     for r in range(size):
         if r not in data:
             raise LaunchError(f"rank {r} exited without a result")
     return [data[r]["result"] for r in range(size)]
+
+
+def _one_line(error: str) -> str:
+    """An error's first non-empty line (gloo's timeouts run to several)."""
+    return next((line.strip() for line in error.splitlines() if line.strip()), error)
 
 
 def _end(processes, grace_s: float = 3.0) -> int:

@@ -53,8 +53,9 @@ def mesh_spec(mesh: DeviceMesh) -> MeshSpec:
 
 def sharded_program(model: torch.nn.Module, captured: Captured, plan: Plan, mesh: DeviceMesh) -> ShardedProgram:
     """Shard the real model's stored tensors and lower the plan for this rank.
-    Refuses (PlanError) a plan made for another model or another mesh shape."""
-    plan.check_matches(captured.graph, mesh_spec(mesh))
+    Refuses (PlanError) a plan made for another model, another mesh shape or
+    (where the DeviceMesh names its axes) other axis names."""
+    plan.check_matches(captured.graph, mesh_spec(mesh), axis_names=mesh.mesh_dim_names is not None)
     stored = {}
     device = mesh.device_type
     for name, role, fqn in captured.placeholders:

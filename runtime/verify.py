@@ -10,17 +10,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dtplan.planner.output.plan import Plan
+from dtplan.runtime.watch import KINDS as _KINDS
 
 __all__ = ["CollectiveRecorder", "compare", "expected_collectives"]
-
-_c10d = torch.ops._c10d_functional
-#: functional collective -> the plan's kind of collective
-COLLECTIVE_KINDS = _KINDS = {
-    _c10d.all_reduce.default: "all_reduce",
-    _c10d.all_gather_into_tensor.default: "all_gather",
-    _c10d.reduce_scatter_tensor.default: "reduce_scatter",
-    _c10d.all_to_all_single.default: "all_to_all",
-}
 
 
 class CollectiveRecorder(TorchDispatchMode):

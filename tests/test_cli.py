@@ -116,7 +116,7 @@ def test_run_refuses_a_plan_of_another_version_mesh_or_model(tmp_path, capsys):
     data["version"] = 0
     (tmp_path / "old.json").write_text(json.dumps(data))
     code, _, err = run_cli(capsys, "run", example_path("mlp"), "--mesh", "4", "--plan", tmp_path / "old.json")
-    assert code == 1 and "version 0 is not supported" in err
+    assert code == 1 and "version: 0 is not supported" in err
 
 
 def test_run_check_on_two_ranks(capsys):

@@ -65,14 +65,17 @@ def test_liveness_rows_hold_params_and_the_live_activations():
     assert any(names["aten.relu.default"] in r and names["aten.mm.default"] in r for r in rows)
 
 
-def test_a_module_name_export_cannot_trace_is_named():
+def test_module_names_that_are_not_identifiers_are_captured_as_they_are():
     class Keys(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.d = torch.nn.ModuleDict({"a'b": torch.nn.Linear(4, 4)})
+            self.d = torch.nn.ModuleDict({"a'b": torch.nn.Linear(4, 4), "x y\\z": torch.nn.Linear(4, 4)})
 
         def forward(self, x):
-            return self.d["a'b"](x)
+            return self.d["x y\\z"](self.d["a'b"](x))
 
-    with pytest.raises(CaptureError, match="module name \"d.a'b\" holds a quote"):
-        capture(Keys(), (torch.randn(2, 4),))
+    captured = capture(Keys(), (torch.randn(2, 4),))
+    fqns = {fqn for _, role, fqn in captured.placeholders if role is Role.PARAM}
+    assert fqns == {"d.a'b.weight", "d.a'b.bias", "d.x y\\z.weight", "d.x y\\z.bias"}
+    assert all(name.isidentifier() for name, _, _ in captured.placeholders)
+

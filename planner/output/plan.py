@@ -6,25 +6,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dtplan.ir.graph import Graph, Role
+from dtplan.planner.cost.device import COLLECTIVE_KINDS
 from dtplan.planner.cost.pricing import Pricer, local_shape
-from dtplan.planner.evaluate import NodePlan, PlannedCollective
+from dtplan.planner.evaluate import HUB, OUTPUT, NodePlan, PlannedCollective
 from dtplan.planner.mesh import MeshSpec
 from dtplan.planner.space._dtensor import Placements, format_placements, is_multi_output, parse_placement, per_output
+from dtplan.planner.output.schema import At, PlanError, typed
 from dtplan.planner.space.strategies import Fallback
 
-__all__ = ["plan_text", "PLAN_VERSION", "CostSummary", "ModelInfo", "NodePlan", "Plan", "SolverSummary", "PlanError", "PlannedCollective", "parameter_table"]
+__all__ = [
+    "plan_text", "PLAN_VERSION", "ComparisonRow", "CostSummary", "ModelInfo", "NodePlan", "ParameterInfo", "Plan", "SolverSummary",
+    "PlanError", "PlannedCollective", "parameter_table",
+]
 
 PLAN_VERSION = 1
-
-
-class PlanError(ValueError):
-    """A plan file that is malformed or does not match the model or mesh."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,24 +83,45 @@ class SolverSummary:
     planned_mesh: tuple[int, ...] = ()
 
 
+@dataclass(frozen=True, kw_only=True)
+class ParameterInfo:
+    """A parameter's or buffer's entry in the plan file's `parameter_info`."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    local_shape: tuple[int, ...]
+    bytes_per_device: int
+    role: str
+    #: its placeholder node in `nodes` (absent in files of earlier plans)
+    node: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ComparisonRow:
+    """A classic plan in the plan file's `comparison` (see
+    dtplan.planner.output.classic): its pins by parameter, its cost, whether
+    it fits the budget."""
+
+    name: str
+    parameters: Mapping[str, tuple[str, ...]]
+    cost: Mapping[str, float]
+    fits: bool
+
+
 def plan_text(plan: Plan) -> str:
     """The plan file's text."""
     return json.dumps(plan.to_json(), indent=1) + "\n"
 
 
-def _section(cls, d: object, name: str):
-    if not isinstance(d, Mapping):
-        raise PlanError(f"malformed plan file: '{name}' is not an object")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise PlanError(f"malformed plan file: unknown key(s) {unknown} in '{name}'")
-    return cls(**d)
-
-
 def _section_json(section) -> dict:
-    out = dataclasses.asdict(section)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+    """A section as the plan file holds it: tuples as lists, at any depth."""
+
+    def plain(v):
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        return {k: plain(x) for k, x in v.items()} if isinstance(v, Mapping) else v
+
+    return plain(dataclasses.asdict(section))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -149,73 +170,96 @@ class Plan:
 
     @classmethod
     def from_json(cls, d: Mapping) -> Plan:
+        """The plan of a plan file's JSON, every field checked against the
+        schema (`dtplan.planner.output.schema`) and against the others (the
+        nodes the model section counts, each parameter placed as its node,
+        each collective on a mesh axis between planned nodes); a PlanError
+        names the first field that is wrong."""
         if not isinstance(d, Mapping) or "version" not in d:
             raise PlanError("not a dtplan plan: no 'version' key")
-        if type(d["version"]) is not int or d["version"] != PLAN_VERSION:
-            raise PlanError(f"plan schema version {d['version']!r} is not supported; this dtplan reads version {PLAN_VERSION}")
-        try:
-            plan = cls(
-                version=d["version"],
-                model=_section(ModelInfo, d["model"], "model"),
-                mesh=MeshSpec.from_json(d["mesh"]),
-                profile=d["profile"],
-                memory_budget_bytes=d.get("memory_budget_bytes"),
-                inputs={k: _pl(v) for k, v in d["inputs"].items()},
-                outputs=tuple(_pl(o) for o in d["outputs"]),
-                parameters={k: _pl(v) for k, v in d["parameters"].items()},
-                parameter_info=d.get("parameter_info", {}),
-                nodes={k: _node_from_json(v) for k, v in d["nodes"].items()},
-                hubs={k: _pl(v) for k, v in d.get("hubs", {}).items()},
-                collectives=tuple(PlannedCollective(**c) for c in d["collectives"]),
-                fallbacks=tuple(Fallback(**f) for f in d.get("fallbacks", [])),
-                cost=_section(CostSummary, d["cost"], "cost"),
-                solver=dataclasses.replace(
-                    _section(SolverSummary, d["solver"], "solver"), planned_mesh=tuple(d["solver"].get("planned_mesh", ()))
-                ),
-                stage_seconds=d.get("stage_seconds", {}),
-                comparison=tuple(d.get("comparison", ())),
-            )
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise PlanError(f"malformed plan file: {type(e).__name__}: {e}") from e
-        plan._check_values()
+        root = At(d)
+        version = root.field("version")
+        if type(version.value) is not int or version.value != PLAN_VERSION:
+            raise version.error(f"{version.value!r} is not supported; this dtplan reads version {PLAN_VERSION}")
+        top = root.mapping(allowed={f.name for f in dataclasses.fields(cls)})
+        mesh = _mesh(root.field("mesh"))
+        nodes = {name: _node(at, mesh) for name, at in root.field("nodes").mapping().items()}
+        hubs = {name: _placements(at, mesh) for name, at in root.get("hubs", {}).mapping().items()}
+        infos = {fqn: typed(at, ParameterInfo) for fqn, at in root.get("parameter_info", {}).mapping().items()}
+        params = {}
+        for fqn, at in root.field("parameters").mapping().items():
+            info = infos.get(fqn)
+            params[fqn] = _placements(at, mesh, None if info is None else len(info.shape))
+        plan = cls(
+            version=version.value,
+            model=typed(root.field("model"), ModelInfo),
+            mesh=mesh,
+            profile=typed(root.field("profile"), Mapping[str, str]),
+            memory_budget_bytes=typed(root.get("memory_budget_bytes", None), int | None),
+            inputs={k: _placements(at, mesh) for k, at in root.field("inputs").mapping().items()},
+            outputs=tuple(_placements(at, mesh, optional=True) for at in root.field("outputs").sequence()),
+            parameters=params,
+            parameter_info={fqn: _section_json(i) for fqn, i in infos.items()},
+            nodes=nodes,
+            hubs=hubs,
+            collectives=tuple(typed(at, PlannedCollective) for at in root.field("collectives").sequence()),
+            fallbacks=tuple(typed(at, Fallback) for at in root.get("fallbacks", []).sequence()),
+            cost=typed(root.field("cost"), CostSummary),
+            solver=typed(root.field("solver"), SolverSummary),
+            stage_seconds=typed(root.get("stage_seconds", {}), Mapping[str, float]),
+            comparison=tuple(_section_json(typed(at, ComparisonRow)) for at in root.get("comparison", []).sequence()),
+        )
+        plan._check_consistent(top)
         return plan
 
-    def _check_values(self) -> None:
-        """What a plan file must hold whatever the model: one placement per mesh
-        axis everywhere, shard dims that exist, sizes and costs that are
-        finite and not negative."""
-        ndim = self.mesh.ndim
-
-        def placements(pl, where: str, rank: int | None = None) -> None:
-            if pl is None:
-                return
-            if not isinstance(pl, tuple) or len(pl) != ndim:
-                raise PlanError(f"malformed plan file: {where} has {len(pl) if isinstance(pl, tuple) else pl!r} placement(s); mesh {self.mesh} needs {ndim}")
-            dim = _dim_outside(pl, rank)
-            if dim is not None:
-                raise PlanError(f"malformed plan file: {where} shards dim {dim} of a tensor with {rank} dims")
-
-        budget = self.memory_budget_bytes
-        if budget is not None and (type(budget) is not int or not 0 <= budget < 2**63):
-            raise PlanError(f"malformed plan file: memory_budget_bytes {str(budget)[:40]} is not a byte count (0 to 2**63)")
-        for f in dataclasses.fields(CostSummary):
-            v = getattr(self.cost, f.name)
-            if type(v) not in (int, float) or not math.isfinite(v) or v < 0:
-                raise PlanError(f"malformed plan file: cost.{f.name} is {v!r}, not a finite non-negative number")
+    def _check_consistent(self, top: Mapping[str, At]) -> None:
+        """What the plan's fields say of each other, without the model."""
+        if "profile" in top and "name" not in self.profile:
+            raise top["profile"].error("'name' is missing")
+        if self.model.num_nodes != len(self.nodes):
+            raise top["nodes"].error(f"holds {len(self.nodes)} node(s); model.num_nodes says {self.model.num_nodes}")
+        entries = {k: top[k].mapping() for k in ("nodes", "inputs", "parameters")}
         for name, pl in self.inputs.items():
-            placements(pl, f"input {name!r}")
-        for i, pl in enumerate(self.outputs):
-            placements(pl, f"output {i}")
+            node = self.nodes.get(name)
+            if node is None:
+                raise entries["inputs"][name].error("names no planned node")
+            if node.output != pl:
+                raise entries["inputs"][name].error(f"is {format_placements(pl)} but its node is placed {format_placements(node.output)}")
+        placed_only = sorted(set(self.parameters) - set(self.parameter_info))
+        info_only = sorted(set(self.parameter_info) - set(self.parameters))
+        if placed_only or info_only:
+            says = ([f"{placed_only[:5]} placed without parameter_info"] if placed_only else []) + (
+                [f"{info_only[:5]} in parameter_info without placements"] if info_only else []
+            )
+            raise top["parameters"].error("; ".join(says))
         for fqn, pl in self.parameters.items():
-            shape = self.parameter_info.get(fqn, {}).get("shape")
-            placements(pl, f"parameter {fqn!r}", len(shape) if isinstance(shape, list) else None)
-        for name, pl in self.hubs.items():
-            placements(pl, f"hub of {name!r}")
-        for name, n in self.nodes.items():
-            for i, pl in enumerate(n.inputs):
-                placements(pl, f"node {name!r} input {i}")
-            for pl in per_output(n.output):
-                placements(pl, f"node {name!r} output")
+            node_name = self.parameter_info[fqn]["node"]
+            if node_name is None:
+                continue  # a plan file from before parameter_info named the node: checked against the graph only
+            node = self.nodes.get(node_name)
+            if node is None:
+                raise top["parameter_info"].mapping()[fqn].error(f"names node {node_name!r}, which the plan does not have")
+            if node.output != pl:
+                raise entries["parameters"][fqn].error(f"is {format_placements(pl)} but its node {node_name!r} is placed {format_placements(node.output)}")
+        for name, node in self.nodes.items():
+            if len(node.via_hub) not in (0, len(node.inputs)):
+                raise entries["nodes"][name].error(f"via_hub has {len(node.via_hub)} entries for {len(node.inputs)} input(s)")
+        for name in self.hubs:
+            if name not in self.nodes:
+                raise top["hubs"].mapping()[name].error("names no planned node")
+        for i, c in enumerate(self.collectives):
+            at = top["collectives"].sequence()[i]
+            if c.kind not in COLLECTIVE_KINDS:
+                raise at.error(f"kind {c.kind!r} is not one of {list(COLLECTIVE_KINDS)}")
+            if c.axis not in self.mesh.axis_names:
+                raise at.error(f"axis {c.axis!r} is not an axis of mesh {self.mesh}")
+            if c.producer not in self.nodes:
+                raise at.error(f"producer {c.producer!r} names no planned node")
+            if c.node not in self.nodes and c.node not in (HUB, OUTPUT):
+                raise at.error(f"node {c.node!r} names no planned node (nor {HUB!r} or {OUTPUT!r})")
+        for i, f in enumerate(self.fallbacks):
+            if f.node not in self.nodes:
+                raise top["fallbacks"].sequence()[i].error(f"node {f.node!r} names no planned node")
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -237,14 +281,15 @@ class Plan:
             raise PlanError(f"plan file {str(path)!r} is not JSON text (it does not decode as UTF-8)") from None
         return cls.from_json(data)
 
-    def check_matches(self, graph: Graph, mesh: MeshSpec) -> None:
-        """Refuse a plan made for another model or mesh."""
-        if tuple(self.mesh.shape) != tuple(mesh.shape):
-            raise PlanError(f"the plan is for mesh {self.mesh} but the run uses mesh {mesh}")
+    def check_matches(self, graph: Graph, mesh: MeshSpec, *, axis_names: bool = False) -> None:
+        """Refuse a plan made for another model or mesh (with `axis_names`,
+        also for a mesh whose axes are named otherwise)."""
+        if tuple(self.mesh.shape) != tuple(mesh.shape) or (axis_names and tuple(self.mesh.axis_names) != tuple(mesh.axis_names)):
+            raise PlanError(f"mesh: the plan is for mesh {self.mesh} but the run uses mesh {mesh}")
         sig = self.model.graph_signature
         if sig != graph.signature:
             raise PlanError(
-                f"the plan does not match this model: its graph signature is {sig}, the model's is {graph.signature} "
+                f"model.graph_signature: the plan does not match this model: its graph signature is {sig}, the model's is {graph.signature} "
                 "(the model, its options or its example inputs changed; plan again)"
             )
         self._check_against(graph)
@@ -257,47 +302,99 @@ class Plan:
         missing = [n.name for n in graph if n.name not in self.nodes]
         extra = sorted(set(self.nodes) - {n.name for n in graph})
         if missing or extra:
-            raise PlanError(f"the plan's nodes are not the graph's: missing {missing[:5]}, unknown {extra[:5]}")
+            raise PlanError(f"nodes: not the graph's: missing {missing[:5]}, unknown {extra[:5]}")
         for n in graph:
-            p = self.nodes[n.name]
-            if p.op != n.op_name or len(p.inputs) != len(n.refs()):
-                raise PlanError(f"plan node {n.name!r} is {p.op} reading {len(p.inputs)} tensor(s); the graph's is {n.op_name} reading {len(n.refs())}")
+            p, at = self.nodes[n.name], f"nodes[{json.dumps(n.name)}]"
+            if p.op != n.op_name:
+                raise PlanError(f"{at}.op: {p.op!r}, but the graph's node is {n.op_name}")
+            if len(p.inputs) != len(n.refs()):
+                raise PlanError(f"{at}.inputs: places {len(p.inputs)} input(s); the graph's {n.op_name} reads {len(n.refs())}")
             metas = n.meta if isinstance(n.meta, tuple) else (n.meta,)
             outs = per_output(p.output)
             if len(outs) != len(metas):
-                raise PlanError(f"plan node {n.name!r} places {len(outs)} output(s); {n.op_name} has {len(metas)}")
-            for pl, meta in zip(outs, metas, strict=True):
-                if meta is None or pl is None:  # no tensor there (an output the op did not compute)
-                    continue
-                if _dim_outside(pl, len(meta.shape)) is not None:
-                    raise PlanError(f"plan node {n.name!r} shards a dim its {len(meta.shape)}-dim output does not have: {format_placements(pl)}")
+                raise PlanError(f"{at}.output: places {len(outs)} output(s); {n.op_name} has {len(metas)}")
+            for i, (pl, meta) in enumerate(zip(outs, metas, strict=True)):
+                if meta is not None and pl is not None:  # else no tensor there (an output the op did not compute)
+                    _check_dims(pl, len(meta.shape), f"{at}.output" + (f"[{i}]" if len(outs) > 1 else ""))
             for i, (u, pl) in enumerate(zip(n.refs(), p.inputs, strict=True)):
                 meta = graph[u].tensor_meta  # None for a tuple (a getitem reads one of its elements)
-                if meta is not None and _dim_outside(pl, len(meta.shape)) is not None:
-                    raise PlanError(f"plan node {n.name!r} reads input {i} sharded on a dim its {len(meta.shape)}-dim tensor does not have")
+                if meta is not None:
+                    _check_dims(pl, len(meta.shape), f"{at}.inputs[{i}]")
         by_fqn = {n.fqn: n.name for n in graph if n.role in (Role.PARAM, Role.BUFFER) and n.fqn}
         if set(self.parameters) != set(by_fqn):
             raise PlanError(
-                f"the plan's parameters are not the model's: missing {sorted(set(by_fqn) - set(self.parameters))[:5]}, "
+                f"parameters: not the model's: missing {sorted(set(by_fqn) - set(self.parameters))[:5]}, "
                 f"unknown {sorted(set(self.parameters) - set(by_fqn))[:5]}"
             )
         for fqn, name in by_fqn.items():
             if tuple(self.parameters[fqn]) != tuple(self.nodes[name].output):
-                raise PlanError(f"parameter {fqn!r} is placed {format_placements(self.parameters[fqn])} but its node {name!r} {format_placements(self.nodes[name].output)}")
+                raise PlanError(
+                    f"parameters[{json.dumps(fqn)}]: is {format_placements(self.parameters[fqn])} but its node {name!r} is placed {format_placements(self.nodes[name].output)}"
+                )
         inputs = {n.name for n in graph if n.role is Role.INPUT}
         if set(self.inputs) != inputs:
-            raise PlanError(f"the plan's inputs {sorted(self.inputs)} are not the model's {sorted(inputs)}")
+            raise PlanError(f"inputs: names {sorted(self.inputs)}; the model's inputs are {sorted(inputs)}")
         if len(self.outputs) != len(graph.outputs):
-            raise PlanError(f"the plan places {len(self.outputs)} output(s); the model has {len(graph.outputs)}")
+            raise PlanError(f"outputs: places {len(self.outputs)} output(s); the model has {len(graph.outputs)}")
 
 
-def _dim_outside(pl: Placements, rank: int | None) -> int | None:
-    """The first shard dim that is negative or (rank given) not below `rank`."""
-    return next((p.dim for p in pl if p.is_shard() and not (0 <= p.dim and (rank is None or p.dim < rank))), None)
+def _check_dims(pl: Placements, rank: int, path: str) -> None:
+    for i, p in enumerate(pl):
+        if p.is_shard() and p.dim >= rank:
+            raise PlanError(f"{path}[{i}]: 'S({p.dim})' — dim {p.dim} is out of range for a {rank}-d tensor")
 
 
-def _pl(v) -> Placements | None:
-    return None if v is None else tuple(parse_placement(x) for x in v)
+def _mesh(at: At) -> MeshSpec:
+    at.mapping(allowed={"shape", "axis_names"})
+    shape = typed(at.field("shape"), tuple[int, ...])
+    names = typed(at.field("axis_names"), tuple[str, ...])
+    try:
+        return MeshSpec(shape, names)
+    except ValueError as e:
+        raise at.error(str(e)) from None
+
+
+def _placements(at: At, mesh: MeshSpec, rank: int | None = None, *, optional: bool = False) -> Placements | None:
+    """One placement per mesh axis, each R, S(dim) or P(op), shard dims in
+    range (of a `rank`-d tensor where known); None only where `optional`."""
+    if at.value is None and optional:
+        return None
+    items = at.sequence()
+    if len(items) != mesh.ndim:
+        raise at.error(f"has {len(items)} placement(s); mesh {mesh} has {mesh.ndim} axes")
+    out = []
+    for item in items:
+        if not isinstance(item.value, str):
+            raise item.error(f"{item.value!r} is not a placement (R, S(<dim>) or P(<reduce op>))")
+        try:
+            p = parse_placement(item.value)
+        except ValueError as e:
+            raise item.error(str(e)) from None
+        if p.is_shard() and p.dim < 0:
+            raise item.error(f"{item.value!r} — dim {p.dim} is negative (plans name dims from 0)")
+        if p.is_shard() and rank is not None and p.dim >= rank:
+            raise item.error(f"{item.value!r} — dim {p.dim} is out of range for a {rank}-d tensor")
+        out.append(p)
+    return tuple(out)
+
+
+def _node(at: At, mesh: MeshSpec) -> NodePlan:
+    """A node of the plan file's `nodes`: a multi-output node's output is one
+    placement list per output (None for a non-tensor one)."""
+    entries = at.mapping(allowed={"op", "module", "inputs", "output", "multi_output", "compute_s", "via_hub"})
+    multi = typed(at.get("multi_output", False), bool)
+    out = entries.get("output")
+    if out is None:
+        raise at.error("'output' is missing")
+    output = tuple(_placements(o, mesh, optional=True) for o in out.sequence()) if multi else _placements(out, mesh)
+    return NodePlan(
+        typed(at.field("op"), str),
+        typed(at.field("module"), str),
+        tuple(_placements(i, mesh) for i in at.field("inputs").sequence()),
+        output,
+        typed(at.field("compute_s"), float),
+        typed(at.get("via_hub", []), tuple[bool, ...]),
+    )
 
 
 def _node_json(n: NodePlan) -> dict:
@@ -312,11 +409,6 @@ def _node_json(n: NodePlan) -> dict:
         "compute_s": n.compute_s,
         "via_hub": list(n.via_hub),
     }
-
-
-def _node_from_json(d: Mapping) -> NodePlan:
-    out = tuple(_pl(o) for o in d["output"]) if d.get("multi_output") else _pl(d["output"])
-    return NodePlan(d["op"], d["module"], tuple(_pl(i) for i in d["inputs"]), out, float(d["compute_s"]), tuple(d.get("via_hub", ())))
 
 
 def _collective_json(c: PlannedCollective) -> dict:
@@ -346,5 +438,6 @@ def parameter_table(graph: Graph, mesh: MeshSpec, nodes: Mapping[str, NodePlan],
             "local_shape": list(local_shape(meta.shape, tuple(mesh.shape), pl)),
             "bytes_per_device": pricer.bytes_per_device(meta, pl),
             "role": n.role.value,
+            "node": n.name,
         }
     return placements, info
