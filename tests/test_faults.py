@@ -48,6 +48,7 @@ def _ranks_of(pid: int) -> list[int]:
 SIGNALS = {
     "SIGINT to the parent": ("parent", signal.SIGINT, 130, "dtplan: interrupted; 2 rank(s) stopped"),
     "SIGTERM to the parent": ("parent", signal.SIGTERM, 143, "dtplan: terminated by SIGTERM; 2 rank(s) stopped"),
+    "SIGHUP to the parent": ("parent", signal.SIGHUP, 129, "dtplan: terminated by SIGHUP; 2 rank(s) stopped"),
     "kill -9 of a rank": ("rank", signal.SIGKILL, 1, "dtplan: error: rank 1 died before its result was written"),
 }
 
