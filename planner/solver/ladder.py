@@ -363,6 +363,7 @@ def _solve_lazily(model: PlacementProgram, h: highspy.Highs) -> tuple:
     rounds = added = 0
     while True:
         h.run()
+        h.setOptionValue("presolve", "off")  # a re-solve starts from this basis; presolving again would discard it
         rounds += 1
         status = h.getModelStatus()
         if status != highspy.HighsModelStatus.kOptimal or not model.pending_rows:

@@ -81,9 +81,12 @@ class Program:
         h = _new_highs()
         h.setOptionValue("output_flag", False)
         h.setOptionValue("time_limit", float(time_limit_s))
-        # presolve finds little to remove in these programs and, measured on
-        # the Llama benchmark (bench/compile_llama.py), costs more than it saves
-        h.setOptionValue("presolve", "off")
+        # presolve for the first solve (`_solve_lazily` turns it off for the
+        # re-solves, which start from the last basis): it costs about 1 s on
+        # bench/compile_llama.py's 8B rows, and saves 50 s on HF's 8B Llama
+        # under 80 GiB (bench/llama_families.py), whose dual simplex without it
+        # ran 48k iterations in 60 s, against 36k in 10 s with it
+        h.setOptionValue("presolve", "on")
         h.passModel(lp)
         return h
 
