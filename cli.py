@@ -85,7 +85,7 @@ def _plan(args, progress):
         parse_size(args.memory)
     mf = load_model_file(args.model, _model_args(args.model_arg))
     progress(f"capturing {'the training step of ' if args.train else ''}{mf.path}")
-    captured = capture_model_file(mf, train=args.train)
+    captured = capture_model_file(mf, train=args.train, precision=args.precision)
     plan = plan_program(
         captured,
         mesh=args.mesh,
@@ -118,6 +118,7 @@ def _summary(plan) -> dict:
         "collectives": len(plan.collectives),
         "fallbacks": len(plan.fallbacks),
         "train": plan.model.train,
+        "precision": dict(plan.model.precision) or {"param_dtype": "float32"},
         "memory_parts_bytes": {k: getattr(c, k) for k in ("parameter_bytes", "gradient_bytes", "optimizer_bytes", "activation_bytes")},
         "solver": {k: getattr(s, k) for k in ("status", "method", "objective", "bound", "gap", "wall_s")},
         "stage_seconds": dict(plan.stage_seconds),
@@ -130,7 +131,8 @@ def _print_summary(plan, out_dir: Path | None) -> None:
 
     c, s = plan.cost, plan.solver
     budget = "" if plan.memory_budget_bytes is None else f" of {format_bytes(plan.memory_budget_bytes)} budget"
-    print(f"plan for {plan.model.name} on mesh {plan.mesh} ({plan.profile['name']} profile)")
+    precision = f", {_precision_text(plan)}" if plan.model.precision else ""
+    print(f"plan for {plan.model.name} on mesh {plan.mesh} ({plan.profile['name']} profile{precision})")
     print(f"  predicted step   {format_seconds(c.total_s)}  (compute {format_seconds(c.compute_s)}, communication {format_seconds(c.comm_s)})")
     print(f"  communication    {format_bytes(c.comm_bytes)} sent per device in {len(plan.collectives)} collective(s)")
     print(f"  memory           {format_bytes(c.peak_memory_bytes)} peak per device{budget}")
@@ -146,6 +148,12 @@ def _print_summary(plan, out_dir: Path | None) -> None:
         print(f"  fallbacks        {len(plan.fallbacks)} op(s) replicated: " + ", ".join(sorted({f.op for f in plan.fallbacks})))
     if out_dir is not None:
         print(f"  wrote            {out_dir / 'plan.json'}, {out_dir / 'report.html'}")
+
+
+def _precision_text(plan) -> str:
+    from dtplan.ir.precision import Precision
+
+    return str(Precision.from_json(dict(plan.model.precision)))
 
 
 def _write_together(folder: Path, files: dict[str, str]) -> None:
@@ -183,6 +191,7 @@ def cmd_compile(args) -> int:
 
 def cmd_run(args) -> int:
     from dtplan.ir.modelfile import capture_model_file, load_model_file
+    from dtplan.ir.precision import Precision
     from dtplan.planner.mesh import parse_mesh
     from dtplan.planner.output.plan import Plan, PlanError
     from dtplan.runtime.launch import check_rank_count
@@ -195,8 +204,11 @@ def cmd_run(args) -> int:
         plan = Plan.load(args.plan)
         if tuple(mesh.shape) != tuple(plan.mesh.shape):
             raise PlanError(f"--mesh {mesh} does not match the plan's mesh {plan.mesh}")
+        precision = Precision.from_json(plan.model.precision)
+        if args.precision is not None and Precision.parse(args.precision) != precision:
+            raise PlanError(f"--precision {args.precision} does not match the plan's ({precision})")
         mf = load_model_file(args.model, _model_args(args.model_arg))
-        plan.check_matches(capture_model_file(mf, train=plan.model.train).graph, mesh)
+        plan.check_matches(capture_model_file(mf, train=plan.model.train, precision=precision).graph, mesh)
     else:
         _, plan = _plan(args, progress)
     if args.train and not plan.model.train:
@@ -258,6 +270,10 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--time-limit", type=_positive(float), default=60.0, help="solver time limit in seconds")
         sp.add_argument("--train", action="store_true", help="plan a training step (needs loss_fn in the model file)")
         sp.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw", help="optimizer whose state the memory model counts")
+        sp.add_argument(
+            "--precision", choices=("fp32", "bf16", "fp16"), default=None,
+            help="compute dtype (FSDP2's MixedPrecisionPolicy: fp32 parameters and optimizer state, compute in this dtype, gradients reduced in fp32; default fp32)",
+        )
         sp.add_argument("--quiet", action="store_true", help="no progress messages")
         sp.add_argument(
             "--no-coarsen", dest="coarsen", action="store_false", default=None,

@@ -16,6 +16,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from dtplan.ir.capture import Captured, capture
 from dtplan.ir.graph import Role
+from dtplan.ir.precision import Precision
 from dtplan.planner.space._dtensor import Placements, parse_placement
 from dtplan.planner.output.classic import compare_classic
 from dtplan.planner.reduce.coarsen import coarse_mesh, narrow_all, widen, widen_choice
@@ -186,7 +187,9 @@ def _model_info(captured: Captured, optimizer: str, given: Mapping[str, object] 
         raise ValueError(f"model_info keys {unknown} are not fields of ModelInfo ({sorted(fields)})")
     graph = captured.graph
     trained = {"optimizer": optimizer, "gradients": {graph[p].fqn: g for g, p in captured.gradients.items()}} if captured.train else {}
-    return ModelInfo(**{"num_nodes": len(graph), "graph_signature": graph.signature, "train": captured.train, **trained, **(given or {})})
+    return ModelInfo(
+        **{"num_nodes": len(graph), "graph_signature": graph.signature, "train": captured.train, "precision": captured.precision.to_json(), **trained, **(given or {})}
+    )
 
 
 def _cost_summary(captured: Captured, ev: Evaluation, pricer: Pricer) -> CostSummary:
@@ -241,9 +244,11 @@ def captured_stage_seconds(captured: Captured) -> dict[str, float]:
     return {"capture": captured.seconds} if captured.seconds is not None else {}
 
 
-def compile(model: torch.nn.Module, example_inputs: tuple, **plan_kwargs) -> Plan:  # noqa: A001 - the verb users expect
-    """Capture `model(*example_inputs)` and plan it (see `plan_program`)."""
-    return plan_program(capture(model, example_inputs), **plan_kwargs)
+def compile(model: torch.nn.Module, example_inputs: tuple, *, precision: Precision | str | None = None, **plan_kwargs) -> Plan:  # noqa: A001 - the verb users expect
+    """Capture `model(*example_inputs)` under the mixed-precision policy
+    (`"bf16"`, `"fp16"`, a `Precision`; default float32) and plan it (see
+    `plan_program`)."""
+    return plan_program(capture(model, example_inputs, precision), **plan_kwargs)
 
 
 def shard(
@@ -257,9 +262,12 @@ def shard(
     """Plan (unless a plan is given) and return this rank's sharded program.
 
     `mesh` is the initialised DeviceMesh this rank runs on; `model` holds the
-    real (full) weights, which every rank builds identically.
+    real (full) weights, which every rank builds identically. The program
+    runs under the plan's mixed-precision policy (`precision=` when planning
+    here).
     """
-    captured = capture(model, example_inputs)
+    precision = Precision.from_json(plan.model.precision) if plan is not None else plan_kwargs.pop("precision", None)
+    captured = capture(model, example_inputs, precision)
     if plan is None:
         plan = plan_program(captured, mesh=mesh_spec(mesh), **plan_kwargs)
     return sharded_program(model, captured, plan, mesh)

@@ -124,7 +124,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x: (B, H, T, hd); cos/sin: (T, hd), broadcast over batch and heads.
-    return x * cos + _rotate_half(x) * sin
+    # The tables are float32 buffers; under bf16 compute the result goes back
+    # to x's dtype, as torchtitan's and Hugging Face's rotary code does.
+    return (x * cos + _rotate_half(x) * sin).type_as(x)
 
 
 class Attention(nn.Module):

@@ -28,6 +28,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from dtplan.ir.decompose import TRAINING_DECOMPOSITIONS
 from dtplan.ir.flops import node_cost
 from dtplan.ir.graph import Graph, Node, Ref, Role, TensorMeta
+from dtplan.ir.precision import Precision, WithPrecision, call_with_precision
 
 __all__ = ["CaptureError", "Captured", "capture", "capture_training", "fake_build", "lift", "lift_graph", "user_frame"]
 
@@ -61,6 +62,8 @@ class Captured:
     updates: Mapping[str, str] = field(default_factory=dict)
     #: forward graphs: how the model's outputs nest (torch pytree; a ModelOutput, a dict, ...)
     out_spec: object = None
+    #: the mixed-precision policy the step was traced under (its casts are graph ops)
+    precision: Precision = Precision()
 
     @property
     def train(self) -> bool:
@@ -73,17 +76,20 @@ class Captured:
         return {**self.gradients, **self.updates}
 
 
-def capture(model: torch.nn.Module, example_inputs: tuple) -> Captured:
-    """Export `model(*example_inputs)` to core ATen and lift it into the IR.
+def capture(model: torch.nn.Module, example_inputs: tuple, precision: Precision | str | None = None) -> Captured:
+    """Export `model(*example_inputs)` to core ATen and lift it into the IR;
+    under a mixed `precision` the parameter and input casts are in the graph.
 
     Works on meta tensors (planning only) and on real ones.
     """
     t0 = time.perf_counter()
+    precision = Precision.parse(precision)
+    traced = WithPrecision(model, precision) if precision.mixed else model
     try:
         # export prints the partial graph to stderr on some failures; the
         # error we raise says what went wrong and where, in one line
         with contextlib.redirect_stderr(io.StringIO()):
-            ep = torch.export.export(model, tuple(example_inputs))
+            ep = torch.export.export(traced, tuple(example_inputs))
         table = torch.export.default_decompositions()
         for op in KEEP_FUSED:
             table.pop(op, None)
@@ -92,7 +98,23 @@ def capture(model: torch.nn.Module, example_inputs: tuple) -> Captured:
         raise CaptureError(_explain_export_failure(e, model)) from e
     seconds = time.perf_counter() - t0
     log.debug("export + decompositions: %.3fs", seconds)
-    return dataclasses.replace(lift(ep), seconds=seconds, out_spec=ep.call_spec.out_spec)
+    captured = lift(ep)
+    if precision.mixed:
+        captured = _unwrapped(captured)
+    return dataclasses.replace(captured, seconds=seconds, out_spec=ep.call_spec.out_spec, precision=precision)
+
+
+def _unwrapped(captured: Captured) -> Captured:
+    """A capture of `WithPrecision(model)` named as the model's own: FQNs and
+    module paths without the wrapper's `m.`."""
+    strip = lambda name: name if name is None else name.removeprefix("m.")  # noqa: E731
+    nodes = tuple(dataclasses.replace(n, module=strip(n.module) if n.module != "m" else "", fqn=strip(n.fqn)) for n in captured.graph)
+    return dataclasses.replace(
+        captured,
+        graph=Graph(nodes, captured.graph.outputs),
+        placeholders=tuple((name, role, strip(fqn)) for name, role, fqn in captured.placeholders),
+        constants={strip(k): v for k, v in captured.constants.items()},
+    )
 
 
 def _explain_export_failure(e: Exception, model: torch.nn.Module) -> str:
@@ -222,13 +244,22 @@ class _TrainStep(torch.nn.Module):
     """loss_fn(model(*inputs), *inputs) as one module, so AOT autograd traces
     forward and backward together."""
 
-    def __init__(self, model: torch.nn.Module, loss_fn: Callable[..., torch.Tensor]) -> None:
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable[..., torch.Tensor], precision: Precision) -> None:
         super().__init__()
         self.m = model
         self.loss_fn = loss_fn
+        self.precision = precision
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor]:
-        return (self.loss_fn(self.m(*inputs), *inputs),)
+        return (training_loss(self.m, self.loss_fn, inputs, self.precision),)
+
+
+def training_loss(model: torch.nn.Module, loss_fn: Callable[..., torch.Tensor], inputs: tuple, precision: Precision) -> torch.Tensor:
+    """The loss a training step computes (the single-device reference calls it
+    too): under a mixed policy, a float32 loss of the outputs computed in the
+    parameter dtype."""
+    loss = loss_fn(call_with_precision(model, inputs, precision), *inputs)
+    return loss.float() if precision.mixed else loss
 
 
 def fake_build(build: Callable[[], tuple[torch.nn.Module, tuple]]) -> tuple[torch.nn.Module, tuple]:
@@ -257,7 +288,9 @@ def fake_build(build: Callable[[], tuple[torch.nn.Module, tuple]]) -> tuple[torc
     return model, tuple(fake(t) if isinstance(t, torch.Tensor) else t for t in inputs)
 
 
-def capture_training(model: torch.nn.Module, example_inputs: tuple, loss_fn: Callable[..., torch.Tensor]) -> Captured:
+def capture_training(
+    model: torch.nn.Module, example_inputs: tuple, loss_fn: Callable[..., torch.Tensor], precision: Precision | str | None = None
+) -> Captured:
     """The joint forward+backward graph of `loss_fn(model(*inputs), *inputs)`.
 
     The step is exported first (`torch.export`, non-strict: library code that
@@ -280,7 +313,8 @@ def capture_training(model: torch.nn.Module, example_inputs: tuple, loss_fn: Cal
     t0 = time.perf_counter()
     if not any(p.requires_grad for p in model.parameters()):
         raise CaptureError("the model has no trainable parameters; there is nothing to train")
-    step = _TrainStep(model, loss_fn)
+    precision = Precision.parse(precision)
+    step = _TrainStep(model, loss_fn, precision)
     try:
         # export finds the fake mode of fake inputs itself; the joint is traced under it
         with contextlib.redirect_stderr(io.StringIO()):
@@ -293,7 +327,7 @@ def capture_training(model: torch.nn.Module, example_inputs: tuple, loss_fn: Cal
     gm, roles, gradients, updates = joint
     lifted = {s.target for s in ep.graph_signature.input_specs if s.kind is InputKind.CONSTANT_TENSOR}
     constants = {k.removeprefix("m."): v for k, v in ep.constants.items() if k in lifted}
-    captured = lift_graph(gm, roles, constants, gradients=gradients, updates=updates, seconds=time.perf_counter() - t0)
+    captured = lift_graph(gm, roles, constants, gradients=gradients, updates=updates, seconds=time.perf_counter() - t0, precision=precision)
     loss = captured.graph[captured.graph.outputs[0]].tensor_meta
     if loss is None or loss.numel != 1:
         shape = None if loss is None else list(loss.shape)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from dtplan.ir.capture import capture, fake_build, user_frame
+from dtplan.ir.precision import Precision
 from dtplan.ir.stamp import capture_training_stamped
 
 __all__ = ["ModelFile", "ModelFileError", "capture_model_file", "load_model_file", "require_loss_fn"]
@@ -84,7 +85,7 @@ def require_loss_fn(mf: ModelFile) -> Callable[..., torch.Tensor]:
     return mf.loss_fn
 
 
-def capture_model_file(mf: ModelFile, *, train: bool):
+def capture_model_file(mf: ModelFile, *, train: bool, precision: Precision | str | None = None):
     """The graph a model file plans and runs as, the same on every side.
 
     Inference: captured on meta (a real-device export may differ in
@@ -94,10 +95,10 @@ def capture_model_file(mf: ModelFile, *, train: bool):
     models capture in seconds.
     """
     if train:
-        return capture_training_stamped(*fake_build(lambda: mf.build(train=True)), require_loss_fn(mf))
-    captured = capture(*mf.build(meta=True))
+        return capture_training_stamped(*fake_build(lambda: mf.build(train=True)), require_loss_fn(mf), precision=precision)
+    captured = capture(*mf.build(meta=True), precision)
     if captured.constants:
-        real = capture(*mf.build(meta=False))
+        real = capture(*mf.build(meta=False), precision)
         captured = dataclasses.replace(captured, constants=real.constants)
     return captured
 

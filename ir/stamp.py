@@ -105,6 +105,7 @@ import torch
 from torch.fx.node import map_arg
 
 from dtplan.ir.capture import Captured, CaptureError, capture_training
+from dtplan.ir.precision import Precision
 from dtplan.ir.stamp_build import _GraphBuilder
 from dtplan.ir.stamp_segments import Segments, StampError, _BlockTrace, _meta_key, _same
 
@@ -121,6 +122,7 @@ def capture_training_stamped(
     keep: int = 3,
     check: bool = True,
     fallback: bool = True,
+    precision: Precision | str | None = None,
 ) -> Captured:
     """`capture_training(model, example_inputs, loss_fn)` built from a trace of
     the first `keep` blocks of the model's layer stack (see the module
@@ -128,12 +130,12 @@ def capture_training_stamped(
     stamped (or raises `StampError` with `fallback=False`)."""
     t0 = time.perf_counter()
     try:
-        captured = _stamped(model, tuple(example_inputs), loss_fn, keep, check)
+        captured = _stamped(model, tuple(example_inputs), loss_fn, keep, check, Precision.parse(precision))
     except StampError as e:
         if not fallback:
             raise
         log.debug("stamped capture not used, capturing every layer: %s", e)
-        return capture_training(model, example_inputs, loss_fn)
+        return capture_training(model, example_inputs, loss_fn, precision)
     captured = dataclasses.replace(captured, seconds=time.perf_counter() - t0)
     log.debug("stamped capture: %.3fs, %d nodes", captured.seconds, len(captured.graph))
     return captured
@@ -215,7 +217,7 @@ def _truncated(stack: torch.nn.ModuleList, n: int) -> Iterator[None]:
 # --------------------------------------------------------------------------- driver
 
 
-def _stamped(model, example_inputs, loss_fn, keep: int, check: bool) -> Captured:
+def _stamped(model, example_inputs, loss_fn, keep: int, check: bool, precision: Precision) -> Captured:
     """Trace the first blocks, segment, self-check and build every layer (or raise `StampError`)."""
     if keep < 3:
         raise StampError(f"keep must be at least 3 (a first, an interior and a last block), got {keep}")
@@ -227,7 +229,7 @@ def _stamped(model, example_inputs, loss_fn, keep: int, check: bool) -> Captured
         if blocks not in captures:
             try:
                 with _truncated(stack, blocks):
-                    captures[blocks] = capture_training(model, example_inputs, loss_fn)
+                    captures[blocks] = capture_training(model, example_inputs, loss_fn, precision)
             except CaptureError as e:
                 raise StampError(f"capturing {blocks} blocks failed: {e}") from e
         return captures[blocks]

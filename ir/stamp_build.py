@@ -65,7 +65,9 @@ class _GraphBuilder:
         for attr in ("meta", "shape_env"):
             if hasattr(self.trace.gm, attr):
                 setattr(gm, attr, getattr(self.trace.gm, attr))
-        return lift_graph(gm, self.roles, {}, costs=self.costs, gradients=self.gradients, seconds=self.trace.captured.seconds)
+        return lift_graph(
+            gm, self.roles, {}, costs=self.costs, gradients=self.gradients, seconds=self.trace.captured.seconds, precision=self.trace.captured.precision
+        )
 
     # ---- placeholders
 

@@ -12,12 +12,14 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.utils import _pytree as pytree
 
 from dtplan.runtime.program import sharded_program
+from dtplan.ir.capture import training_loss
 from dtplan.ir.modelfile import capture_model_file, load_model_file, require_loss_fn
+from dtplan.ir.precision import Precision, call_with_precision
 from dtplan.planner.output.plan import Plan
 from dtplan.runtime.launch import launched_by_torchrun, process_group, spawn
 from dtplan.runtime.params import local_shard
 from dtplan.runtime.train import make_optimizer, sharded_trainer
-from dtplan.runtime.verify import Comparison, CollectiveRecorder, compare, expected_collectives
+from dtplan.runtime.verify import Comparison, CollectiveRecorder, compare, compare_within, expected_collectives, tolerance
 
 __all__ = ["rank_work", "run_many", "run_model_file", "single_device_training", "step_seed", "train_rank_work"]
 
@@ -26,10 +28,11 @@ def rank_work(rank: int, mesh: DeviceMesh, *, path: str, options: Mapping[str, s
     """One rank: build the real model, shard it, run one step, report."""
     mf = load_model_file(path, options)
     model, inputs = mf.build(meta=False)
-    t0 = time.perf_counter()
-    captured = capture_model_file(mf, train=False)
-    t1 = time.perf_counter()
     plan = Plan.from_json(plan_json)
+    precision = Precision.from_json(plan.model.precision)
+    t0 = time.perf_counter()
+    captured = capture_model_file(mf, train=False, precision=precision)
+    t1 = time.perf_counter()
     program = sharded_program(model, captured, plan, mesh)
     seconds = {"capture": t1 - t0, "lower": time.perf_counter() - t1}
     recorder = CollectiveRecorder(mesh, tuple(plan.mesh.axis_names))
@@ -39,11 +42,12 @@ def rank_work(rank: int, mesh: DeviceMesh, *, path: str, options: Mapping[str, s
     report = {"rank": rank, **_collectives_report(recorder, plan), "outputs": len(outs), "seconds": seconds}
     if check:
         with torch.no_grad():
-            ref = model(*inputs)
+            ref = call_with_precision(model, inputs, precision)
         named = [(f"output{pytree.keystr(path)}", r) for path, r in pytree.tree_flatten_with_path(ref)[0] if isinstance(r, torch.Tensor)]
         if len(named) != len(outs):
             raise ValueError(f"the model returned {len(named)} tensors on one device but {len(outs)} were captured")
-        cmps = {name: compare(o, local_shard(r, mesh, pl)) for (name, r), o, pl in zip(named, outs, plan.outputs, strict=True)}
+        tol = tolerance(precision.param_dtype)
+        cmps = {name: compare_within(o, local_shard(r, mesh, pl), tol) for (name, r), o, pl in zip(named, outs, plan.outputs, strict=True)}
         report.update(_summary(cmps))
     return report
 
@@ -76,10 +80,11 @@ def train_rank_work(
     mf = load_model_file(path, options)
     loss_fn = require_loss_fn(mf)
     model, inputs = mf.build(meta=False, train=True)
-    t0 = time.perf_counter()
-    captured = capture_model_file(mf, train=True)
-    t1 = time.perf_counter()
     plan = Plan.from_json(plan_json)
+    precision = Precision.from_json(plan.model.precision)
+    t0 = time.perf_counter()
+    captured = capture_model_file(mf, train=True, precision=precision)
+    t1 = time.perf_counter()
     optimizer = plan.model.optimizer or "adamw"
     trainer = sharded_trainer(model, captured, plan, mesh, optimizer=optimizer, lr=lr)
     seconds = {"capture": t1 - t0, "lower": time.perf_counter() - t1}
@@ -98,17 +103,19 @@ def train_rank_work(
     report["state_dict_round_trip"] = all(torch.equal(state[k], again[k]) for k in state)
     if check:
         t1 = time.perf_counter()
-        ref_losses, ref_state, noise = single_device_training(mf, loss_fn, steps=steps, lr=lr, optimizer=optimizer)
+        ref_losses, ref_state, noise = single_device_training(mf, loss_fn, steps=steps, lr=lr, optimizer=optimizer, precision=precision)
         seconds["reference"] = time.perf_counter() - t1
-        loss_cmp = compare(torch.tensor(losses), torch.tensor(ref_losses))
+        tol = tolerance(precision.param_dtype)
+        loss_cmp = compare_within(torch.tensor(losses), torch.tensor(ref_losses), tol)
         missing = sorted(set(ref_state) - set(state))
         if missing:
             raise ValueError(f"the sharded state lacks {missing[:5]}")
         # Adam normalises every update to about lr, so an element whose true
         # gradient is below the reduction's rounding noise may step either way:
-        # parameters compare at rtol 1e-4 plus an absolute 5% of one step, and
-        # the elements whose gradient was noise-dominated at some step (see
-        # single_device_training) within the steps taken
+        # parameters compare at rtol 1e-4 plus an absolute 5% of one step
+        # (float32; the dtype's `step` fraction per step taken in lower
+        # precision), and the elements whose gradient was noise-dominated at
+        # some step (see single_device_training) within the steps taken
         # Buffers (batch norm's running statistics) are statistics of
         # activations downstream of those parameters: rtol 1e-3 plus a tenth
         # of one step (computing them from a batch shard alone is off by the
@@ -116,7 +123,8 @@ def train_rank_work(
         cmps = {"loss": loss_cmp}
         for fqn, t in ref_state.items():
             if fqn in trainer.parameters:
-                cmps[fqn] = compare(state[fqn], t, atol=0.05 * lr, loose=noise.get(fqn), loose_atol=2.0 * lr * steps)
+                atol = max(0.05, tol.step * steps) * lr
+                cmps[fqn] = compare(state[fqn], t, atol=atol, loose=noise.get(fqn), loose_atol=2.0 * lr * steps)
             else:
                 cmps[fqn] = compare(state[fqn], t, rtol=1e-3, atol=0.1 * lr)
         summary = _summary(cmps)
@@ -138,25 +146,29 @@ def _collectives_report(recorder: CollectiveRecorder, plan: Plan) -> dict:
     }
 
 
-def single_device_training(mf, loss_fn, *, steps: int, lr: float, optimizer: str) -> tuple[list[float], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def single_device_training(
+    mf, loss_fn, *, steps: int, lr: float, optimizer: str, precision: Precision = Precision()
+) -> tuple[list[float], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The reference: the same steps with plain autograd on one device, each
-    from the same seed; returns the losses, every parameter and buffer, and
-    per parameter the elements whose gradient was noise-dominated at some
-    step: under 1e-4 of its tensor's largest, or under 1e-6 of the largest
-    of all (a batch norm's bias feeding straight into another batch norm
-    has a gradient of exactly zero, computed as rounding noise)."""
+    from the same seed, under the same mixed-precision policy; returns the
+    losses, every parameter and buffer, and per parameter the elements whose
+    gradient was noise-dominated at some step: under the dtype's `noise`
+    fraction (1e-4 in float32) of its tensor's largest, or under 1e-6 of the
+    largest of all (a batch norm's bias feeding straight into another batch
+    norm has a gradient of exactly zero, computed as rounding noise)."""
     model, inputs = mf.build(meta=False, train=True)
     opt = make_optimizer(optimizer, model.parameters(), lr=lr)
     losses = []
     noise: dict[str, torch.Tensor] = {}
+    share = tolerance(precision.param_dtype).noise
     for i in range(steps):
         torch.manual_seed(step_seed(i))
-        loss = loss_fn(model(*inputs), *inputs)
+        loss = training_loss(model, loss_fn, inputs, precision)
         loss.backward()
         grads = {name: p.grad.abs() for name, p in model.named_parameters() if p.grad is not None}
         largest = max((float(g.max()) for g in grads.values() if g.numel()), default=0.0)
         for name, g in grads.items():
-            tiny = g <= max(1e-4 * float(g.max()) if g.numel() else 0.0, 1e-6 * largest)
+            tiny = g <= max(share * float(g.max()) if g.numel() else 0.0, 1e-6 * largest)
             noise[name] = tiny | noise[name] if name in noise else tiny
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from dtplan.planner.output.plan import Plan
 from dtplan.runtime.watch import KINDS as _KINDS
 
-__all__ = ["CollectiveRecorder", "compare", "expected_collectives"]
+__all__ = ["TOLERANCES", "CollectiveRecorder", "Tolerance", "compare", "compare_within", "expected_collectives", "tolerance"]
 
 
 class CollectiveRecorder(TorchDispatchMode):
@@ -40,6 +40,41 @@ class CollectiveRecorder(TorchDispatchMode):
 
 def expected_collectives(plan: Plan) -> Counter:
     return Counter((c.kind, c.axis, c.bytes) for c in plan.collectives)
+
+
+@dataclass(frozen=True, slots=True)
+class Tolerance:
+    """How far a sharded run may be from one device computing in the same dtype."""
+
+    #: outputs and losses: |got - want| <= atol * max(1, max |want|) + rtol * |want|
+    #: (a low-precision sum errs relative to its terms, whose size the
+    #: tensor's largest element stands for, not relative to its result)
+    rtol: float
+    atol: float
+    #: training: a gradient element under this fraction of its tensor's
+    #: largest is rounding noise (Adam may step it either way)
+    noise: float
+    #: training: parameters within this fraction of one step (lr) per step taken
+    step: float
+
+
+#: by the dtype the step computes in: float32 differs by reduction order
+#: only; bfloat16 keeps 8 significant bits (0.4% per rounding), float16 11
+TOLERANCES = {
+    torch.float32: Tolerance(rtol=1e-4, atol=1e-5, noise=1e-4, step=0.01),
+    torch.bfloat16: Tolerance(rtol=3e-2, atol=1e-2, noise=1e-2, step=0.2),
+    torch.float16: Tolerance(rtol=5e-3, atol=1e-3, noise=5e-3, step=0.05),
+}
+
+
+def tolerance(dtype: torch.dtype) -> Tolerance:
+    return TOLERANCES[dtype]
+
+
+def compare_within(got: torch.Tensor, want: torch.Tensor, tol: Tolerance) -> Comparison:
+    """`compare` at a dtype's tolerance for outputs and losses."""
+    scale = max(1.0, float(want.detach().abs().max())) if want.numel() else 1.0
+    return compare(got, want, rtol=tol.rtol, atol=tol.atol * scale)
 
 
 @dataclass(frozen=True, slots=True)

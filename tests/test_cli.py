@@ -185,3 +185,11 @@ def test_a_training_plan_needs_train_and_arguments_are_checked(tmp_path, capsys)
         with pytest.raises(SystemExit):
             cli.main(["run" if flag != "--time-limit" else "compile", str(example_path("mlp")), "--mesh", "2", flag, value])
         assert f"argument {flag}: {value} is not positive" in capsys.readouterr().err
+
+
+def test_precision_is_planned_recorded_and_held_to(tmp_path, capsys):
+    code, out, err = run_cli(capsys, "compile", example_path("mlp"), "--mesh", "2", "--train", "--precision", "bf16", "--out", tmp_path, "--json", "--no-compare")
+    assert code == 0, err
+    assert json.loads(out)["precision"] == {"param_dtype": "bfloat16", "reduce_dtype": "float32"}
+    code, _, err = run_cli(capsys, "run", example_path("mlp"), "--mesh", "2", "--train", "--plan", tmp_path / "plan.json", "--precision", "fp32")
+    assert code == 1 and "--precision fp32 does not match the plan's (bf16 compute, fp32 gradient reduction)" in err

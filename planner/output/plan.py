@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dtplan.ir.graph import Graph, Role
+from dtplan.ir.precision import Precision
 from dtplan.planner.cost.device import COLLECTIVE_KINDS
 from dtplan.planner.cost.pricing import Pricer, local_shape
 from dtplan.planner.evaluate import HUB, OUTPUT, NodePlan, PlannedCollective
@@ -43,6 +44,8 @@ class ModelInfo:
     #: the model file and its options, when planned from one (CLI)
     source: str | None = None
     options: Mapping[str, str] = field(default_factory=dict)
+    #: the mixed-precision policy (dtplan.ir.precision.Precision.to_json; {}: float32)
+    precision: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -216,6 +219,10 @@ class Plan:
         """What the plan's fields say of each other, without the model."""
         if "profile" in top and "name" not in self.profile:
             raise top["profile"].error("'name' is missing")
+        try:
+            Precision.from_json(dict(self.model.precision))
+        except (KeyError, ValueError) as e:
+            raise At(self.model.precision, "model.precision").error(f"not a precision policy: {e}") from None
         if self.model.num_nodes != len(self.nodes):
             raise top["nodes"].error(f"holds {len(self.nodes)} node(s); model.num_nodes says {self.model.num_nodes}")
         entries = {k: top[k].mapping() for k in ("nodes", "inputs", "parameters")}
