@@ -10,6 +10,7 @@ Prints the README's table:
 
     .venv/bin/python bench/real_models.py                 # every model, mesh 2x2, 3 steps
     .venv/bin/python bench/real_models.py --mesh 4 hf_bert timm_resnet
+    .venv/bin/python bench/real_models.py --precision bf16   # under bf16 compute, fp32 reduction
 """
 from __future__ import annotations
 
@@ -30,11 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("models", nargs="*", help="model names under examples/zoo (default: all)")
     ap.add_argument("--mesh", default="2x2")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None, help="mixed-precision policy (compared with one device under it)")
     args = ap.parse_args(argv)
     names = args.models or sorted(p.stem for p in ZOO.glob("*.py"))
     paths = [ZOO / f"{n}.py" for n in names]
     # a group of ranks per model: one model's failure is its own row
-    rows = check_model_files(paths, mesh=args.mesh, steps=args.steps, one_group=False, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    rows = check_model_files(
+        paths, mesh=args.mesh, steps=args.steps, one_group=False, precision=args.precision, progress=lambda m: print(m, file=sys.stderr, flush=True)
+    )
     yes = lambda b: "yes" if b else "NO"  # noqa: E731
     print(f"| model | plans | runs exactly | trains exactly ({args.steps} AdamW steps) | fallbacks (infer/train) | seconds | problem |")
     print("|---|---|---|---|---|---|---|")

@@ -54,6 +54,7 @@ def check_model_files(
     shard_batch: bool = True,
     one_group: bool = True,
     time_limit_s: float | None = None,
+    precision: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> list[ModelCheck]:
     """Plan, run and train every model file on `mesh`.
@@ -64,7 +65,9 @@ def check_model_files(
     `one_group` runs every model in one group of spawned ranks (a group's
     start-up costs seconds; a failure then fails the group); otherwise a
     group per model, so one model's failure is its own row. `time_limit_s`
-    bounds each solve (a plan then may be FEASIBLE rather than OPTIMAL)."""
+    bounds each solve (a plan then may be FEASIBLE rather than OPTIMAL).
+    `precision` (`bf16`, `fp16`) plans and runs under that mixed-precision
+    policy, compared with one device under the same policy."""
     say = progress or (lambda _m: None)
     spec = parse_mesh(mesh)
     inputs = ["S(0)"] * spec.ndim if shard_batch else None
@@ -77,7 +80,10 @@ def check_model_files(
         say(f"{name}: planning inference and training on {mesh}")
         try:
             mf = load_model_file(path)
-            plans = [plan_program(capture_model_file(mf, train=t), mesh=spec, profile=profile, input_placements=inputs, solver=solver) for t in (False, True)]
+            plans = [
+                plan_program(capture_model_file(mf, train=t, precision=precision), mesh=spec, profile=profile, input_placements=inputs, solver=solver)
+                for t in (False, True)
+            ]
         except Exception as e:  # noqa: BLE001 - a model that does not plan is a row, not a crash
             results[name] = ModelCheck(name, problem=f"planning: {_line(e)}", seconds=time.perf_counter() - t0)
             continue

@@ -314,11 +314,20 @@ def test_common_training_ops(name: str) -> None:
 # --- a formula that fails is logged and counted elementwise, not as zero ------------------------------
 
 
-def test_failing_formula_falls_back_to_elementwise(caplog: pytest.LogCaptureFixture) -> None:
+def test_failing_formula_falls_back_to_elementwise() -> None:
     out = torch.randn(8, 4)
     node = hand_node(aten.mm.default, (torch.randn(8, 16), torch.randn(16, 4)), out)
     next(iter(node.graph.nodes)).meta.pop("val")  # the formula now sees None for an input
-    with caplog.at_level(logging.DEBUG, logger="dtplan.ir.flops"):
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append  # the suite runs without pytest's logging plugin (no caplog)
+    logger = logging.getLogger("dtplan.ir.flops")
+    logger.addHandler(handler)
+    level, logger.level = logger.level, logging.DEBUG
+    try:
         flops, _ = node_cost(node)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
     assert flops == out.numel()
-    assert "aten.mm.default" in caplog.text
+    assert any("aten.mm.default" in r.getMessage() for r in records)
