@@ -4,6 +4,7 @@ at scale, in one process, on fake tensors (no weights, no GPUs).
     .venv/bin/python bench/compile_llama.py                      # the issue's table
     .venv/bin/python bench/compile_llama.py --runs 8b:32:8x8     # one row
     .venv/bin/python bench/compile_llama.py --runs 8b:32:8x8 --memory 80GiB --no-lower
+    .venv/bin/python bench/compile_llama.py --precision bf16 --runs 8b:32:8,8b:32:8x8:80GiB
 
 Each row runs in a fresh process (so peak RSS is that row's) and prints:
 capture seconds (stamped joint graph, `dtplan.ir.stamp`), build seconds (strategies,
@@ -11,7 +12,7 @@ shrinking, folding and the integer program), solve seconds (HiGHS, or
 CP-SAT when the LP is fractional), lowering seconds (rank 0's sharded
 GraphModule on the fake process group, `dtplan.runtime.abstract`), the program's
 variables and constraints, layers folded, peak RSS and the predicted step
-time. A row that fails prints its one-line error instead.
+time and peak memory per device. A row that fails prints its one-line error instead.
 """
 from __future__ import annotations
 
@@ -38,11 +39,11 @@ DEFAULT_RUNS = (
 
 HEAD = (
     f"{'preset':>6} {'layers':>6} {'mesh':>7} {'budget':>7} {'capture':>8} {'build':>6} {'solve':>6} {'lower':>6} "
-    f"{'total':>6} {'vars':>7} {'cons':>6} {'folded':>6} {'method':>14} {'rss MB':>7} {'step ms':>8}"
+    f"{'total':>6} {'vars':>7} {'cons':>6} {'folded':>6} {'method':>14} {'rss MB':>7} {'step ms':>8} {'peak GiB':>8}"
 )
 
 
-def one(preset: str, layers: str, mesh: str, memory: str | None, lower: bool, time_limit: float) -> dict:
+def one(preset: str, layers: str, mesh: str, memory: str | None, lower: bool, time_limit: float, precision: str | None = None) -> dict:
     """Capture, plan and lower one configuration (in this process)."""
     sys.path.insert(0, str(ROOT))
     warnings.filterwarnings("ignore")
@@ -52,7 +53,7 @@ def one(preset: str, layers: str, mesh: str, memory: str | None, lower: bool, ti
 
     t0 = time.perf_counter()
     mf = load_model_file(ROOT / "examples" / "llama.py", {"preset": preset, "layers": layers})
-    captured = capture_model_file(mf, train=True)
+    captured = capture_model_file(mf, train=True, precision=precision)
     capture_s = time.perf_counter() - t0
     plan = plan_program(captured, mesh=mesh, profile="h100", memory=memory, solver=SolverOptions(time_limit_s=time_limit))
     st = plan.stage_seconds
@@ -84,7 +85,7 @@ def _row(preset: str, layers: str, mesh: str, memory: str | None, r: dict) -> st
     lower = f"{r['lower']:6.2f}" if r["lower"] is not None else f"{'-':>6}"
     return (
         f"{preset:>6} {layers:>6} {mesh:>7} {memory or '-':>7} {r['capture']:8.2f} {r['build']:6.2f} {r['solve']:6.2f} {lower} "
-        f"{r['total']:6.2f} {r['variables']:7d} {r['constraints']:6d} {r['folded']:6d} {r['method']:>14} {r['rss_mb']:7.0f} {r['step_ms']:8.1f}"
+        f"{r['total']:6.2f} {r['variables']:7d} {r['constraints']:6d} {r['folded']:6d} {r['method']:>14} {r['rss_mb']:7.0f} {r['step_ms']:8.1f} {r['peak_gib']:8.1f}"
     )
 
 
@@ -94,11 +95,12 @@ def main() -> None:
     p.add_argument("--memory", default=None, help="per-device budget for rows that name none, e.g. 80GiB (default: none)")
     p.add_argument("--no-lower", action="store_true", help="skip lowering rank 0's program")
     p.add_argument("--time-limit", type=float, default=120.0, help="solver time limit per row, seconds")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None, help="mixed-precision policy (dtplan.ir.precision)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # a child process's row, as JSON
     args = p.parse_args()
     if args.one:
         preset, layers, mesh = args.one.split(":")
-        print(json.dumps(one(preset, layers, mesh, args.memory, not args.no_lower, args.time_limit)))
+        print(json.dumps(one(preset, layers, mesh, args.memory, not args.no_lower, args.time_limit, args.precision)))
         return
     print(HEAD, flush=True)
     for run in args.runs.split(","):
@@ -107,6 +109,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--one", f"{preset}:{layers}:{mesh}", "--time-limit", str(args.time_limit)]
         cmd += ["--memory", memory] if memory else []
         cmd += ["--no-lower"] if args.no_lower else []
+        cmd += ["--precision", args.precision] if args.precision else []
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode == 0:
             print(_row(preset, layers, mesh, memory, json.loads(out.stdout.strip().splitlines()[-1])), flush=True)
