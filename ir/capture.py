@@ -98,10 +98,28 @@ def capture(model: torch.nn.Module, example_inputs: tuple, precision: Precision 
         raise CaptureError(_explain_export_failure(e, model)) from e
     seconds = time.perf_counter() - t0
     log.debug("export + decompositions: %.3fs", seconds)
+    if precision.mixed:
+        casts_at_first_use(ep.graph_module)
     captured = lift(ep)
     if precision.mixed:
         captured = _unwrapped(captured)
     return dataclasses.replace(captured, seconds=seconds, out_spec=ep.call_spec.out_spec, precision=precision)
+
+
+def casts_at_first_use(gm: torch.fx.GraphModule) -> None:
+    """Move each cast of a placeholder (a parameter or an input cast to the
+    compute dtype) to just before its first reader, where FSDP2 casts: the
+    step casts everything at its start, which would keep every layer's copy
+    live from the start (and puts a layer's casts outside its layer, which
+    stamping and folding go by)."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for n in list(gm.graph.nodes):
+        if n.op == "call_function" and n.target is torch.ops.aten._to_copy.default and n.args[0].op == "placeholder" and n.users:
+            first = min(n.users, key=order.__getitem__)
+            if first is not n.next:
+                first.prepend(n)
+    gm.graph.lint()
+    gm.recompile()
 
 
 def _unwrapped(captured: Captured) -> Captured:
@@ -325,6 +343,8 @@ def capture_training(
     except Exception as e:  # noqa: BLE001 - re-raised with a one-line cause
         raise CaptureError(_explain_export_failure(e, model)) from e
     gm, roles, gradients, updates = joint
+    if precision.mixed:
+        casts_at_first_use(gm)
     lifted = {s.target for s in ep.graph_signature.input_specs if s.kind is InputKind.CONSTANT_TENSOR}
     constants = {k.removeprefix("m."): v for k, v in ep.constants.items() if k in lifted}
     captured = lift_graph(gm, roles, constants, gradients=gradients, updates=updates, seconds=time.perf_counter() - t0, precision=precision)

@@ -1,8 +1,8 @@
 """Mixed precision, as FSDP2's MixedPrecisionPolicy defines it.
 
 Parameters (and the optimizer's state) stay in float32, the masters; the step
-casts each floating parameter to `param_dtype` once, at its start, and runs the
-model on those copies, with floating inputs cast likewise (FSDP2's
+casts each floating parameter to `param_dtype` once (the capture moves each
+cast to just before the parameter's first use) and runs the model on those copies, with floating inputs cast likewise (FSDP2's
 `cast_forward_inputs`). The casts are ops of the captured graph, so the
 planner places and prices them like any other: cast on the shard, a bf16
 all-gather moves half the bytes; memory counts the bf16 copies where they
@@ -12,8 +12,8 @@ gradients reach their reduction as float32 partial sums: gradients reduce in
 float32 (`reduce_dtype`), as FSDP2's default policy does.
 
 What it does not model: FSDP2 keeps no bf16 shard between uses (it casts the
-fp32 shard right before each all-gather); here the bf16 shard made at the
-start lives until its last use in backward, 2 bytes per element per shard.
+fp32 shard right before each all-gather); here the bf16 shard lives from its
+first use to its last in backward, 2 bytes per element per shard.
 """
 from __future__ import annotations
 

@@ -86,3 +86,15 @@ def test_five_adamw_steps_in_bf16_match_one_device_under_the_same_policy(mesh):
             assert report["numerics_match"], (case, {k: report.get(k) for k in ("max_abs", "max_rel", "max_loss_rel", "mismatched")})
             if "losses" in report:
                 assert len(report["losses"]) == 5 and report["max_loss_rel"] <= tol.rtol, (case, report["losses"], report["reference_losses"])
+
+
+def test_each_cast_sits_just_before_the_first_use_of_what_it_casts():
+    """Where FSDP2 casts: left at the step's start, every layer's bf16 copy
+    would be live from the start (the 8B's program grew ninefold)."""
+    c = captured("llama", "bf16", layers=3)
+    nodes = list(c.gm.graph.nodes)
+    casts = [n for n in nodes if n.target is torch.ops.aten._to_copy.default and n.args[0].op == "placeholder"]
+    assert len(casts) >= 3 * 9  # every layer's weights, and the inputs
+    for n in casts:
+        first = min(n.users, key=nodes.index)
+        assert nodes.index(first) == nodes.index(n) + 1 or all(m.target is torch.ops.aten._to_copy.default for m in nodes[nodes.index(n) + 1 : nodes.index(first)]), n
