@@ -23,7 +23,7 @@ import torch
 from torch.func import functional_call
 from torch.utils._pytree import tree_map_only
 
-__all__ = ["PRECISIONS", "Precision", "call_with_precision"]
+__all__ = ["PRECISIONS", "Precision", "WithPrecision", "call_with_precision"]
 
 #: the names the command line takes
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
