@@ -131,7 +131,7 @@ def _print_summary(plan, out_dir: Path | None) -> None:
 
     c, s = plan.cost, plan.solver
     budget = "" if plan.memory_budget_bytes is None else f" of {format_bytes(plan.memory_budget_bytes)} budget"
-    precision = f", {_precision_text(plan)}" if plan.model.precision else ""
+    precision = f", {plan.precision}" if plan.model.precision else ""
     print(f"plan for {plan.model.name} on mesh {plan.mesh} ({plan.profile['name']} profile{precision})")
     print(f"  predicted step   {format_seconds(c.total_s)}  (compute {format_seconds(c.compute_s)}, communication {format_seconds(c.comm_s)})")
     print(f"  communication    {format_bytes(c.comm_bytes)} sent per device in {len(plan.collectives)} collective(s)")
@@ -148,12 +148,6 @@ def _print_summary(plan, out_dir: Path | None) -> None:
         print(f"  fallbacks        {len(plan.fallbacks)} op(s) replicated: " + ", ".join(sorted({f.op for f in plan.fallbacks})))
     if out_dir is not None:
         print(f"  wrote            {out_dir / 'plan.json'}, {out_dir / 'report.html'}")
-
-
-def _precision_text(plan) -> str:
-    from dtplan.ir.precision import Precision
-
-    return str(Precision.from_json(dict(plan.model.precision)))
 
 
 def _write_together(folder: Path, files: dict[str, str]) -> None:
@@ -204,7 +198,7 @@ def cmd_run(args) -> int:
         plan = Plan.load(args.plan)
         if tuple(mesh.shape) != tuple(plan.mesh.shape):
             raise PlanError(f"--mesh {mesh} does not match the plan's mesh {plan.mesh}")
-        precision = Precision.from_json(plan.model.precision)
+        precision = plan.precision
         if args.precision is not None and Precision.parse(args.precision) != precision:
             raise PlanError(f"--precision {args.precision} does not match the plan's ({precision})")
         mf = load_model_file(args.model, _model_args(args.model_arg))

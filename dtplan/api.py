@@ -266,7 +266,7 @@ def shard(
     runs under the plan's mixed-precision policy (`precision=` when planning
     here).
     """
-    precision = Precision.from_json(plan.model.precision) if plan is not None else plan_kwargs.pop("precision", None)
+    precision = plan.precision if plan is not None else plan_kwargs.pop("precision", None)
     captured = capture(model, example_inputs, precision)
     if plan is None:
         plan = plan_program(captured, mesh=mesh_spec(mesh), **plan_kwargs)

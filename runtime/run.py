@@ -29,7 +29,7 @@ def rank_work(rank: int, mesh: DeviceMesh, *, path: str, options: Mapping[str, s
     mf = load_model_file(path, options)
     model, inputs = mf.build(meta=False)
     plan = Plan.from_json(plan_json)
-    precision = Precision.from_json(plan.model.precision)
+    precision = plan.precision
     t0 = time.perf_counter()
     captured = capture_model_file(mf, train=False, precision=precision)
     t1 = time.perf_counter()
@@ -81,7 +81,7 @@ def train_rank_work(
     loss_fn = require_loss_fn(mf)
     model, inputs = mf.build(meta=False, train=True)
     plan = Plan.from_json(plan_json)
-    precision = Precision.from_json(plan.model.precision)
+    precision = plan.precision
     t0 = time.perf_counter()
     captured = capture_model_file(mf, train=True, precision=precision)
     t1 = time.perf_counter()

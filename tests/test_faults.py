@@ -31,17 +31,7 @@ TORCH = Path(torch.__file__).resolve().parent
 
 def _ranks_of(pid: int) -> list[int]:
     """The spawned ranks (multiprocessing's spawn_main) whose parent is `pid`."""
-    found = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat, cmd = (d / "stat").read_text(), (d / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"spawn_main" in cmd:
-            found.append(int(d.name))
-    return found
+    return _children(pid, b"spawn_main")
 
 
 #: fault -> (whom it hits, the signal, exit code, the one line)

@@ -254,8 +254,7 @@ class Plan:
         for name in self.hubs:
             if name not in self.nodes:
                 raise top["hubs"].mapping()[name].error("names no planned node")
-        for i, c in enumerate(self.collectives):
-            at = top["collectives"].sequence()[i]
+        for c, at in zip(self.collectives, top["collectives"].sequence(), strict=True):
             if c.kind not in COLLECTIVE_KINDS:
                 raise at.error(f"kind {c.kind!r} is not one of {list(COLLECTIVE_KINDS)}")
             if c.axis not in self.mesh.axis_names:
@@ -264,9 +263,14 @@ class Plan:
                 raise at.error(f"producer {c.producer!r} names no planned node")
             if c.node not in self.nodes and c.node not in (HUB, OUTPUT):
                 raise at.error(f"node {c.node!r} names no planned node (nor {HUB!r} or {OUTPUT!r})")
-        for i, f in enumerate(self.fallbacks):
+        for f, at in zip(self.fallbacks, top["fallbacks"].sequence() if "fallbacks" in top else (), strict=True):
             if f.node not in self.nodes:
-                raise top["fallbacks"].sequence()[i].error(f"node {f.node!r} names no planned node")
+                raise at.error(f"node {f.node!r} names no planned node")
+
+    @property
+    def precision(self) -> Precision:
+        """The mixed-precision policy the plan was made under (model.precision)."""
+        return Precision.from_json(dict(self.model.precision))
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -379,9 +383,9 @@ def _placements(at: At, mesh: MeshSpec, rank: int | None = None, *, optional: bo
             raise item.error(str(e)) from None
         if p.is_shard() and p.dim < 0:
             raise item.error(f"{item.value!r} — dim {p.dim} is negative (plans name dims from 0)")
-        if p.is_shard() and rank is not None and p.dim >= rank:
-            raise item.error(f"{item.value!r} — dim {p.dim} is out of range for a {rank}-d tensor")
         out.append(p)
+    if rank is not None:
+        _check_dims(tuple(out), rank, at.path)
     return tuple(out)
 
 

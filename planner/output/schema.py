@@ -119,18 +119,15 @@ def typed(at: At, annotation: object) -> Any:
     raise TypeError(f"cannot read a plan field of type {annotation}")
 
 
-def read_section(cls: type, at: At, **given: object) -> Any:
+def read_section(cls: type, at: At) -> Any:
     """A dataclass from an object of the plan file: each field read by its
-    annotation (fields in `given` are taken as they are: the caller read
-    them its own way), a field without a default required, no unknown key."""
+    annotation, a field without a default required, no unknown key."""
     hints = typing.get_type_hints(cls)
     fields = dataclasses.fields(cls)
     entries = at.mapping(allowed={f.name for f in fields})
     kwargs = {}
     for f in fields:
-        if f.name in given:
-            kwargs[f.name] = given[f.name]
-        elif f.name in entries:
+        if f.name in entries:
             kwargs[f.name] = typed(entries[f.name], hints[f.name])
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise at.error(f"'{f.name}' is missing")
