@@ -8,6 +8,7 @@ candidate peak (`live_multisets`, which merges the copies of folded layers);
 """
 from __future__ import annotations
 
+import operator
 from collections import Counter, defaultdict
 from collections.abc import Callable, Hashable
 
@@ -32,23 +33,58 @@ def stored_values(graph: Graph) -> tuple[str, ...]:
 
 
 def _frees(graph: Graph) -> dict[int, list[str]]:
-    """Schedule index -> allocations whose last reader is that node."""
+    """Schedule index -> allocations whose last reader is that node. A view
+    (and an element of a view op's tuple, such as one piece of a split)
+    reads its base's storage: the base lives until the last reader of any
+    view of it (a saved activation is often a reshape of a norm's output)."""
     last = graph.last_use()
+    base = _bases(graph)
+    end: dict[str, int] = {}
+    for n in graph:
+        root = base.get(n.name, n.name)
+        end[root] = max(end.get(root, 0), last[n.name])
     frees: dict[int, list[str]] = defaultdict(list)
     for n in graph:
-        if is_allocation(n):
-            frees[last[n.name]].append(n.name)
+        if is_allocation(n) and n.name not in base:
+            frees[end[n.name]].append(n.name)
     return frees
+
+
+def _allocates(graph: Graph) -> list[bool]:
+    """Per node in schedule order: does it allocate (see `_frees`)?"""
+    base = _bases(graph)
+    return [is_allocation(n) and n.name not in base for n in graph]
+
+
+def _bases(graph: Graph) -> dict[str, str]:
+    """Aliasing node -> the node whose storage it reads."""
+    base: dict[str, str] = {}
+    for n in graph:
+        if n.target is not None and n.refs() and _aliases(n, graph):
+            source = n.refs()[0]
+            base[n.name] = base.get(source, source)
+    return base
+
+
+def _aliases(n: Node, graph: Graph) -> bool:
+    """A view op, or an element of a view op's tuple (getitem of split)."""
+    if getattr(n.target, "is_view", False):
+        return True
+    if n.target is operator.getitem:
+        source = graph[n.refs()[0]]
+        return bool(getattr(source.target, "is_view", False))
+    return False
 
 
 def _sweep(graph: Graph, key: Callable[[str], Hashable]):
     """Yield, at each candidate peak, the live allocations keyed by `key`
     (a Counter, in order of first allocation)."""
     frees = _frees(graph)
+    allocates = _allocates(graph)
     live: Counter = Counter()
     end = len(graph) - 1
     for t, n in enumerate(graph):
-        if is_allocation(n):
+        if allocates[t]:
             live[key(n.name)] += 1
         dying = frees.get(t)
         if dying or t == end:
@@ -82,9 +118,10 @@ def live_multisets(graph: Graph, key: Callable[[str], Hashable]) -> list[dict[Ha
 def peak_bytes(graph: Graph, size: Callable[[str], int]) -> int:
     """The largest sum of `size` over the allocations live at one point."""
     frees = _frees(graph)
+    allocates = _allocates(graph)
     current = peak = 0
     for t, n in enumerate(graph):
-        if is_allocation(n):
+        if allocates[t]:
             current += size(n.name)
         peak = max(peak, current)
         current -= sum(size(name) for name in frees.get(t, ()))
