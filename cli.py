@@ -79,12 +79,15 @@ def _plan(args, progress):
     from dtplan.ir.modelfile import capture_model_file, load_model_file
     from dtplan.planner.solver import SolverOptions
     from dtplan.planner.mesh import parse_mesh, parse_size
+    from dtplan.ir.remat import RematError
 
     parse_mesh(args.mesh)  # fail fast, before the slow capture
     if args.memory is not None:
         parse_size(args.memory)
     mf = load_model_file(args.model, _model_args(args.model_arg))
     progress(f"capturing {'the training step of ' if args.train else ''}{mf.path}")
+    if args.remat not in (None, "none") and not args.train:
+        raise RematError(f"--remat {args.remat} recomputes activations in the backward; it needs --train")
     captured = capture_model_file(mf, train=args.train, precision=args.precision)
     plan = plan_program(
         captured,
@@ -99,6 +102,7 @@ def _plan(args, progress):
         coarsen=args.coarsen,
         model_info={"name": mf.name, "source": str(mf.path), "options": dict(mf.options)},
         progress=progress,
+        remat=args.remat,
     )
     return mf, plan
 
@@ -119,6 +123,8 @@ def _summary(plan) -> dict:
         "fallbacks": len(plan.fallbacks),
         "train": plan.model.train,
         "precision": dict(plan.model.precision) or {"param_dtype": "float32"},
+        "remat": dict(plan.model.remat) or {"mode": "none"},
+        "recompute_s": plan.recompute_s(),
         "memory_parts_bytes": {k: getattr(c, k) for k in ("parameter_bytes", "gradient_bytes", "optimizer_bytes", "activation_bytes")},
         "solver": {k: getattr(s, k) for k in ("status", "method", "objective", "bound", "gap", "wall_s")},
         "stage_seconds": dict(plan.stage_seconds),
@@ -139,6 +145,11 @@ def _print_summary(plan, out_dir: Path | None) -> None:
     if plan.model.train:
         parts = ", ".join(f"{k.removesuffix('_bytes')} {format_bytes(getattr(c, k))}" for k in ("parameter_bytes", "gradient_bytes", "optimizer_bytes", "activation_bytes"))
         print(f"  memory parts     {parts} ({plan.model.optimizer})")
+        if plan.remat.active:
+            print(f"  recomputation    {plan.remat}: {len(plan.recomputed())} op(s) recomputed in backward, {format_seconds(plan.recompute_s())} of the compute")
+        for row in plan.model.remat_search:
+            got = "does not fit" if row["step_s"] is None else f"{format_seconds(row['step_s'])}, {format_bytes(row['peak_memory_bytes'])}"
+            print(f"  remat auto       {row['policy']:<24} {got}{'  <- chosen' if row['chosen'] else ''}")
     print(f"  solver           {s.status} by {s.method} in {format_seconds(s.wall_s)}, gap {s.gap:.2%}")
     print("  stages           " + ", ".join(f"{k} {format_seconds(v)}" for k, v in plan.stage_seconds.items()))
     for row in plan.comparison:
@@ -186,6 +197,7 @@ def cmd_compile(args) -> int:
 def cmd_run(args) -> int:
     from dtplan.ir.modelfile import capture_model_file, load_model_file
     from dtplan.ir.precision import Precision
+    from dtplan.ir.remat import Remat
     from dtplan.planner.mesh import parse_mesh
     from dtplan.planner.output.plan import Plan, PlanError
     from dtplan.runtime.launch import check_rank_count
@@ -201,8 +213,11 @@ def cmd_run(args) -> int:
         precision = plan.precision
         if args.precision is not None and Precision.parse(args.precision) != precision:
             raise PlanError(f"--precision {args.precision} does not match the plan's ({precision})")
+        if args.remat is not None and args.remat != "auto" and Remat.parse(args.remat).mode != plan.remat.mode:
+            raise PlanError(f"--remat {args.remat} does not match the plan's ({plan.remat})")
         mf = load_model_file(args.model, _model_args(args.model_arg))
-        plan.check_matches(capture_model_file(mf, train=plan.model.train, precision=precision).graph, mesh)
+        captured = capture_model_file(mf, train=plan.model.train, precision=precision, remat=plan.remat if plan.model.train else None)
+        plan.check_matches(captured.graph, mesh)
     else:
         _, plan = _plan(args, progress)
     if args.train and not plan.model.train:
@@ -267,6 +282,11 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument(
             "--precision", choices=("fp32", "bf16", "fp16"), default=None,
             help="compute dtype (FSDP2's MixedPrecisionPolicy: fp32 parameters and optimizer state, compute in this dtype, gradients reduced in fp32; default fp32)",
+        )
+        sp.add_argument(
+            "--remat", choices=("none", "full", "selective", "auto"), default=None,
+            help="activation checkpointing (with --train): full recomputes each layer's forward in backward, selective keeps matmul and "
+            "attention outputs and recomputes the rest, auto plans each and keeps the fastest that fits --memory (default none)",
         )
         sp.add_argument("--quiet", action="store_true", help="no progress messages")
         sp.add_argument(

@@ -17,11 +17,14 @@ from torch.distributed.device_mesh import DeviceMesh
 from dtplan.ir.capture import Captured, capture
 from dtplan.ir.graph import Role
 from dtplan.ir.precision import Precision
+from dtplan.ir.remat import Remat, RematError, recomputed_originals
+from dtplan.ir.remat import layers as remat_layers
+from dtplan.ir.remat import remat as apply_remat
 from dtplan.planner.space._dtensor import Placements, parse_placement
 from dtplan.planner.output.classic import compare_classic
 from dtplan.planner.reduce.coarsen import coarse_mesh, narrow_all, widen, widen_choice
 from dtplan.planner.cost.device import DeviceProfile, load_profile
-from dtplan.planner.solver import SolveResult, SolverOptions, solve
+from dtplan.planner.solver import MemoryBudgetError, SolveResult, SolverOptions, solve
 from dtplan.planner.mesh import MeshSpec, parse_mesh, parse_size
 from dtplan.planner.evaluate import Evaluation, evaluate
 from dtplan.planner.output.plan import PLAN_VERSION, CostSummary, ModelInfo, Plan, SolverSummary, parameter_table
@@ -83,6 +86,7 @@ def plan_program(
     coarsen: bool | None = None,
     model_info: Mapping[str, object] | None = None,
     progress: Progress | None = None,
+    remat: Remat | str | None = None,
 ) -> Plan:
     """Choose placements for a captured program (a forward program, or a
     training step from `dtplan.ir.capture_training`). See README for the arguments.
@@ -96,8 +100,23 @@ def plan_program(
     `fold` shares repeated layers' choices (`dtplan.planner.reduce.fold`), so the program
     hardly grows with depth. `coarsen` (default: on meshes of three or more
     axes) plans on the mesh with its outer axes merged into one and gives
-    every merged axis the merged axis's placement (`dtplan.planner.reduce.coarsen`)."""
+    every merged axis the merged axis's placement (`dtplan.planner.reduce.coarsen`).
+    `remat` (training steps) recomputes activations in the backward:
+    `"full"`, `"selective"` or a `dtplan.ir.remat.Remat` for those layers, or
+    `"auto"`: the fastest predicted of the policies `_plan_remat_auto` tries
+    that fits the memory budget."""
     say = progress or (lambda _m: None)
+    if remat == "auto":
+        return _plan_remat_auto(
+            captured, mesh=mesh, profile=profile, memory=memory, input_placements=input_placements, output_placements=output_placements,
+            parameter_placements=parameter_placements, solver=solver, optimizer=optimizer, compare=compare, fold=fold, coarsen=coarsen,
+            model_info=model_info, progress=progress,
+        )
+    if remat is not None:
+        t = time.perf_counter()
+        captured = apply_remat(captured, remat)
+        say(f"activation recomputation: {captured.remat} ({len(recomputed_originals(captured.graph))} ops recomputed)")
+        log.debug("remat %s: %.3fs", captured.remat, time.perf_counter() - t)
     mesh = parse_mesh(mesh) if isinstance(mesh, str) else mesh
     prof = load_profile(profile) if isinstance(profile, str) else profile
     budget = parse_size(memory) if isinstance(memory, str) else memory
@@ -171,6 +190,70 @@ def plan_program(
     )
 
 
+def _plan_remat_auto(captured: Captured, *, memory, compare: bool, progress: Progress | None, model_info, **kwargs) -> Plan:
+    """`remat="auto"`: plan under each candidate policy and keep the fastest
+    predicted plan that fits the budget. Candidates: none, selective, full;
+    when none does not fit but full does, full on only the first k layers
+    for the smallest k that fits (by bisection: the saved activations shrink
+    with every layer recomputed). Each try is recorded in the plan
+    (`model.remat_search`)."""
+    say = progress or (lambda _m: None)
+    if not captured.train:
+        raise RematError("activation checkpointing applies to training steps; plan a training step (capture_training, --train)")
+    t0 = time.perf_counter()
+    tried: dict[Remat, Plan | None] = {}
+    errors: dict[Remat, MemoryBudgetError] = {}
+
+    def attempt(policy: Remat) -> Plan | None:
+        if policy not in tried:
+            say(f"remat auto: planning with {policy}")
+            try:
+                tried[policy] = plan_program(captured, memory=memory, compare=False, remat=policy, model_info=model_info, **kwargs)
+            except MemoryBudgetError as e:
+                tried[policy], errors[policy] = None, e
+        return tried[policy]
+
+    for mode in ("none", "selective", "full"):
+        attempt(Remat(mode))
+    names = remat_layers(captured.graph)
+    if tried[Remat("none")] is None and tried[Remat("full")] is not None and len(names) > 1:
+        lo, hi = 1, len(names)  # full on names[:hi] fits; find the least such hi
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if attempt(Remat("full", names[:mid])) is None:
+                lo = mid + 1
+            else:
+                hi = mid
+        attempt(Remat("full", names[:hi]))
+    fitting = {p: plan for p, plan in tried.items() if plan is not None}
+    if not fitting:
+        raise errors[Remat("full")]  # the least memory of the policy that saves the most
+    best_policy, best = min(fitting.items(), key=lambda kv: kv[1].cost.total_s)
+    search = tuple(
+        {
+            "policy": str(p),
+            **p.to_json(),
+            "step_s": None if plan is None else plan.cost.total_s,
+            "peak_memory_bytes": None if plan is None else plan.cost.peak_memory_bytes,
+            "chosen": p == best_policy,
+        }
+        for p, plan in tried.items()
+    )
+    stages = {**best.stage_seconds, "remat_search": time.perf_counter() - t0}
+    model = dataclasses.replace(best.model, remat_search=search)
+    best = dataclasses.replace(best, model=model, stage_seconds=stages)
+    if compare:
+        t = time.perf_counter()
+        say("evaluating the classic plans for comparison")
+        keep = ("profile", "input_placements", "output_placements", "solver", "optimizer", "fold", "coarsen")
+        same = {k: kwargs[k] for k in keep}
+        same["profile"] = load_profile(same["profile"]) if isinstance(same["profile"], str) else same["profile"]
+        comparison = _classic_comparison(apply_remat(captured, best_policy), best.mesh, best.memory_budget_bytes, same)
+        best = dataclasses.replace(best, comparison=comparison, stage_seconds={**best.stage_seconds, "compare": time.perf_counter() - t})
+    say(f"remat auto: {best_policy} ({best.cost.total_s * 1e3:.1f} ms predicted)")
+    return best
+
+
 def _classic_comparison(captured: Captured, mesh: MeshSpec, budget: int | None, same: Mapping[str, object]) -> tuple[dict, ...]:
     """The classic plans, each the same program with its parameters pinned."""
 
@@ -188,7 +271,7 @@ def _model_info(captured: Captured, optimizer: str, given: Mapping[str, object] 
     graph = captured.graph
     trained = {"optimizer": optimizer, "gradients": {graph[p].fqn: g for g, p in captured.gradients.items()}} if captured.train else {}
     return ModelInfo(
-        **{"num_nodes": len(graph), "graph_signature": graph.signature, "train": captured.train, "precision": captured.precision.to_json(), **trained, **(given or {})}
+        **{"num_nodes": len(graph), "graph_signature": graph.signature, "train": captured.train, "precision": captured.precision.to_json(), "remat": captured.remat.to_json(), **trained, **(given or {})}
     )
 
 

@@ -27,8 +27,9 @@ from torch.export.graph_signature import InputKind, OutputKind
 
 from dtplan.ir.decompose import TRAINING_DECOMPOSITIONS
 from dtplan.ir.flops import node_cost
-from dtplan.ir.graph import Graph, Node, Ref, Role, TensorMeta
+from dtplan.ir.graph import Graph, Node, Role, TensorMeta, to_ref
 from dtplan.ir.precision import Precision, WithPrecision, call_with_precision
+from dtplan.ir.remat import Remat
 
 __all__ = ["CaptureError", "Captured", "capture", "capture_training", "fake_build", "lift", "lift_graph", "user_frame"]
 
@@ -64,6 +65,8 @@ class Captured:
     out_spec: object = None
     #: the mixed-precision policy the step was traced under (its casts are graph ops)
     precision: Precision = Precision()
+    #: training graphs: the activation recomputation in the graph (`dtplan.ir.remat`)
+    remat: Remat = Remat()
 
     @property
     def train(self) -> bool:
@@ -466,14 +469,6 @@ def _output_names(args) -> list[str]:
     return names
 
 
-def _to_ref(value):
-    if isinstance(value, torch.fx.Node):
-        return Ref(value.name)
-    if isinstance(value, (list, tuple)):
-        return tuple(_to_ref(v) for v in value)
-    return value
-
-
 def _meta_of(fx_node: torch.fx.Node) -> TensorMeta | tuple[TensorMeta | None, ...] | None:
     val = fx_node.meta.get("val")
     tensors = val if isinstance(val, (tuple, list)) else (val,)
@@ -510,8 +505,8 @@ def _lift_call(fx_node: torch.fx.Node, cost: tuple[int, int] | None = None) -> N
     return Node(
         name=fx_node.name,
         target=target,
-        args=_to_ref(tuple(fx_node.args)),
-        kwargs=tuple((k, _to_ref(v)) for k, v in fx_node.kwargs.items()),
+        args=to_ref(tuple(fx_node.args)),
+        kwargs=tuple((k, to_ref(v)) for k, v in fx_node.kwargs.items()),
         meta=meta,
         role=Role.ACTIVATION,
         module=_module_path(fx_node),

@@ -17,7 +17,7 @@ import torch
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-__all__ = ["Graph", "Node", "Ref", "Role", "TensorMeta", "dtype_name"]
+__all__ = ["Graph", "Node", "Ref", "Role", "TensorMeta", "dtype_name", "to_ref"]
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -189,3 +189,12 @@ def _meta_str(meta: object) -> str:
     if isinstance(meta, tuple):
         return ",".join(_meta_str(m) for m in meta)
     return "-"
+
+
+def to_ref(value):
+    """An fx argument with each fx.Node as a `Ref` to it (lists as tuples)."""
+    if isinstance(value, torch.fx.Node):
+        return Ref(value.name)
+    if isinstance(value, (list, tuple)):
+        return tuple(to_ref(v) for v in value)
+    return value

@@ -13,6 +13,8 @@ import torch
 
 from dtplan.ir.capture import capture, fake_build, user_frame
 from dtplan.ir.precision import Precision
+from dtplan.ir.remat import Remat, RematError
+from dtplan.ir.remat import remat as apply_remat
 from dtplan.ir.stamp import capture_training_stamped
 
 __all__ = ["ModelFile", "ModelFileError", "capture_model_file", "load_model_file", "require_loss_fn"]
@@ -85,17 +87,21 @@ def require_loss_fn(mf: ModelFile) -> Callable[..., torch.Tensor]:
     return mf.loss_fn
 
 
-def capture_model_file(mf: ModelFile, *, train: bool, precision: Precision | str | None = None):
+def capture_model_file(mf: ModelFile, *, train: bool, precision: Precision | str | None = None, remat: Remat | str | None = None):
     """The graph a model file plans and runs as, the same on every side.
 
     Inference: captured on meta (a real-device export may differ in
     layout-driven ops such as clones), lifted constants taken from a real
     capture. Training: the joint graph on fake tensors, stamped from a few
     traced layers where the model repeats a block (`dtplan.ir.stamp`), so deep
-    models capture in seconds.
+    models capture in seconds; with `remat` (a concrete policy, as a plan
+    records it), the recomputation is in the graph (`dtplan.ir.remat`).
     """
     if train:
-        return capture_training_stamped(*fake_build(lambda: mf.build(train=True)), require_loss_fn(mf), precision=precision)
+        captured = capture_training_stamped(*fake_build(lambda: mf.build(train=True)), require_loss_fn(mf), precision=precision)
+        return apply_remat(captured, remat) if remat is not None else captured
+    if Remat.parse(remat).active:
+        raise RematError("activation checkpointing (--remat) applies to training steps; plan with --train")
     captured = capture(*mf.build(meta=True), precision)
     if captured.constants:
         real = capture(*mf.build(meta=False), precision)

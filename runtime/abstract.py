@@ -182,11 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--codegen", action="store_true", help="also generate the module's Python code")
     args = ap.parse_args(argv)
     mf = load_model_file(args.model, dict(kv.split("=", 1) for kv in args.model_arg))
+    plan = Plan.load(args.plan)
     t = time.perf_counter()
     # inference: the meta capture only (capture_model_file would also build the real model for its constants)
-    captured = capture_model_file(mf, train=True) if args.train else capture(*mf.build(meta=True))
+    if args.train:
+        captured = capture_model_file(mf, train=True, precision=plan.precision, remat=plan.remat)
+    else:
+        captured = capture(*mf.build(meta=True), plan.precision)
     capture_s = time.perf_counter() - t
-    plan = Plan.load(args.plan)
     t, cpu = time.perf_counter(), time.process_time()
     gm = lower_abstract(captured, plan, args.rank, codegen=args.codegen)
     info = dict(gm.meta["dtplan_lowering"])

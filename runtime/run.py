@@ -15,6 +15,7 @@ from dtplan.runtime.program import sharded_program
 from dtplan.ir.capture import training_loss
 from dtplan.ir.modelfile import capture_model_file, load_model_file, require_loss_fn
 from dtplan.ir.precision import Precision, call_with_precision
+from dtplan.ir.remat import remat as apply_remat
 from dtplan.planner.output.plan import Plan
 from dtplan.runtime.launch import launched_by_torchrun, process_group, spawn
 from dtplan.runtime.params import local_shard
@@ -31,7 +32,7 @@ def rank_work(rank: int, mesh: DeviceMesh, *, path: str, options: Mapping[str, s
     plan = Plan.from_json(plan_json)
     precision = plan.precision
     t0 = time.perf_counter()
-    captured = capture_model_file(mf, train=False, precision=precision)
+    captured = _capture(mf, train=False, precision=precision)
     t1 = time.perf_counter()
     program = sharded_program(model, captured, plan, mesh)
     seconds = {"capture": t1 - t0, "lower": time.perf_counter() - t1}
@@ -83,7 +84,7 @@ def train_rank_work(
     plan = Plan.from_json(plan_json)
     precision = plan.precision
     t0 = time.perf_counter()
-    captured = capture_model_file(mf, train=True, precision=precision)
+    captured = _capture(mf, train=True, precision=precision, remat=plan.remat)
     t1 = time.perf_counter()
     optimizer = plan.model.optimizer or "adamw"
     trainer = sharded_trainer(model, captured, plan, mesh, optimizer=optimizer, lr=lr)
@@ -178,8 +179,29 @@ def single_device_training(
     return losses, state, noise
 
 
+#: captures shared by the items one group of ranks runs (`run_many`), by
+#: model file, options, train and precision (the recomputation is applied on
+#: top): the capture is most of an item's time on a small model
+_CAPTURES: dict | None = None
+
+
+def _capture(mf, *, train: bool, precision: Precision, remat=None):
+    key = (str(mf.path), tuple(sorted(mf.options.items())), train, tuple(sorted(precision.to_json().items())))
+    if _CAPTURES is None:
+        return capture_model_file(mf, train=train, precision=precision, remat=remat)
+    if key not in _CAPTURES:
+        _CAPTURES[key] = capture_model_file(mf, train=train, precision=precision)
+    captured = _CAPTURES[key]
+    return apply_remat(captured, remat) if train and remat is not None else captured
+
+
 def _many(rank: int, mesh: DeviceMesh, *, items: list[dict]) -> list[dict]:
-    return [train_rank_work(rank, mesh, **item) if item.get("steps") else rank_work(rank, mesh, **item) for item in items]
+    global _CAPTURES
+    _CAPTURES = {}
+    try:
+        return [train_rank_work(rank, mesh, **item) if item.get("steps") else rank_work(rank, mesh, **item) for item in items]
+    finally:
+        _CAPTURES = None
 
 
 def run_many(items: list[tuple], *, steps: int = 0) -> list[list[dict]]:

@@ -193,3 +193,18 @@ def test_precision_is_planned_recorded_and_held_to(tmp_path, capsys):
     assert json.loads(out)["precision"] == {"param_dtype": "bfloat16", "reduce_dtype": "float32"}
     code, _, err = run_cli(capsys, "run", example_path("mlp"), "--mesh", "2", "--train", "--plan", tmp_path / "plan.json", "--precision", "fp32")
     assert code == 1 and "--precision fp32 does not match the plan's (bf16 compute, fp32 gradient reduction)" in err
+
+
+def test_remat_is_planned_recorded_and_held_to(tmp_path, capsys):
+    code, out, err = run_cli(capsys, "compile", example_path("llama"), "--mesh", "2", "--train", "--remat", "full", "--out", tmp_path, "--json", "--no-compare")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["remat"] == {"mode": "full"} and summary["recompute_s"] > 0
+    code, _, err = run_cli(capsys, "run", example_path("llama"), "--mesh", "2", "--train", "--plan", tmp_path / "plan.json", "--remat", "selective")
+    assert code == 1 and "--remat selective does not match the plan's (full)" in err
+    code, _, err = run_cli(capsys, "compile", example_path("llama"), "--mesh", "2", "--remat", "full", "--out", tmp_path)
+    assert code == 1 and "--remat full recomputes activations in the backward; it needs --train" in err
+    code, out, err = run_cli(capsys, "compile", example_path("llama"), "--mesh", "2", "--train", "--remat", "selective", "--out", tmp_path, "--no-compare")
+    assert code == 0 and "recomputation    selective: " in out, err
+    html = (tmp_path / "report.html").read_text()
+    assert 'id="remat-policy">selective<' in html and "forward op(s) recomputed in the backward" in html

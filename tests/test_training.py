@@ -70,7 +70,7 @@ def test_fsdp_and_tensor_parallel_on_2x4_under_a_budget():
 def test_gpt_tensor_parallel_training_is_within_the_megatron_bound():
     b, s, h, t, q = 8, 64, 256, 4, 4
     c = captured_training("gpt", dim=h, heads=8, seq=s, batch=b)
-    plan = plan_program(c, mesh=str(t), profile="h100", memory="7500KB")
+    plan = plan_program(c, mesh=str(t), profile="h100", memory="14000KB")
     for layer in (0, 1):
         attn, mlp = f"blocks.{layer}.attn", f"blocks.{layer}.mlp"
         assert [placements(plan, f"{attn}.{w}.weight") for w in "qkvo"] == [["S(0)"]] * 3 + [["S(1)"]]
@@ -127,17 +127,23 @@ TRAIN_CASES = {
 
 @pytest.mark.parametrize("mesh", sorted(TRAIN_CASES))
 def test_five_adamw_steps_match_one_device(mesh):
-    items, plans = [], []
+    """Each case as planned, and with full and with selective recomputation
+    (`--remat`; mesh 4 and auto: tests/test_remat.py), in one group of ranks
+    (the ranks capture each model once for its three plans)."""
+    items, cases = [], []
     for name, opts, memory, inputs, pins in TRAIN_CASES[mesh]:
-        plan = plan_program(
-            captured_training(name, **opts), mesh=mesh, memory=memory, input_placements=inputs, parameter_placements=pins,
-            model_info={"name": name},
-        )
-        assert plan.collectives, name  # every case really shards
-        plans.append(plan)
-        items.append((example_path(name), plan, {k: str(v) for k, v in opts.items()}, True))
+        step = captured_training(name, **opts)
+        for remat in (None, "full", "selective"):
+            plan = plan_program(
+                step, mesh=mesh, memory=memory, input_placements=inputs, parameter_placements=pins,
+                model_info={"name": name}, remat=remat,
+            )
+            assert plan.collectives, name  # every case really shards
+            assert bool(plan.recomputed()) == (remat is not None), (name, remat)
+            cases.append(f"{name} (remat {plan.remat})")
+            items.append((example_path(name), plan, {k: str(v) for k, v in opts.items()}, True))
     for rank, reports in enumerate(run_many(items, steps=5)):
-        for (name, *_), report in zip(TRAIN_CASES[mesh], reports, strict=True):
+        for name, report in zip(cases, reports, strict=True):
             case = f"{name} on {mesh}, rank {rank}"
             assert report["collectives_match"], (case, report["collectives_issued"])
             assert report["numerics_match"], (case, {k: report.get(k) for k in ("max_abs", "max_rel", "max_loss_rel", "mismatched")})

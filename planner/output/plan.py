@@ -12,6 +12,8 @@ from pathlib import Path
 
 from dtplan.ir.graph import Graph, Role
 from dtplan.ir.precision import Precision
+from dtplan.ir.remat import SUFFIX as REMAT_SUFFIX
+from dtplan.ir.remat import Remat
 from dtplan.planner.cost.device import COLLECTIVE_KINDS
 from dtplan.planner.cost.pricing import Pricer, local_shape
 from dtplan.planner.evaluate import HUB, OUTPUT, NodePlan, PlannedCollective
@@ -46,6 +48,11 @@ class ModelInfo:
     options: Mapping[str, str] = field(default_factory=dict)
     #: the mixed-precision policy (dtplan.ir.precision.Precision.to_json; {}: float32)
     precision: Mapping[str, str] = field(default_factory=dict)
+    #: the activation recomputation in the planned graph (dtplan.ir.remat.Remat.to_json; {}: none)
+    remat: Mapping[str, object] = field(default_factory=dict)
+    #: `--remat auto`: each policy the planner tried, with its predicted step
+    #: and peak memory per device (null where no plan fits the budget)
+    remat_search: tuple[Mapping[str, object], ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -223,6 +230,10 @@ class Plan:
             Precision.from_json(dict(self.model.precision))
         except (KeyError, ValueError) as e:
             raise At(self.model.precision, "model.precision").error(f"not a precision policy: {e}") from None
+        try:
+            Remat.from_json(dict(self.model.remat))
+        except ValueError as e:
+            raise At(self.model.remat, "model.remat").error(f"not a remat policy: {e}") from None
         if self.model.num_nodes != len(self.nodes):
             raise top["nodes"].error(f"holds {len(self.nodes)} node(s); model.num_nodes says {self.model.num_nodes}")
         entries = {k: top[k].mapping() for k in ("nodes", "inputs", "parameters")}
@@ -271,6 +282,21 @@ class Plan:
     def precision(self) -> Precision:
         """The mixed-precision policy the plan was made under (model.precision)."""
         return Precision.from_json(dict(self.model.precision))
+
+    @property
+    def remat(self) -> Remat:
+        """The activation recomputation the plan's graph holds (model.remat)."""
+        return Remat.from_json(dict(self.model.remat))
+
+    def recomputed(self) -> dict[str, str]:
+        """Recomputed copy node -> the forward node it recomputes (remat)."""
+        if not self.remat.active:
+            return {}
+        return {n: n[: -len(REMAT_SUFFIX)] for n in self.nodes if n.endswith(REMAT_SUFFIX) and n[: -len(REMAT_SUFFIX)] in self.nodes}
+
+    def recompute_s(self) -> float:
+        """Predicted seconds per step spent recomputing activations."""
+        return sum(self.nodes[n].compute_s for n in self.recomputed())
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

@@ -347,6 +347,47 @@ def build_report_data(plan: Mapping[str, Any]) -> dict[str, Any]:
         "placement_diffs": _placement_diffs(plan),
         "modules": _module_tree(plan),
         "memory_parts": _memory_parts(plan),
+        "recompute": _recompute_data(plan),
+    }
+
+
+def _recompute_data(plan: Mapping[str, Any]) -> dict[str, Any]:
+    """Activation recomputation: the policy, the recomputed ops per layer
+    with their predicted compute, and `--remat auto`'s tries."""
+    model = _mapping(plan.get("model"))
+    remat = _mapping(model.get("remat"))
+    nodes = _mapping(plan.get("nodes"))
+    suffix = "_rc"
+    per_layer: dict[str, list[float]] = {}
+    for name, node in nodes.items():
+        if remat and name.endswith(suffix) and name[: -len(suffix)] in nodes:
+            node = _mapping(node)
+            row = per_layer.setdefault(_text(node.get("module")) or "(root)", [0, 0.0])
+            row[0] += 1
+            row[1] += _number(node.get("compute_s")) or 0.0
+    total = sum(v[1] for v in per_layer.values())
+    compute = _number(_mapping(plan.get("cost")).get("compute_s"))
+    layers = _sequence(remat.get("layers"))
+    policy = "none" if not remat else f"{_text(remat.get('mode'))}" + (f" on {len(layers)} layer(s)" if layers else "")
+    return {
+        "policy": policy,
+        "ops": sum(int(v[0]) for v in per_layer.values()),
+        "seconds": _quantity(total, format_seconds),
+        "share_of_compute": format_percent(_share(total, compute)),
+        "modules": [
+            {"module": m, "ops": int(v[0]), "seconds": _quantity(v[1], format_seconds)}
+            for m, v in sorted(per_layer.items(), key=lambda kv: -kv[1][1])[:20]
+        ],
+        "search": [
+            {
+                "policy": _text(_mapping(r).get("policy")),
+                "step": _quantity(_mapping(r).get("step_s"), format_seconds),
+                "peak": _quantity(_mapping(r).get("peak_memory_bytes"), format_bytes),
+                "fits": _mapping(r).get("step_s") is not None,
+                "chosen": bool(_mapping(r).get("chosen")),
+            }
+            for r in _sequence(model.get("remat_search"))
+        ],
     }
 
 
