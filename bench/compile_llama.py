@@ -5,6 +5,7 @@ at scale, in one process, on fake tensors (no weights, no GPUs).
     .venv/bin/python bench/compile_llama.py --runs 8b:32:8x8     # one row
     .venv/bin/python bench/compile_llama.py --runs 8b:32:8x8 --memory 80GiB --no-lower
     .venv/bin/python bench/compile_llama.py --precision bf16 --runs 8b:32:8,8b:32:8x8:80GiB
+    .venv/bin/python bench/compile_llama.py --precision bf16 --remat full --runs 8b:32:8:80GiB,70b:80:8x8:80GiB
 
 Each row runs in a fresh process (so peak RSS is that row's) and prints:
 capture seconds (stamped joint graph, `dtplan.ir.stamp`), build seconds (strategies,
@@ -12,7 +13,8 @@ shrinking, folding and the integer program), solve seconds (HiGHS, or
 CP-SAT when the LP is fractional), lowering seconds (rank 0's sharded
 GraphModule on the fake process group, `dtplan.runtime.abstract`), the program's
 variables and constraints, layers folded, peak RSS and the predicted step
-time and peak memory per device. A row that fails prints its one-line error instead.
+time, tokens per second per device (batch x seq / step / devices) and peak
+memory per device. A row that fails prints its one-line error instead.
 """
 from __future__ import annotations
 
@@ -29,9 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: preset:layers:mesh[:budget]: the issue's meshes per preset, then growth with
 #: depth. The example trains in fp32 without activation checkpointing at batch
-#: 16 x 8192, so only 8b on 8x8 fits 80 GiB per device: 8b on 8 devices needs
-#: at least 167 GiB, 8b on 4x4x4 (planned as 16x4) 89.8 GiB, 70b on 8x8 116 GiB
-#: (the planner says so when asked for 80 GiB); those rows run without one.
+#: 16 x 8192 by default, so only 8b on 8x8 fits 80 GiB per device (asked for
+#: 80 GiB, the planner names the least memory a plan needs); the other rows run
+#: without a budget. With --precision bf16 --remat, 8b on 8 and 70b on 8x8 fit
+#: 80 GiB (README).
 DEFAULT_RUNS = (
     "8b:32:8,8b:32:8x8:80GiB,8b:32:4x4x4,70b:80:8x8,70b:80:8x8x8,"
     "8b:2:8x8:80GiB,8b:8:8x8:80GiB"
@@ -39,11 +42,13 @@ DEFAULT_RUNS = (
 
 HEAD = (
     f"{'preset':>6} {'layers':>6} {'mesh':>7} {'budget':>7} {'capture':>8} {'build':>6} {'solve':>6} {'lower':>6} "
-    f"{'total':>6} {'vars':>7} {'cons':>6} {'folded':>6} {'method':>14} {'rss MB':>7} {'step ms':>8} {'peak GiB':>8}"
+    f"{'total':>6} {'vars':>7} {'cons':>6} {'folded':>6} {'method':>14} {'rss MB':>7} {'step ms':>8} {'tok/s/dev':>9} {'peak GiB':>8}"
 )
 
 
-def one(preset: str, layers: str, mesh: str, memory: str | None, lower: bool, time_limit: float, precision: str | None = None) -> dict:
+def one(
+    preset: str, layers: str, mesh: str, memory: str | None, lower: bool, time_limit: float, precision: str | None = None, remat: str | None = None
+) -> dict:
     """Capture, plan and lower one configuration (in this process)."""
     sys.path.insert(0, str(ROOT))
     warnings.filterwarnings("ignore")
@@ -55,19 +60,21 @@ def one(preset: str, layers: str, mesh: str, memory: str | None, lower: bool, ti
     mf = load_model_file(ROOT / "examples" / "llama.py", {"preset": preset, "layers": layers})
     captured = capture_model_file(mf, train=True, precision=precision)
     capture_s = time.perf_counter() - t0
-    plan = plan_program(captured, mesh=mesh, profile="h100", memory=memory, solver=SolverOptions(time_limit_s=time_limit))
+    plan = plan_program(captured, mesh=mesh, profile="h100", memory=memory, solver=SolverOptions(time_limit_s=time_limit), remat=remat)
     st = plan.stage_seconds
     lower_s = None
     if lower:
         from dtplan.runtime.abstract import lower_abstract
 
+        from dtplan.ir.remat import remat as apply_remat
+
         t = time.perf_counter()
-        lower_abstract(captured, plan, rank=0)
+        lower_abstract(apply_remat(captured, plan.remat), plan, rank=0)
         lower_s = time.perf_counter() - t
     sv = plan.solver
     return {
         "capture": capture_s,
-        "build": st["strategies"] + st["shrink"] + st["build"],
+        "build": st["strategies"] + st["shrink"] + st["build"] + st.get("remat_search", 0.0),
         "solve": st["solve"],
         "lower": lower_s,
         "total": time.perf_counter() - t0,
@@ -77,15 +84,24 @@ def one(preset: str, layers: str, mesh: str, memory: str | None, lower: bool, ti
         "method": sv.method,
         "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "step_ms": plan.cost.total_s * 1e3,
+        "tokens_per_s_device": _tokens(mf) / plan.cost.total_s / plan.mesh.size,
+        "remat": str(plan.remat),
         "peak_gib": plan.cost.peak_memory_bytes / 2**30,
     }
+
+
+def _tokens(mf) -> int:
+    """Tokens a step of the model file's example inputs trains on."""
+    _, inputs = mf.build(meta=True)
+    return inputs[0].numel()
 
 
 def _row(preset: str, layers: str, mesh: str, memory: str | None, r: dict) -> str:
     lower = f"{r['lower']:6.2f}" if r["lower"] is not None else f"{'-':>6}"
     return (
         f"{preset:>6} {layers:>6} {mesh:>7} {memory or '-':>7} {r['capture']:8.2f} {r['build']:6.2f} {r['solve']:6.2f} {lower} "
-        f"{r['total']:6.2f} {r['variables']:7d} {r['constraints']:6d} {r['folded']:6d} {r['method']:>14} {r['rss_mb']:7.0f} {r['step_ms']:8.1f} {r['peak_gib']:8.1f}"
+        f"{r['total']:6.2f} {r['variables']:7d} {r['constraints']:6d} {r['folded']:6d} {r['method']:>14} {r['rss_mb']:7.0f} {r['step_ms']:8.1f} {r['tokens_per_s_device']:9.0f} {r['peak_gib']:8.1f}"
+        + (f"  remat {r['remat']}" if r["remat"] != "none" else "")
     )
 
 
@@ -96,11 +112,12 @@ def main() -> None:
     p.add_argument("--no-lower", action="store_true", help="skip lowering rank 0's program")
     p.add_argument("--time-limit", type=float, default=120.0, help="solver time limit per row, seconds")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None, help="mixed-precision policy (dtplan.ir.precision)")
+    p.add_argument("--remat", choices=("none", "full", "selective", "auto"), default=None, help="activation recomputation (dtplan.ir.remat)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # a child process's row, as JSON
     args = p.parse_args()
     if args.one:
         preset, layers, mesh = args.one.split(":")
-        print(json.dumps(one(preset, layers, mesh, args.memory, not args.no_lower, args.time_limit, args.precision)))
+        print(json.dumps(one(preset, layers, mesh, args.memory, not args.no_lower, args.time_limit, args.precision, args.remat)))
         return
     print(HEAD, flush=True)
     for run in args.runs.split(","):
@@ -110,6 +127,7 @@ def main() -> None:
         cmd += ["--memory", memory] if memory else []
         cmd += ["--no-lower"] if args.no_lower else []
         cmd += ["--precision", args.precision] if args.precision else []
+        cmd += ["--remat", args.remat] if args.remat else []
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode == 0:
             print(_row(preset, layers, mesh, memory, json.loads(out.stdout.strip().splitlines()[-1])), flush=True)
