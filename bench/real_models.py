@@ -11,6 +11,7 @@ Prints the README's table:
     .venv/bin/python bench/real_models.py                 # every model, mesh 2x2, 3 steps
     .venv/bin/python bench/real_models.py --mesh 4 hf_bert timm_resnet
     .venv/bin/python bench/real_models.py --precision bf16   # under bf16 compute, fp32 reduction
+    .venv/bin/python bench/real_models.py --remat full       # training steps recompute each layer's forward
 """
 from __future__ import annotations
 
@@ -32,18 +33,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mesh", default="2x2")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None, help="mixed-precision policy (compared with one device under it)")
+    ap.add_argument("--remat", choices=("none", "full", "selective", "auto"), default=None, help="activation recomputation of the training steps")
     args = ap.parse_args(argv)
     names = args.models or sorted(p.stem for p in ZOO.glob("*.py"))
     paths = [ZOO / f"{n}.py" for n in names]
     # a group of ranks per model: one model's failure is its own row
     rows = check_model_files(
-        paths, mesh=args.mesh, steps=args.steps, one_group=False, precision=args.precision, progress=lambda m: print(m, file=sys.stderr, flush=True)
+        paths, mesh=args.mesh, steps=args.steps, one_group=False, precision=args.precision, remat=args.remat, progress=lambda m: print(m, file=sys.stderr, flush=True)
     )
     yes = lambda b: "yes" if b else "NO"  # noqa: E731
-    print(f"| model | plans | runs exactly | trains exactly ({args.steps} AdamW steps) | fallbacks (infer/train) | seconds | problem |")
-    print("|---|---|---|---|---|---|---|")
+    extra = args.remat not in (None, "none")
+    head = " recomputed ops (training) |" if extra else ""
+    print(f"| model | plans | runs exactly | trains exactly ({args.steps} AdamW steps) | fallbacks (infer/train) |{head} seconds | problem |")
+    print("|---|---|---|---|---|" + ("---|" if extra else "") + "---|---|")
     for r in rows:
-        print(f"| {r.name} | {yes(r.plans)} | {yes(r.runs_exactly)} | {yes(r.trains_exactly)} | {r.fallbacks[0]}/{r.fallbacks[1]} | {r.seconds:.0f} | {r.problem} |")
+        cell = f" {r.recomputed} ({r.remat}) |" if extra else ""
+        print(f"| {r.name} | {yes(r.plans)} | {yes(r.runs_exactly)} | {yes(r.trains_exactly)} | {r.fallbacks[0]}/{r.fallbacks[1]} |{cell} {r.seconds:.0f} | {r.problem} |")
     return 0 if all(r.plans and r.runs_exactly and r.trains_exactly for r in rows) else 1
 
 

@@ -43,6 +43,9 @@ class ModelCheck:
     #: what went wrong, if anything (one line)
     problem: str = ""
     losses: tuple[float, ...] = field(default=())
+    #: the training plan's recomputation (`remat`): its policy and how many ops it recomputes
+    remat: str = "none"
+    recomputed: int = 0
 
 
 def check_model_files(
@@ -55,6 +58,7 @@ def check_model_files(
     one_group: bool = True,
     time_limit_s: float | None = None,
     precision: str | None = None,
+    remat: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> list[ModelCheck]:
     """Plan, run and train every model file on `mesh`.
@@ -67,7 +71,9 @@ def check_model_files(
     group per model, so one model's failure is its own row. `time_limit_s`
     bounds each solve (a plan then may be FEASIBLE rather than OPTIMAL).
     `precision` (`bf16`, `fp16`) plans and runs under that mixed-precision
-    policy, compared with one device under the same policy."""
+    policy, compared with one device under the same policy; `remat`
+    (`full`, `selective`, `auto`) plans the training step with that
+    activation recomputation (`dtplan.ir.remat`)."""
     say = progress or (lambda _m: None)
     spec = parse_mesh(mesh)
     inputs = ["S(0)"] * spec.ndim if shard_batch else None
@@ -81,7 +87,10 @@ def check_model_files(
         try:
             mf = load_model_file(path)
             plans = [
-                plan_program(capture_model_file(mf, train=t, precision=precision), mesh=spec, profile=profile, input_placements=inputs, solver=solver)
+                plan_program(
+                    capture_model_file(mf, train=t, precision=precision), mesh=spec, profile=profile, input_placements=inputs, solver=solver,
+                    remat=remat if t else None,
+                )
                 for t in (False, True)
             ]
         except Exception as e:  # noqa: BLE001 - a model that does not plan is a row, not a crash
@@ -124,7 +133,7 @@ def _row(name: str, planned: list, reports, problem: str, run_s: float) -> Model
             else f"rank {bad['rank']}: {first.get('tensor')} differs (max abs error {first.get('max_abs', 0):.3g})"
         )
     return ModelCheck(
-        name, True, runs, trains, fallbacks, predicted, plan_s + run_s, problem, tuple(reports[0][1]["losses"])
+        name, True, runs, trains, fallbacks, predicted, plan_s + run_s, problem, tuple(reports[0][1]["losses"]), str(train.remat), len(train.recomputed())
     )
 
 
