@@ -27,11 +27,14 @@ from torch.export.graph_signature import InputKind, OutputKind
 
 from dtplan.ir.decompose import TRAINING_DECOMPOSITIONS
 from dtplan.ir.flops import node_cost
-from dtplan.ir.graph import Graph, Node, Role, TensorMeta, to_ref
+from dtplan.ir.graph import Graph, Node, Role, TensorMeta, base_name, to_ref
 from dtplan.ir.precision import Precision, WithPrecision, call_with_precision
 from dtplan.ir.remat import Remat
 
-__all__ = ["CaptureError", "Captured", "capture", "capture_training", "fake_build", "lift", "lift_graph", "user_frame"]
+__all__ = [
+    "CaptureError", "Captured", "capture", "capture_training", "casts_at_first_use", "fake_build", "gradient_casts_when_ready", "lift", "lift_graph",
+    "user_frame",
+]
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +126,42 @@ def casts_at_first_use(gm: torch.fx.GraphModule) -> None:
                 first.prepend(n)
     gm.graph.lint()
     gm.recompile()
+
+
+def gradient_casts_when_ready(gm: torch.fx.GraphModule, gradients: Mapping[str, str]) -> None:
+    """Move each gradient's cast back to the parameter dtype to just after the
+    low-precision gradient is computed, where FSDP2 casts and reduces it.
+    Autograd runs the casts' backward last (the step casts every parameter
+    at its start, so their autograd nodes are the oldest): left there, every
+    layer's bf16 gradient stays live to the end of the step, all reductions
+    queue at the end, and the backward windows of repeated layers do not
+    repeat (the stamped capture could not stamp)."""
+    for n in list(gm.graph.output_node().args[0]):
+        if isinstance(n, torch.fx.Node) and n.name in gradients and n.target is torch.ops.aten._to_copy.default:
+            source = n.args[0]
+            if isinstance(source, torch.fx.Node) and source.op != "placeholder" and source.next is not n:
+                source.append(n)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _renumbered(gm: torch.fx.GraphModule, *by_name: Mapping[str, str]) -> tuple:
+    """The graph with its op nodes named as a trace in this order names them
+    (`mul`, `mul_1`, ... by position), after casts moved: names follow the
+    order, as the stamped capture, which rebuilds a graph in order, names
+    them. Returns the module and each mapping re-keyed by the new names."""
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    for n in gm.graph.nodes:
+        if n.op == "output":
+            graph.output(torch.fx.node.map_arg(n.args[0], env.__getitem__))
+            continue
+        name = n.name if n.op == "placeholder" else base_name(n.name)
+        new = graph.create_node(n.op, n.target, torch.fx.node.map_arg(n.args, env.__getitem__), torch.fx.node.map_arg(n.kwargs, env.__getitem__), name=name, type_expr=n.type)
+        new.meta = dict(n.meta)
+        env[n] = new
+    names = {old.name: new.name for old, new in env.items()}
+    return (torch.fx.GraphModule(gm, graph), *({names[k]: v for k, v in m.items()} for m in by_name))
 
 
 def _unwrapped(captured: Captured) -> Captured:
@@ -348,6 +387,8 @@ def capture_training(
     gm, roles, gradients, updates = joint
     if precision.mixed:
         casts_at_first_use(gm)
+        gradient_casts_when_ready(gm, gradients)
+        gm, gradients, updates = _renumbered(gm, gradients, updates)
     lifted = {s.target for s in ep.graph_signature.input_specs if s.kind is InputKind.CONSTANT_TENSOR}
     constants = {k.removeprefix("m."): v for k, v in ep.constants.items() if k in lifted}
     captured = lift_graph(gm, roles, constants, gradients=gradients, updates=updates, seconds=time.perf_counter() - t0, precision=precision)

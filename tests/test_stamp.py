@@ -11,6 +11,7 @@ from conftest import example_path
 
 from dtplan import load_model_file
 from dtplan.ir import Ref, Role, capture_training, fake_build
+from dtplan.ir.capture import training_loss
 from dtplan.ir.stamp import StampError, capture_training_stamped
 
 LAYERS = {"llama": 5, "gpt": 4}  # at least keep + 1 = 4 blocks
@@ -20,16 +21,19 @@ def _model_file(name: str, **options):
     return load_model_file(example_path(name), {k: str(v) for k, v in options.items()})
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt"])
+@pytest.fixture(scope="module", params=["llama", "gpt", "llama bf16"])
 def pair(request):
     """(model file, stamped capture, real capture) of an example with a few layers.
 
     check=False: the comparison with the real capture below is the stronger
-    check (the 4-block trace check is tested on a small stack further down)."""
-    mf = _model_file(request.param, layers=LAYERS[request.param])
-    stamped = capture_training_stamped(*fake_build(lambda: mf.build(meta=False)), mf.loss_fn, fallback=False, check=False)
-    real = capture_training(*fake_build(lambda: mf.build(meta=False)), mf.loss_fn)
-    return request.param, mf, stamped, real
+    check (the 4-block trace check is tested on a small stack further down).
+    Under bf16 the casts are in the graph: each parameter's where it is first
+    read, each gradient's where the bf16 gradient is ready."""
+    name, _, precision = request.param.partition(" ")
+    mf = _model_file(name, layers=LAYERS[name])
+    stamped = capture_training_stamped(*fake_build(lambda: mf.build(meta=False)), mf.loss_fn, fallback=False, check=False, precision=precision or None)
+    real = capture_training(*fake_build(lambda: mf.build(meta=False)), mf.loss_fn, precision or None)
+    return name, mf, stamped, real
 
 
 def _renaming(stamped, real) -> dict[str, str]:
@@ -84,16 +88,17 @@ def test_stamped_graph_runs_like_the_real_graph(pair):
     assert len(got) == len(want) == 1 + sum(p.requires_grad for p in model.parameters())
     for x, y in zip(got, want, strict=True):
         assert torch.equal(x, y)
-    # and both are the step eager autograd takes
+    # and both are the step eager autograd takes (under the same precision policy)
     model.zero_grad()
-    loss = mf.loss_fn(model(*inputs), *inputs)
+    loss = training_loss(model, mf.loss_fn, inputs, stamped.precision)
     loss.backward()
-    torch.testing.assert_close(got[0], loss.detach(), rtol=0, atol=1e-6)
+    tol = dict(rtol=1e-5, atol=1e-6) if not stamped.precision.mixed else dict(rtol=2e-2, atol=1e-2)
+    torch.testing.assert_close(got[0], loss.detach(), **(dict(rtol=0, atol=1e-6) if not stamped.precision.mixed else tol))
     fqn_of = {n: fqn for n, _, fqn in stamped.placeholders}
     grads = dict(zip(stamped.graph.outputs[1:], got[1:], strict=True))
     params = dict(model.named_parameters())
     for g, p in stamped.gradients.items():
-        torch.testing.assert_close(grads[g], params[fqn_of[p]].grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grads[g], params[fqn_of[p]].grad, **tol)
 
 
 class _Records(logging.Handler):
