@@ -216,7 +216,7 @@ def cmd_run(args) -> int:
         if args.remat is not None and args.remat != "auto" and Remat.parse(args.remat).mode != plan.remat.mode:
             raise PlanError(f"--remat {args.remat} does not match the plan's ({plan.remat})")
         mf = load_model_file(args.model, _model_args(args.model_arg))
-        captured = capture_model_file(mf, train=plan.model.train, precision=precision, remat=plan.remat if plan.model.train else None)
+        captured = capture_model_file(mf, train=plan.model.train, precision=precision, remat=plan.remat)
         plan.check_matches(captured.graph, mesh)
     else:
         _, plan = _plan(args, progress)

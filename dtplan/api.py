@@ -162,16 +162,9 @@ def plan_program(
     ev = evaluate(graph, space, pricer, mesh, choice, wants)
     params, info = parameter_table(graph, mesh, ev.nodes, pricer)
     stages["evaluate"] = time.perf_counter() - t
-    comparison: tuple[dict, ...] = ()
-    if compare:
-        t = time.perf_counter()
-        say("evaluating the classic plans for comparison")
-        same = dict(profile=prof, input_placements=input_placements, output_placements=output_placements, solver=solver, optimizer=optimizer, fold=fold, coarsen=coarsen)
-        comparison = _classic_comparison(captured, mesh, budget, same)
-        stages["compare"] = time.perf_counter() - t
-    return Plan(
+    plan = Plan(
         version=PLAN_VERSION,
-        comparison=comparison,
+        comparison=(),
         model=_model_info(captured, optimizer, model_info),
         mesh=mesh,
         profile={"name": prof.name, "description": prof.description},
@@ -188,6 +181,10 @@ def plan_program(
         solver=_solver_summary(result, folded, planned),
         stage_seconds=stages,
     )
+    if compare:
+        same = dict(profile=prof, input_placements=input_placements, output_placements=output_placements, solver=solver, optimizer=optimizer, fold=fold, coarsen=coarsen)
+        plan = _with_comparison(plan, captured, same, say)
+    return plan
 
 
 def _plan_remat_auto(captured: Captured, *, memory, compare: bool, progress: Progress | None, model_info, **kwargs) -> Plan:
@@ -202,13 +199,15 @@ def _plan_remat_auto(captured: Captured, *, memory, compare: bool, progress: Pro
         raise RematError("activation checkpointing applies to training steps; plan a training step (capture_training, --train)")
     t0 = time.perf_counter()
     tried: dict[Remat, Plan | None] = {}
+    recomputing: dict[Remat, Captured] = {}
     errors: dict[Remat, MemoryBudgetError] = {}
 
     def attempt(policy: Remat) -> Plan | None:
         if policy not in tried:
             say(f"remat auto: planning with {policy}")
+            recomputing[policy] = apply_remat(captured, policy)
             try:
-                tried[policy] = plan_program(captured, memory=memory, compare=False, remat=policy, model_info=model_info, **kwargs)
+                tried[policy] = plan_program(recomputing[policy], memory=memory, compare=False, model_info=model_info, **kwargs)
             except MemoryBudgetError as e:
                 tried[policy], errors[policy] = None, e
         return tried[policy]
@@ -243,15 +242,18 @@ def _plan_remat_auto(captured: Captured, *, memory, compare: bool, progress: Pro
     model = dataclasses.replace(best.model, remat_search=search)
     best = dataclasses.replace(best, model=model, stage_seconds=stages)
     if compare:
-        t = time.perf_counter()
-        say("evaluating the classic plans for comparison")
-        keep = ("profile", "input_placements", "output_placements", "solver", "optimizer", "fold", "coarsen")
-        same = {k: kwargs[k] for k in keep}
-        same["profile"] = load_profile(same["profile"]) if isinstance(same["profile"], str) else same["profile"]
-        comparison = _classic_comparison(apply_remat(captured, best_policy), best.mesh, best.memory_budget_bytes, same)
-        best = dataclasses.replace(best, comparison=comparison, stage_seconds={**best.stage_seconds, "compare": time.perf_counter() - t})
+        same = {k: kwargs[k] for k in ("profile", "input_placements", "output_placements", "solver", "optimizer", "fold", "coarsen")}
+        best = _with_comparison(best, recomputing[best_policy], same, say)
     say(f"remat auto: {best_policy} ({best.cost.total_s * 1e3:.1f} ms predicted)")
     return best
+
+
+def _with_comparison(plan: Plan, captured: Captured, same: Mapping[str, object], say: Progress) -> Plan:
+    """The plan with the classic plans of the same program beside it."""
+    t = time.perf_counter()
+    say("evaluating the classic plans for comparison")
+    comparison = _classic_comparison(captured, plan.mesh, plan.memory_budget_bytes, same)
+    return dataclasses.replace(plan, comparison=comparison, stage_seconds={**plan.stage_seconds, "compare": time.perf_counter() - t})
 
 
 def _classic_comparison(captured: Captured, mesh: MeshSpec, budget: int | None, same: Mapping[str, object]) -> tuple[dict, ...]:

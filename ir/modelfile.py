@@ -13,7 +13,7 @@ import torch
 
 from dtplan.ir.capture import capture, fake_build, user_frame
 from dtplan.ir.precision import Precision
-from dtplan.ir.remat import Remat, RematError
+from dtplan.ir.remat import Remat
 from dtplan.ir.remat import remat as apply_remat
 from dtplan.ir.stamp import capture_training_stamped
 
@@ -99,14 +99,12 @@ def capture_model_file(mf: ModelFile, *, train: bool, precision: Precision | str
     """
     if train:
         captured = capture_training_stamped(*fake_build(lambda: mf.build(train=True)), require_loss_fn(mf), precision=precision)
-        return apply_remat(captured, remat) if remat is not None else captured
-    if Remat.parse(remat).active:
-        raise RematError("activation checkpointing (--remat) applies to training steps; plan with --train")
-    captured = capture(*mf.build(meta=True), precision)
-    if captured.constants:
-        real = capture(*mf.build(meta=False), precision)
-        captured = dataclasses.replace(captured, constants=real.constants)
-    return captured
+    else:
+        captured = capture(*mf.build(meta=True), precision)
+        if captured.constants:
+            real = capture(*mf.build(meta=False), precision)
+            captured = dataclasses.replace(captured, constants=real.constants)
+    return apply_remat(captured, remat) if remat is not None else captured
 
 
 def _at(e: BaseException) -> str:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -160,9 +160,11 @@ def _forward(gm: torch.fx.GraphModule, updates: Mapping[str, str]) -> set[torch.
     return set(nodes[: end + 1])
 
 
-def layers(graph: Graph) -> tuple[str, ...]:
-    """The graph's layers in forward order (see the module docstring)."""
-    container = _container(n.module for n in graph if n.target is not None)
+def layers(graph: Graph, container: str | None = None) -> tuple[str, ...]:
+    """The graph's layers in forward order (see the module docstring);
+    `container` if already found (`_container`)."""
+    if container is None:
+        container = _container(n.module for n in graph if n.target is not None)
     out: dict[str, None] = {}
     for n in graph:
         if n.target is not None:
@@ -205,7 +207,7 @@ def remat(captured, policy: Remat | str | Mapping | None):
         raise RematError(f"the capture already recomputes ({captured.remat}); apply one policy to a fresh capture")
     graph: Graph = captured.graph
     container = _container(n.module for n in graph if n.target is not None)
-    known = layers(graph)
+    known = layers(graph, container)
     chosen = set(known if policy.layers is None else policy.layers)
     unknown = sorted(chosen - set(known))
     if unknown:
@@ -285,7 +287,9 @@ def _copy_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(gm, graph)
 
 
-def recomputed_originals(graph: Graph) -> dict[str, str]:
-    """Copy node -> the forward node it recomputes."""
-    names = {n.name for n in graph}
-    return {n.name: n.name[: -len(SUFFIX)] for n in graph if n.name.endswith(SUFFIX) and n.name[: -len(SUFFIX)] in names}
+def recomputed_originals(graph: Graph | Iterable[str]) -> dict[str, str]:
+    """Copy node -> the forward node it recomputes, from a graph or the node
+    names of one (a plan's)."""
+    names = [n if isinstance(n, str) else n.name for n in graph]
+    known = set(names)
+    return {n: n[: -len(SUFFIX)] for n in names if n.endswith(SUFFIX) and n[: -len(SUFFIX)] in known}

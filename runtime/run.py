@@ -192,7 +192,7 @@ def _capture(mf, *, train: bool, precision: Precision, remat=None):
     if key not in _CAPTURES:
         _CAPTURES[key] = capture_model_file(mf, train=train, precision=precision)
     captured = _CAPTURES[key]
-    return apply_remat(captured, remat) if train and remat is not None else captured
+    return apply_remat(captured, remat) if remat is not None else captured
 
 
 def _many(rank: int, mesh: DeviceMesh, *, items: list[dict]) -> list[dict]:

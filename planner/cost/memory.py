@@ -32,10 +32,11 @@ def stored_values(graph: Graph) -> tuple[str, ...]:
     return tuple(n.name for n in graph if n.role in STORED_ROLES and n.tensor_meta is not None)
 
 
-def _frees(graph: Graph) -> dict[int, list[str]]:
-    """Schedule index -> allocations whose last reader is that node. A view
-    (and an element of a view op's tuple, such as one piece of a split)
-    reads its base's storage: the base lives until the last reader of any
+def _lifetimes(graph: Graph) -> tuple[list[bool], dict[int, list[str]]]:
+    """Per node in schedule order, whether it allocates; and schedule index ->
+    allocations whose last reader is that node. A view (and an element of a
+    view op's tuple, such as one piece of a split) reads its base's storage:
+    it allocates nothing, and the base lives until the last reader of any
     view of it (a saved activation is often a reshape of a norm's output)."""
     last = graph.last_use()
     base = _bases(graph)
@@ -43,17 +44,12 @@ def _frees(graph: Graph) -> dict[int, list[str]]:
     for n in graph:
         root = base.get(n.name, n.name)
         end[root] = max(end.get(root, 0), last[n.name])
+    allocates = [is_allocation(n) and n.name not in base for n in graph]
     frees: dict[int, list[str]] = defaultdict(list)
-    for n in graph:
-        if is_allocation(n) and n.name not in base:
+    for n, allocated in zip(graph, allocates, strict=True):
+        if allocated:
             frees[end[n.name]].append(n.name)
-    return frees
-
-
-def _allocates(graph: Graph) -> list[bool]:
-    """Per node in schedule order: does it allocate (see `_frees`)?"""
-    base = _bases(graph)
-    return [is_allocation(n) and n.name not in base for n in graph]
+    return allocates, frees
 
 
 def _bases(graph: Graph) -> dict[str, str]:
@@ -79,8 +75,7 @@ def _aliases(n: Node, graph: Graph) -> bool:
 def _sweep(graph: Graph, key: Callable[[str], Hashable]):
     """Yield, at each candidate peak, the live allocations keyed by `key`
     (a Counter, in order of first allocation)."""
-    frees = _frees(graph)
-    allocates = _allocates(graph)
+    allocates, frees = _lifetimes(graph)
     live: Counter = Counter()
     end = len(graph) - 1
     for t, n in enumerate(graph):
@@ -117,8 +112,7 @@ def live_multisets(graph: Graph, key: Callable[[str], Hashable]) -> list[dict[Ha
 
 def peak_bytes(graph: Graph, size: Callable[[str], int]) -> int:
     """The largest sum of `size` over the allocations live at one point."""
-    frees = _frees(graph)
-    allocates = _allocates(graph)
+    allocates, frees = _lifetimes(graph)
     current = peak = 0
     for t, n in enumerate(graph):
         if allocates[t]:

@@ -12,8 +12,7 @@ from pathlib import Path
 
 from dtplan.ir.graph import Graph, Role
 from dtplan.ir.precision import Precision
-from dtplan.ir.remat import SUFFIX as REMAT_SUFFIX
-from dtplan.ir.remat import Remat
+from dtplan.ir.remat import Remat, recomputed_originals
 from dtplan.planner.cost.device import COLLECTIVE_KINDS
 from dtplan.planner.cost.pricing import Pricer, local_shape
 from dtplan.planner.evaluate import HUB, OUTPUT, NodePlan, PlannedCollective
@@ -292,7 +291,7 @@ class Plan:
         """Recomputed copy node -> the forward node it recomputes (remat)."""
         if not self.remat.active:
             return {}
-        return {n: n[: -len(REMAT_SUFFIX)] for n in self.nodes if n.endswith(REMAT_SUFFIX) and n[: -len(REMAT_SUFFIX)] in self.nodes}
+        return recomputed_originals(self.nodes)
 
     def recompute_s(self) -> float:
         """Predicted seconds per step spent recomputing activations."""

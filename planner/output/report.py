@@ -19,6 +19,7 @@ from typing import Any
 import jinja2
 
 import dtplan.planner.mesh as mesh_format
+from dtplan.ir.remat import recomputed_originals
 from dtplan.planner.output.classic import placement_diff
 
 __all__ = [
@@ -357,14 +358,12 @@ def _recompute_data(plan: Mapping[str, Any]) -> dict[str, Any]:
     model = _mapping(plan.get("model"))
     remat = _mapping(model.get("remat"))
     nodes = _mapping(plan.get("nodes"))
-    suffix = "_rc"
     per_layer: dict[str, list[float]] = {}
-    for name, node in nodes.items():
-        if remat and name.endswith(suffix) and name[: -len(suffix)] in nodes:
-            node = _mapping(node)
-            row = per_layer.setdefault(_text(node.get("module")) or "(root)", [0, 0.0])
-            row[0] += 1
-            row[1] += _number(node.get("compute_s")) or 0.0
+    for name in recomputed_originals(nodes) if remat else ():
+        node = _mapping(nodes[name])
+        row = per_layer.setdefault(_text(node.get("module")) or "(root)", [0, 0.0])
+        row[0] += 1
+        row[1] += _number(node.get("compute_s")) or 0.0
     total = sum(v[1] for v in per_layer.values())
     compute = _number(_mapping(plan.get("cost")).get("compute_s"))
     layers = _sequence(remat.get("layers"))
