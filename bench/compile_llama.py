@@ -6,6 +6,7 @@ at scale, in one process, on fake tensors (no weights, no GPUs).
     .venv/bin/python bench/compile_llama.py --runs 8b:32:8x8 --memory 80GiB --no-lower
     .venv/bin/python bench/compile_llama.py --precision bf16 --runs 8b:32:8,8b:32:8x8:80GiB
     .venv/bin/python bench/compile_llama.py --precision bf16 --remat full --runs 8b:32:8:80GiB,70b:80:8x8:80GiB
+    .venv/bin/python bench/compile_llama.py --precision bf16 --remat selective --runs 8b:32:8:80GiB --recipes
 
 Each row runs in a fresh process (so peak RSS is that row's) and prints:
 capture seconds (stamped joint graph, `dtplan.ir.stamp`), build seconds (strategies,
@@ -15,6 +16,12 @@ GraphModule on the fake process group, `dtplan.runtime.abstract`), the program's
 variables and constraints, layers folded, peak RSS and the predicted step
 time, tokens per second per device (batch x seq / step / devices) and peak
 memory per device. A row that fails prints its one-line error instead.
+With --recipes, each torchtitan recipe that applies (`planner/output/classic.py`:
+``torchtitan FSDP``, and on two or more axes ``torchtitan FSDP+TP``) is planned
+with its parameters pinned, under the row's precision and recomputation and no
+budget, and printed under the row: its step, tokens/s per device, peak memory,
+whether it fits the row's budget and whether the row's settings are the recipe's
+own (``as published``) or only its layout.
 """
 from __future__ import annotations
 
@@ -47,7 +54,8 @@ HEAD = (
 
 
 def one(
-    preset: str, layers: str, mesh: str, memory: str | None, lower: bool, time_limit: float, precision: str | None = None, remat: str | None = None
+    preset: str, layers: str, mesh: str, memory: str | None, lower: bool, time_limit: float, precision: str | None = None, remat: str | None = None,
+    recipes: bool = False,
 ) -> dict:
     """Capture, plan and lower one configuration (in this process)."""
     sys.path.insert(0, str(ROOT))
@@ -72,7 +80,9 @@ def one(
         lower_abstract(apply_remat(captured, plan.remat), plan, rank=0)
         lower_s = time.perf_counter() - t
     sv = plan.solver
+    rows = _recipes(captured, plan, mf, time_limit) if recipes else []
     return {
+        "recipes": rows,
         "capture": capture_s,
         "build": st["strategies"] + st["shrink"] + st["build"] + st.get("remat_search", 0.0),
         "solve": st["solve"],
@@ -88,6 +98,41 @@ def one(
         "remat": str(plan.remat),
         "peak_gib": plan.cost.peak_memory_bytes / 2**30,
     }
+
+
+def _recipes(captured, plan, mf, time_limit: float) -> list[dict]:
+    """torchtitan's recipes with their parameters pinned, under the plan's
+    precision and recomputation, no budget (as the comparison plans them)."""
+    from dtplan import plan_program
+    from dtplan.ir.remat import remat as apply_remat
+    from dtplan.planner.output.classic import RECIPES, classic_pins
+    from dtplan.planner.solver import SolverOptions
+
+    recomputed = apply_remat(captured, plan.remat)
+    out = []
+    for name, pins in classic_pins(captured, plan.mesh).items():
+        if name not in RECIPES:
+            continue
+        t = time.perf_counter()
+        pinned = plan_program(captured, mesh=plan.mesh, profile="h100", parameter_placements=pins, remat=plan.remat, solver=SolverOptions(time_limit_s=time_limit))
+        budget = plan.memory_budget_bytes
+        out.append({
+            "name": name,
+            "seconds": time.perf_counter() - t,
+            "step_ms": pinned.cost.total_s * 1e3,
+            "tokens_per_s_device": _tokens(mf) / pinned.cost.total_s / plan.mesh.size,
+            "peak_gib": pinned.cost.peak_memory_bytes / 2**30,
+            "fits": budget is None or pinned.cost.peak_memory_bytes <= budget,
+            "as_published": RECIPES[name].as_published(recomputed),
+        })
+    return out
+
+
+def _recipe_row(r: dict) -> str:
+    fits = "fits" if r["fits"] else "does not fit"
+    how = "as published" if r["as_published"] else "layout only"
+    label = f"{'':>15}vs {r['name']} ({how}, planned in {r['seconds']:.1f} s)"
+    return f"{label:<112}{r['step_ms']:8.1f} {r['tokens_per_s_device']:9.0f} {r['peak_gib']:8.1f}  {fits}"
 
 
 def _tokens(mf) -> int:
@@ -113,11 +158,12 @@ def main() -> None:
     p.add_argument("--time-limit", type=float, default=120.0, help="solver time limit per row, seconds")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None, help="mixed-precision policy (dtplan.ir.precision)")
     p.add_argument("--remat", choices=("none", "full", "selective", "auto"), default=None, help="activation recomputation (dtplan.ir.remat)")
+    p.add_argument("--recipes", action="store_true", help="also plan torchtitan's recipes pinned, and print them under each row")
     p.add_argument("--one", help=argparse.SUPPRESS)  # a child process's row, as JSON
     args = p.parse_args()
     if args.one:
         preset, layers, mesh = args.one.split(":")
-        print(json.dumps(one(preset, layers, mesh, args.memory, not args.no_lower, args.time_limit, args.precision, args.remat)))
+        print(json.dumps(one(preset, layers, mesh, args.memory, not args.no_lower, args.time_limit, args.precision, args.remat, args.recipes)))
         return
     print(HEAD, flush=True)
     for run in args.runs.split(","):
@@ -128,9 +174,13 @@ def main() -> None:
         cmd += ["--no-lower"] if args.no_lower else []
         cmd += ["--precision", args.precision] if args.precision else []
         cmd += ["--remat", args.remat] if args.remat else []
+        cmd += ["--recipes"] if args.recipes else []
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode == 0:
-            print(_row(preset, layers, mesh, memory, json.loads(out.stdout.strip().splitlines()[-1])), flush=True)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            print(_row(preset, layers, mesh, memory, r), flush=True)
+            for rec in r["recipes"]:
+                print(_recipe_row(rec), flush=True)
         else:
             err = (out.stderr.strip().splitlines() or ["(no output)"])[-1]
             print(f"{preset:>6} {layers:>6} {mesh:>7} {memory or '-':>7} failed: {err[:160]}", flush=True)

@@ -35,7 +35,7 @@ from dtplan.ir.graph import Role, TensorMeta
 from dtplan.planner.cost.pricing import local_shape
 from dtplan.planner.output.plan import NodePlan, Plan
 from dtplan.planner.space import rules
-from dtplan.planner.space._dtensor import dtensor_spec, per_output
+from dtplan.planner.space._dtensor import dtensor_spec, has_strided, per_output
 from dtplan.runtime import replay, watch
 from dtplan.runtime.params import piece
 from dtplan.runtime.redistribute import RankMesh, redistribute_local
@@ -259,9 +259,11 @@ class _PlanInterpreter(torch.fx.Interpreter):
         target = fx_node.target
         meta = self.ir[fx_node.name].meta
         replicated = all(all(p.is_replicate() for p in pl) for pl in np.inputs) and _replicated(np.output)
-        if target in _LOCAL or rules.lookup(target) is not None or replicated:
-            # our own rules, factories and fully replicated ops: the op on
-            # local tensors (ours where it needs more than the op: `_LOCAL`)
+        strided = any(has_strided(pl) for pl in (*np.inputs, *per_output(np.output)))
+        if target in _LOCAL or rules.lookup(target) is not None or replicated or strided:
+            # our own rules, factories, fully replicated ops and casts of
+            # strided shards: the op on local tensors (ours where it needs
+            # more than the op: `_LOCAL`)
             la, lk = replay.local_tensors((args, kwargs))
             out = _LOCAL[target](self, fx_node, np, *la, **lk) if target in _LOCAL else target(*la, **lk)
             return self._wrap_outputs(out, np.output, meta)

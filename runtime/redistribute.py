@@ -17,7 +17,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Partial, Replicate, Shard
 
 from dtplan.ir.graph import TensorMeta
-from dtplan.planner.space._dtensor import Placements, transform_steps
+from dtplan.planner.space._dtensor import Placements, is_strided, transform_steps
 
 __all__ = ["RankMesh", "redistribute_local"]
 
@@ -49,6 +49,9 @@ def redistribute_local(local: torch.Tensor, mesh: RankMesh, meta: TensorMeta, sr
 
 
 def _apply(x: torch.Tensor, mesh: RankMesh, axis: int, src, dst) -> torch.Tensor:
+    # a strided step is its plain twin on the local shard: the steps order
+    # the axes so that it gathers, scatters or chunks consecutive pieces
+    src, dst = _plain(src), _plain(dst)
     group = mesh.group_names[axis]
     p = mesh.shape[axis]
     if isinstance(src, Partial):
@@ -71,6 +74,10 @@ def _apply(x: torch.Tensor, mesh: RankMesh, axis: int, src, dst) -> torch.Tensor
             keep = dst.reduce_op != "sum" or coord == 0
             return x if keep else torch.zeros_like(x)
     raise ValueError(f"unsupported redistribution step {src} -> {dst} on mesh axis {axis}")
+
+
+def _plain(p):
+    return Shard(p.dim) if is_strided(p) else p
 
 
 def _sync(t: torch.Tensor) -> torch.Tensor:

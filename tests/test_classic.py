@@ -4,12 +4,22 @@ FSDP+TP plan for Llama, and where a plan's parameter placements differ."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
-from conftest import captured_example, plan_example
+from conftest import captured_example, example_path, plan_example
 
-from dtplan import plan_program
-from dtplan.planner.output.classic import TORCHTITAN, classic_pins, placement_diff, torchtitan_pins
+from dtplan import Plan, load_model_file, plan_program
+from dtplan.ir.modelfile import capture_model_file
+from dtplan.planner.output.classic import (
+    RECIPES,
+    TORCHTITAN,
+    TORCHTITAN_FSDP,
+    classic_pins,
+    compare_classic,
+    placement_diff,
+    torchtitan_pins,
+)
 from dtplan.planner.mesh import parse_mesh
 from dtplan.planner.output.report import build_report_data, render_report
 
@@ -61,11 +71,11 @@ def test_torchtitan_pins_for_tiny_llama_on_2x2(llama):
     for i in (0, 1):
         a, f = f"layers.{i}.attention", f"layers.{i}.feed_forward"
         for col in (f"{a}.wq", f"{a}.wk", f"{a}.wv", f"{f}.w1", f"{f}.w3"):  # colwise on tp, FSDP dim 0 on dp
-            assert pins[f"{col}.weight"] == ["S(0)", "S(0)"], col
+            assert pins[f"{col}.weight"] == ["_S(0, 2)", "S(0)"], col  # FSDP within the tp shard: strided
         assert pins[f"{a}.wo.weight"] == ["S(0)", "S(1)"] and pins[f"{f}.w2.weight"] == ["S(0)", "S(1)"]
         assert pins[f"layers.{i}.attention_norm.weight"] == pins[f"layers.{i}.ffn_norm.weight"] == ["S(0)", "R"]
-    assert pins["tok_embeddings.weight"] == ["S(0)", "S(0)"]  # rowwise embedding: vocab rows
-    assert pins["output.weight"] == ["S(0)", "S(0)"]  # colwise: vocab rows
+    assert pins["tok_embeddings.weight"] == ["_S(0, 2)", "S(0)"]  # rowwise embedding: vocab rows
+    assert pins["output.weight"] == ["_S(0, 2)", "S(0)"]  # colwise: vocab rows
     assert pins["norm.weight"] == ["S(0)", "R"]
 
 
@@ -73,10 +83,11 @@ def test_torchtitan_pins_other_meshes(llama):
     # 8x8: wk is [32, 64]; dim 0 cannot take 8 dp x 8 tp ways, so FSDP takes dim 1
     pins = torchtitan_pins(llama, "8x8")
     assert pins["layers.0.attention.wk.weight"] == ["S(1)", "S(0)"]
-    assert pins["layers.0.attention.wq.weight"] == ["S(0)", "S(0)"]
-    # 3-D: every axis but the last is dp
+    assert pins["layers.0.attention.wq.weight"] == ["_S(0, 8)", "S(0)"]
+    # 3-D: every axis but the last is dp (FSDP over them flattened)
     pins = torchtitan_pins(llama, "2x2x2")
     assert pins["layers.1.feed_forward.w2.weight"] == ["S(0)", "S(0)", "S(1)"]
+    assert pins["layers.1.feed_forward.w1.weight"] == ["_S(0, 2)", "_S(0, 2)", "S(0)"]
     assert pins["norm.weight"] == ["S(0)", "S(0)", "R"]
     with pytest.raises(ValueError, match="two or more axes"):
         torchtitan_pins(llama, "4")
@@ -124,17 +135,46 @@ def test_report_shows_where_dtplan_and_torchtitan_differ(torchtitan_plan):
     changed = dict(pins)
     for i in (0, 1):
         changed[f"layers.{i}.attention.wq.weight"] = ["S(1)", "S(0)"]  # a hand-made difference on d0
-    changed["output.weight"] = ["S(0)", "R"]  # and one on d1
+    changed["norm.weight"] = ["S(0)", "S(0)"]  # and one on d1
     plan = dataclasses.replace(tt, comparison=({"name": TORCHTITAN, "parameters": changed, "cost": dataclasses.asdict(tt.cost), "fits": True},)).to_json()
     rows = placement_diff(plan, plan["comparison"][0])
     assert [(r.pattern, r.axis, r.ours, r.theirs) for r in rows] == [
-        ("layers.*.attention.wq.weight", "d0", "S(0)", "S(1)"),
-        ("output.weight", "d1", "S(0)", "R"),
+        ("layers.*.attention.wq.weight", "d0", "_S(0, 2)", "S(1)"),
+        ("norm.weight", "d1", "R", "S(0)"),
     ]
     data = build_report_data(plan)
     assert [d["name"] for d in data["placement_diffs"]] == [TORCHTITAN]
     assert data["placement_diffs"][0]["num_parameters"] == 3
     page = render_report(data)
     section = page.split('<details class="diff" id="diff-torchtitan-FSDP-TP"', 1)[1].split("</details>", 1)[0]
-    assert "layers.*.attention.wq.weight" in section and "output.weight" in section
+    assert "layers.*.attention.wq.weight" in section and "norm.weight" in section
     assert "3 of 21 parameters placed differently" in section
+
+
+def test_torchtitan_recipes_are_named_and_say_whether_they_ran_as_published():
+    """torchtitan's Llama-3 8B recipe (FSDP, selective AC, bf16) and 70B
+    recipe (FSDP+TP, full AC, bf16) beside the plan; the 8B recipe's pins
+    are the FSDP plan's, planned once."""
+    mf = load_model_file(example_path("llama"), {"layers": "1"})
+    step = capture_model_file(mf, train=True, precision="bf16", remat="selective")
+    mesh = parse_mesh("2x2")
+    planned = []
+
+    def plan_pinned(pins):
+        planned.append(pins)
+        return plan_program(step, mesh=mesh, parameter_placements=pins)
+
+    rows = {r.name: r for r in compare_classic(step, mesh=mesh, budget=None, plan_pinned=plan_pinned)}
+    assert list(rows) == ["data parallel", "FSDP", "tensor parallel", "FSDP + TP", TORCHTITAN_FSDP, TORCHTITAN]
+    assert len(planned) == 5
+    assert rows[TORCHTITAN_FSDP].parameters == rows["FSDP"].parameters and rows[TORCHTITAN_FSDP].cost == rows["FSDP"].cost
+    assert rows[TORCHTITAN_FSDP].recipe == {"source": RECIPES[TORCHTITAN_FSDP].source, "precision": "bf16", "remat": "selective", "as_published": True}
+    assert rows[TORCHTITAN].recipe["remat"] == "full" and not rows[TORCHTITAN].recipe["as_published"]  # this step recomputes selectively
+    assert rows["FSDP"].recipe is None and "recipe" not in rows["FSDP"].to_json()
+    # the plan file keeps the note; the report shows it
+    plan = plan_program(step, mesh=mesh, model_info={"name": "llama"})
+    plan = dataclasses.replace(plan, comparison=tuple(r.to_json() for r in rows.values()))
+    again = Plan.from_json(json.loads(json.dumps(plan.to_json())))
+    assert again.comparison[4]["recipe"]["as_published"] is True
+    page = render_report(build_report_data(again.to_json()))
+    assert "recipe as published (bf16, selective AC)" in page and "layout only: the recipe trains with bf16 and full AC" in page

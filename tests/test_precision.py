@@ -13,6 +13,7 @@ from test_training import megatron_pins
 from dtplan import Plan, PlanError, load_model_file, plan_program
 from dtplan.ir.modelfile import capture_model_file
 from dtplan.ir.precision import Precision
+from dtplan.planner.output.classic import torchtitan_pins
 from dtplan.runtime.run import run_many
 from dtplan.runtime.verify import TOLERANCES
 
@@ -78,9 +79,19 @@ def test_five_adamw_steps_in_bf16_match_one_device_under_the_same_policy(mesh):
         items.append((example_path(name), plan, {}, True))
     inference = plan_program(captured("gpt", "bf16", train=False), mesh=mesh, input_placements=_cases(mesh)[1][1], parameter_placements=_cases(mesh)[1][2])
     items.append((example_path("gpt"), inference, {}, True))
+    names = [name for name, *_ in _cases(mesh)] + ["gpt inference"]
+    if "x" in mesh:  # torchtitan's FSDP+TP: each weight cast on its strided shard, gathered in bf16
+        llama = captured("llama", "bf16")
+        tt = plan_program(llama, mesh=mesh, parameter_placements=torchtitan_pins(llama, mesh), model_info={"name": "llama"})
+        wq = next(n for n in llama.graph if n.fqn == "layers.0.attention.wq.weight")
+        cast = next(n for n in llama.graph if n.refs() == (wq.name,))
+        assert [str(p) for p in tt.nodes[cast.name].output] == ["_S(0, 2)", "S(0)"]
+        assert any(c.kind == "all_gather" and c.producer == cast.name and c.bytes == 64 * 64 * 2 // 2 for c in tt.collectives)
+        items.append((example_path("llama"), tt, {}, True))
+        names.append("llama torchtitan FSDP+TP")
     tol = TOLERANCES[torch.bfloat16]
     for rank, reports in enumerate(run_many(items, steps=5)):
-        for (name, *_), report in zip([*_cases(mesh), ("gpt inference",)], reports, strict=True):
+        for name, report in zip(names, reports, strict=True):
             case = f"{name} on {mesh}, rank {rank}"
             assert report["collectives_match"], (case, report["collectives_issued"])
             assert report["numerics_match"], (case, {k: report.get(k) for k in ("max_abs", "max_rel", "max_loss_rel", "mismatched")})

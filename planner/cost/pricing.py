@@ -10,10 +10,8 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
-from torch.distributed.tensor import Shard
-
 from dtplan.ir.graph import Node, Role, TensorMeta, dtype_name
-from dtplan.planner.space._dtensor import Placements, per_output, transform_steps
+from dtplan.planner.space._dtensor import Placements, is_sharded, per_output, transform_steps
 from dtplan.planner.cost.device import DeviceProfile, collective_time, compute_time
 from dtplan.planner.space.strategies import Strategy, shard_factor
 
@@ -36,7 +34,7 @@ def local_shape(shape: tuple[int, ...], mesh_shape: tuple[int, ...], placements:
     """The per-rank shape of an evenly sharded tensor."""
     out = list(shape)
     for p, n in zip(placements, mesh_shape, strict=True):
-        if isinstance(p, Shard):
+        if is_sharded(p):
             out[p.dim] //= n
     return tuple(out)
 
@@ -147,7 +145,7 @@ def _storage_factor(placements: Placements, mesh_shape: tuple[int, ...]) -> int:
     # a Partial value is full-size on every rank; only Shard divides storage
     f = 1
     for p, n in zip(placements, mesh_shape, strict=True):
-        if isinstance(p, Shard):
+        if is_sharded(p):
             f *= n
     return f
 

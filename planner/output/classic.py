@@ -25,9 +25,26 @@ cheaper than those that fit.
   when dim 0 splits evenly over every axis sharding it (dp axes and, if it is
   ``S(0)`` there, tp), else the first dim that does, else ``R``. dtplan only
   expresses even shards, so a split torchtitan would make unevenly becomes
-  the fallback above (``R`` on tp). FSDP2 over a tp-sharded dim 0 is a
-  ``_StridedShard`` in DTensor: the same bytes and collectives as ``S(0)``
-  over ``S(0)``, chunks in another order, so the cost model prices it as that.
+  the fallback above (``R`` on tp). FSDP2 over a tp-sharded dim 0 shards
+  each tp shard again on dp: a strided shard, ``_S(0, tp)`` on every dp axis
+  (DTensor's ``_StridedShard``, `dtplan.planner.space._dtensor.strided`),
+  so gathering the tp shard for compute is one dp all-gather of it, and the
+  gradient one dp reduce-scatter, as FSDP2 runs them (plain ``S(0)`` over
+  ``S(0)`` would have to gather tp, then dp, then re-chunk).
+
+The two torchtitan layouts are its published Llama-3 recipes
+(:data:`RECIPES`, named as torchtitan names its configs): ``torchtitan FSDP``
+is ``llama3_8b.toml`` (FSDP2 over every device, ``fully_shard`` on dim 0:
+the FSDP pins above for these models; selective op-level AC) and
+``torchtitan FSDP+TP`` is ``llama3_70b.toml`` (FSDP2 over dp, 8-way TP,
+full AC); both train with bf16 parameters and fp32 gradient reduction
+(torchtitan's default ``mixed_precision_param``/``mixed_precision_reduce``).
+A recipe is evaluated under the compared plan's own precision and
+recomputation, so layouts compare like with like; its row says whether that
+is the recipe as published (``--precision bf16 --remat selective`` for the
+8B recipe, ``--precision bf16 --remat full`` for the 70B one) or its layout
+only. Identical pins are planned once (the 8B recipe's are the FSDP plan's
+for Llama's shapes).
 
 Every classic plan pins **parameters only**; activations are left to the
 planner. torchtitan also fixes activation layouts (sequence parallel around the
@@ -55,13 +72,17 @@ from typing import TYPE_CHECKING, Any
 
 from dtplan.ir.graph import Role
 from dtplan.planner.mesh import MeshSpec, parse_mesh
+from dtplan.planner.space._dtensor import parse_placement
 
 if TYPE_CHECKING:
     from dtplan.ir.capture import Captured
 
 __all__ = [
+    "RECIPES",
     "TORCHTITAN",
+    "TORCHTITAN_FSDP",
     "ClassicResult",
+    "Recipe",
     "PlacementDiff",
     "classic_pins",
     "compare_classic",
@@ -77,8 +98,9 @@ COLUMN = re.compile(r"(^|\.)(q|k|v|wq|wk|wv|q_proj|k_proj|v_proj|fc|fc1|c_fc|w1|
 #: ... and those whose input features it splits (row-parallel)
 ROW = re.compile(r"(^|\.)(o|wo|o_proj|proj|c_proj|fc2|w2|down_proj)\.weight$")
 
-#: name of the torchtitan plan in the comparison
+#: names of the torchtitan plans in the comparison
 TORCHTITAN = "torchtitan FSDP+TP"
+TORCHTITAN_FSDP = "torchtitan FSDP"
 #: the linear layers a Llama block must have for the torchtitan plan to apply
 LLAMA_LINEARS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 _TT_COLUMN = re.compile(r"(^|\.)(wq|wk|wv|w1|w3)\.(weight|bias)$")
@@ -88,14 +110,44 @@ _TT_OUTPUT = re.compile(r"(^|\.)output\.(weight|bias)$")
 
 
 @dataclass(frozen=True, slots=True)
+class Recipe:
+    """A published training recipe: where it comes from, and the precision
+    and activation checkpointing it trains with (its layout: `classic_pins`)."""
+
+    source: str
+    precision: str
+    remat: str
+
+    def as_published(self, captured: Captured) -> bool:
+        """Whether a program is traced under the recipe's own precision and
+        recomputation (then its comparison row is the recipe itself)."""
+        from dtplan.ir.precision import Precision
+
+        return captured.precision == Precision.parse(self.precision) and captured.remat.mode == self.remat and captured.remat.layers is None
+
+    def to_json(self, captured: Captured) -> dict:
+        return {"source": self.source, "precision": self.precision, "remat": self.remat, "as_published": self.as_published(captured)}
+
+
+#: torchtitan's Llama-3 recipes (torchtitan/models/llama3/train_configs)
+RECIPES = {
+    TORCHTITAN_FSDP: Recipe("torchtitan llama3_8b.toml: FSDP2 over every device, selective (op) AC, bf16 parameters, fp32 reduce", "bf16", "selective"),
+    TORCHTITAN: Recipe("torchtitan llama3_70b.toml: FSDP2 over dp, 8-way TP, full AC, bf16 parameters, fp32 reduce", "bf16", "full"),
+}
+
+
+@dataclass(frozen=True, slots=True)
 class ClassicResult:
     name: str
     parameters: Mapping[str, tuple[str, ...]]
     cost: Mapping[str, float]
     fits: bool
+    #: a published recipe's provenance and whether it ran as published (`Recipe.to_json`)
+    recipe: Mapping[str, object] | None = None
 
     def to_json(self) -> dict:
-        return {"name": self.name, "parameters": {k: list(v) for k, v in self.parameters.items()}, "cost": dict(self.cost), "fits": self.fits}
+        out = {"name": self.name, "parameters": {k: list(v) for k, v in self.parameters.items()}, "cost": dict(self.cost), "fits": self.fits}
+        return {**out, "recipe": dict(self.recipe)} if self.recipe is not None else out
 
 
 def _shapes(captured: Captured) -> dict[str, tuple[int, ...]]:
@@ -122,8 +174,10 @@ def classic_pins(captured: Captured, mesh: MeshSpec) -> dict[str, dict[str, list
         plans["tensor parallel"] = {f: ["R"] * (nd - 1) + p for f, p in tp.items()}
         if nd >= 2:
             plans["FSDP + TP"] = {f: _outer_shard(shapes[f], p, mesh) for f, p in tp.items()}
-    if nd >= 2 and is_llama(shapes):
-        plans[TORCHTITAN] = _torchtitan(shapes, mesh)
+    if is_llama(shapes):
+        plans[TORCHTITAN_FSDP] = fsdp  # fully_shard: dim 0, which splits evenly for Llama's weights
+        if nd >= 2:
+            plans[TORCHTITAN] = _torchtitan(shapes, mesh)
     return plans
 
 
@@ -181,7 +235,8 @@ def _torchtitan(shapes: Mapping[str, tuple[int, ...]], mesh: MeshSpec) -> dict[s
         inner = _torchtitan_tp(f, shape, tp)
         used = int(inner[2:-1]) if inner != "R" else None
         d = next((d for d, s in enumerate(shape) if s % (dp * (tp if d == used else 1)) == 0), None)
-        out[f] = [f"S({d})" if d is not None else "R"] * (mesh.ndim - 1) + [inner]
+        outer = "R" if d is None else f"_S({d}, {tp})" if d == used else f"S({d})"
+        out[f] = [outer] * (mesh.ndim - 1) + [inner]
     return out
 
 
@@ -205,15 +260,22 @@ def compare_classic(captured: Captured, *, mesh: MeshSpec, budget: int | None, p
     program with its parameters pinned (by FQN) and no budget (the API
     passes `plan_program` with the free plan's arguments)."""
     results = []
+    costs: dict[str, dict | None] = {}  # by pins: a layout two plans share is planned once
     for name, pins in classic_pins(captured, mesh).items():
-        try:
-            plan = plan_pinned(pins)
-        except Exception as e:  # noqa: BLE001 - a layout this model cannot take is left out, logged
-            log.info("classic plan %s skipped: %s", name, e)
+        key = repr(sorted((k, list(v)) for k, v in pins.items()))
+        if key not in costs:
+            try:
+                plan = plan_pinned(pins)
+                costs[key] = {k: getattr(plan.cost, k) for k in ("total_s", "compute_s", "comm_s", "comm_bytes", "peak_memory_bytes")}
+            except Exception as e:  # noqa: BLE001 - a layout this model cannot take is left out, logged
+                log.info("classic plan %s skipped: %s", name, e)
+                costs[key] = None
+        cost = costs[key]
+        if cost is None:
             continue
-        cost = {k: getattr(plan.cost, k) for k in ("total_s", "compute_s", "comm_s", "comm_bytes", "peak_memory_bytes")}
-        fits = budget is None or plan.cost.peak_memory_bytes <= budget
-        results.append(ClassicResult(name, {k: tuple(v) for k, v in pins.items()}, cost, fits))
+        fits = budget is None or cost["peak_memory_bytes"] <= budget
+        recipe = RECIPES[name].to_json(captured) if name in RECIPES else None
+        results.append(ClassicResult(name, {k: tuple(v) for k, v in pins.items()}, dict(cost), fits, recipe))
     return tuple(results)
 
 
@@ -305,8 +367,8 @@ def _entry_parameters(entry: Any) -> tuple[str, dict[str, list[str]]]:
 
 
 def _texts(placements: Sequence[Any]) -> list[str]:
-    """Placements (objects or DTensor short forms) as their short forms."""
-    return [str(p).replace(" ", "") for p in placements]
+    """Placements (objects or DTensor short forms) as DTensor's short forms."""
+    return [str(parse_placement(p) if isinstance(p, str) else p) for p in placements]
 
 
 def _pattern(fqn: str) -> str:

@@ -17,7 +17,7 @@ from dtplan.planner.cost.device import COLLECTIVE_KINDS
 from dtplan.planner.cost.pricing import Pricer, local_shape
 from dtplan.planner.evaluate import HUB, OUTPUT, NodePlan, PlannedCollective
 from dtplan.planner.mesh import MeshSpec
-from dtplan.planner.space._dtensor import Placements, format_placements, is_multi_output, parse_placement, per_output
+from dtplan.planner.space._dtensor import Placements, format_placements, is_multi_output, is_sharded, parse_placement, per_output, strided_form_ok
 from dtplan.planner.output.schema import At, PlanError, typed
 from dtplan.planner.space.strategies import Fallback
 
@@ -115,6 +115,8 @@ class ComparisonRow:
     parameters: Mapping[str, tuple[str, ...]]
     cost: Mapping[str, float]
     fits: bool
+    #: a published recipe's source, precision, remat and whether it ran as published
+    recipe: Mapping[str, object] | None = None
 
 
 def plan_text(plan: Plan) -> str:
@@ -376,7 +378,7 @@ class Plan:
 
 def _check_dims(pl: Placements, rank: int, path: str) -> None:
     for i, p in enumerate(pl):
-        if p.is_shard() and p.dim >= rank:
+        if is_sharded(p) and p.dim >= rank:
             raise PlanError(f"{path}[{i}]: 'S({p.dim})' — dim {p.dim} is out of range for a {rank}-d tensor")
 
 
@@ -406,9 +408,14 @@ def _placements(at: At, mesh: MeshSpec, rank: int | None = None, *, optional: bo
             p = parse_placement(item.value)
         except ValueError as e:
             raise item.error(str(e)) from None
-        if p.is_shard() and p.dim < 0:
+        if is_sharded(p) and p.dim < 0:
             raise item.error(f"{item.value!r} — dim {p.dim} is negative (plans name dims from 0)")
         out.append(p)
+    if not strided_form_ok(out, mesh.shape):
+        raise at.error(
+            f"{[str(p) for p in out]}: a strided shard _S(dim, k) must come before the axes that shard its dim plainly, "
+            "k being the product of their sizes"
+        )
     if rank is not None:
         _check_dims(tuple(out), rank, at.path)
     return tuple(out)

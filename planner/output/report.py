@@ -451,7 +451,7 @@ def _comparison_rows(plan: Mapping[str, Any]) -> list[dict[str, Any]]:
     cost = _mapping(plan.get("cost"))
     rows = [{"name": "dtplan", "ours": True, "fits": True, "cost": cost}]
     rows += [
-        {"name": str(c.get("name")), "ours": False, "fits": bool(c.get("fits")), "cost": _mapping(c.get("cost"))}
+        {"name": str(c.get("name")), "ours": False, "fits": bool(c.get("fits")), "cost": _mapping(c.get("cost")), "recipe": _recipe(c.get("recipe"))}
         for c in _sequence(plan.get("comparison"))
     ]
     if len(rows) == 1:
@@ -463,6 +463,7 @@ def _comparison_rows(plan: Mapping[str, Any]) -> list[dict[str, Any]]:
         out.append({
             "name": r["name"],
             "ours": r["ours"],
+            "recipe": r.get("recipe"),
             "fits": r["fits"],
             "total_s": _quantity(c.get("total_s"), format_seconds),
             "compute_s": _quantity(c.get("compute_s"), format_seconds),
@@ -473,6 +474,14 @@ def _comparison_rows(plan: Mapping[str, Any]) -> list[dict[str, Any]]:
             "comm_pct": 100.0 * (_number(c.get("comm_s")) or 0.0) / slowest,
         })
     return out
+
+
+def _recipe(value: Any) -> dict[str, Any] | None:
+    """A published recipe's note (`dtplan.planner.output.classic.Recipe`)."""
+    r = _mapping(value)
+    if not r:
+        return None
+    return {"source": str(r.get("source", "")), "precision": str(r.get("precision", "")), "remat": str(r.get("remat", "")), "as_published": bool(r.get("as_published"))}
 
 
 def _placement_diffs(plan: Mapping[str, Any]) -> list[dict[str, Any]]:

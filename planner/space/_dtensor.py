@@ -20,7 +20,7 @@ from torch.distributed.tensor._dtensor_spec import TensorMeta as DTMeta
 from torch.distributed.tensor._op_schema import OpSchema, OpSpec, OpStrategy, TupleStrategy
 from torch.distributed.tensor._ops.single_dim_strategy import _ShardingPlaceholder
 from torch.distributed.tensor._redistribute import _gen_transform_infos
-from torch.distributed.tensor.placement_types import Placement
+from torch.distributed.tensor.placement_types import Placement, _StridedShard
 from torch.utils._python_dispatch import _disable_current_modes
 
 from dtplan.ir.graph import Ref, TensorMeta
@@ -33,9 +33,14 @@ __all__ = [
     "is_multi_output",
     "per_output",
     "format_placements",
+    "has_strided",
+    "is_sharded",
+    "is_strided",
     "op_strategies",
     "parse_placement",
     "planning_mesh",
+    "strided",
+    "strided_form_ok",
     "transform_steps",
     "expand_single_dim_rules",
 ]
@@ -60,14 +65,17 @@ def planning_mesh(shape: tuple[int, ...]) -> DeviceMesh:
 
 #: the reductions a Partial placement can owe (DTensor's)
 _REDUCE_OPS = ("sum", "avg", "max", "min")
-_PLACEMENT_RE = re.compile(r"^(R|S\((-?\d+)\)|P\((\w+)\))$")
+_PLACEMENT_RE = re.compile(r"^(R|S\((-?\d+)\)|P\((\w+)\)|_S\((-?\d+),\s*(\d+)\))$")
 
 
 def parse_placement(text: str) -> Placement:
-    """"R" / "S(0)" / "P(sum)" -> Placement (DTensor's short forms)."""
+    """"R" / "S(0)" / "P(sum)" / "_S(0, 8)" -> Placement (DTensor's short
+    forms; the last a `_StridedShard` of split factor 8, see `strided`)."""
     m = _PLACEMENT_RE.match(text.strip())
     if not m:
-        raise ValueError(f"bad placement {text!r}; expected R, S(<dim>) or P(<reduce op>)")
+        raise ValueError(f"bad placement {text!r}; expected R, S(<dim>), _S(<dim>, <split factor>) or P(<reduce op>)")
+    if m.group(4) is not None:
+        return strided(int(m.group(4)), int(m.group(5)))
     if m.group(2) is not None:
         return Shard(int(m.group(2)))
     if m.group(3) is not None:
@@ -75,6 +83,55 @@ def parse_placement(text: str) -> Placement:
             raise ValueError(f"bad placement {text!r}: Partial's reduce op must be one of {', '.join(_REDUCE_OPS)}")
         return Partial(m.group(3))
     return Replicate()
+
+
+# --------------------------------------------------------------------------- strided shards
+
+
+def strided(dim: int, split_factor: int) -> Placement:
+    """DTensor's `_StridedShard`: this mesh axis splits `dim` *within* the
+    split the later axes make of it (FSDP2 over tensor parallelism shards
+    each tp shard again on dp). `split_factor` is the number of pieces the
+    later axes cut the dim into.
+
+    dtplan's strided form (`strided_form_ok`): the axes sharding a dim
+    strided all come before the axes sharding it plainly (at least one),
+    and each split factor is the product of those plain axes' sizes. Rank
+    coordinates then hold piece ``i_plain * n_strided + i_strided`` of the
+    ``n_plain * n_strided`` pieces of the dim (each index row-major over its
+    axes), as DTensor lays it out (`tests/test_strided.py` checks it
+    against DTensor's offsets)."""
+    return _StridedShard(dim, split_factor=split_factor)
+
+
+def is_strided(p: object) -> bool:
+    return isinstance(p, _StridedShard)
+
+
+def is_sharded(p: object) -> bool:
+    """Shard or strided shard: the axis divides the value's storage."""
+    return isinstance(p, (Shard, _StridedShard))
+
+
+def has_strided(placements: Sequence[object] | None) -> bool:
+    return placements is not None and any(isinstance(p, _StridedShard) for p in placements)
+
+
+def strided_form_ok(placements: Sequence[Placement], mesh_shape: Sequence[int]) -> bool:
+    """Whether every strided shard in `placements` is in dtplan's strided
+    form (see `strided`); placements without one are."""
+    for a, p in enumerate(placements):
+        if not is_strided(p):
+            continue
+        later = [(b, q) for b, q in enumerate(placements) if b > a and is_sharded(q) and q.dim == p.dim]
+        plain = [b for b, q in later if not is_strided(q)]
+        if not plain or any(is_strided(q) and b > plain[0] for b, q in later):
+            return False
+        if any(not is_strided(q) and q.dim == p.dim for q in placements[:a] if isinstance(q, Shard)):
+            return False
+        if p.split_factor != math.prod(mesh_shape[b] for b in plain):
+            return False
+    return True
 
 
 def is_multi_output(output: Placements | tuple[Placements | None, ...]) -> bool:
@@ -113,9 +170,11 @@ class TransformStep:
         """The collective this step issues, or None for a local op."""
         s, d = self.src, self.dst
         if s.is_partial():
-            return "all_reduce" if d.is_replicate() else ("reduce_scatter" if d.is_shard() else None)
-        if s.is_shard():
-            return "all_gather" if d.is_replicate() else ("all_to_all" if d.is_shard() else "invalid")
+            return "all_reduce" if d.is_replicate() else ("reduce_scatter" if is_sharded(d) else None)
+        if is_sharded(s):
+            if d.is_replicate():
+                return "all_gather"
+            return "all_to_all" if isinstance(s, Shard) and isinstance(d, Shard) else "invalid"
         return None
 
 
@@ -127,10 +186,39 @@ def transform_steps(mesh_shape: tuple[int, ...], meta: TensorMeta, src: Placemen
     tensor's shape only sizes its logical shapes, which the steps do not
     need. So the steps are asked once per (mesh, rank of the tensor,
     placements), not per shape: the 8B step prices 13k redistributions that
-    reduce to 2k."""
+    reduce to 2k.
+
+    Strided shards (`strided`) are left and entered by dtplan's own steps
+    (`_strided_steps`), DTensor planning the plain part between."""
     if src == dst:
         return ()
+    if has_strided(src) or has_strided(dst):
+        return _strided_steps(tuple(mesh_shape), len(meta.shape), tuple(src), tuple(dst))
     return _steps(tuple(mesh_shape), len(meta.shape), tuple(src), tuple(dst))
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def _strided_steps(mesh_shape: tuple[int, ...], ndim: int, src: Placements, dst: Placements) -> tuple[TransformStep, ...]:
+    """Out of a strided layout, each strided axis is gathered, innermost
+    first: each gather concatenates consecutive pieces (see `strided`), so
+    it is one all-gather of the local shard, and what is left is strided or
+    plain nested shards again. Into one, plain steps reach the target with
+    each strided axis holding its Partial (if the value owes one there) or
+    Replicate, then each strided axis, outermost first, reduce-scatters
+    (or takes its local chunk of) the piece the later axes left it. So
+    FSDP over TP costs one dp all-gather of the tp shard and one dp
+    reduce-scatter of the tp-sharded gradient, as FSDP2 runs it."""
+    steps: list[TransformStep] = []
+    cur = list(src)
+    for a in reversed(range(len(cur))):
+        if is_strided(cur[a]):
+            steps.append(TransformStep(a, cur[a], Replicate()))
+            cur[a] = Replicate()
+    mid = [(cur[a] if cur[a].is_partial() else Replicate()) if is_strided(p) else p for a, p in enumerate(dst)]
+    if tuple(cur) != tuple(mid):
+        steps += _steps(mesh_shape, ndim, tuple(cur), tuple(mid))
+    steps += [TransformStep(a, mid[a], p) for a, p in enumerate(dst) if is_strided(p)]
+    return tuple(steps)
 
 
 @functools.lru_cache(maxsize=1 << 16)  # bounded: shared by every plan in a process

@@ -16,7 +16,7 @@ from torch.distributed.tensor import Partial, Replicate, Shard
 from dtplan.ir.graph import Node, TensorMeta
 from dtplan.planner.space._dtensor import dtensor_rule_kind
 
-__all__ = ["RULES", "is_random", "lookup", "pointwise_rule", "register_rule"]
+__all__ = ["RULES", "is_elementwise", "is_random", "lookup", "pointwise_rule", "register_rule"]
 
 aten = torch.ops.aten
 Rule = Callable[[Node, dict[str, TensorMeta]], list[list]]
@@ -36,7 +36,7 @@ def lookup(op: object) -> Rule | None:
     """Our rule for `op`: a registered one, else for an elementwise op DTensor
     has no rule for (hardswish and its backward, say) the generic one."""
     rule = RULES.get(op)
-    if rule is None and _elementwise(op) and dtensor_rule_kind(op) is None:
+    if rule is None and is_elementwise(op) and dtensor_rule_kind(op) is None:
         return pointwise_rule
     return rule
 
@@ -52,7 +52,7 @@ _UNTAGGED_ELEMENTWISE = {
 }
 
 
-def _elementwise(op: object) -> bool:
+def is_elementwise(op: object) -> bool:
     return isinstance(op, torch._ops.OpOverload) and (torch.Tag.pointwise in op.tags or op in _UNTAGGED_ELEMENTWISE)
 
 

@@ -12,11 +12,23 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
+import torch
 from torch.distributed.tensor import Partial, Replicate, Shard
 
 from dtplan.ir.graph import Graph, Node, Ref, Role, TensorMeta
 from dtplan.planner.space import rules
-from dtplan.planner.space._dtensor import Placements, dtensor_rule_kind, expand_single_dim_rules, op_strategies
+from dtplan.planner.space._dtensor import (
+    Placements,
+    dtensor_rule_kind,
+    expand_single_dim_rules,
+    has_strided,
+    is_sharded,
+    is_strided,
+    op_strategies,
+    per_output,
+    strided,
+    strided_form_ok,
+)
 
 __all__ = ["Fallback", "NodeStrategies", "Source", "Strategy", "StrategySpace", "build_strategies", "hub_name", "shard_factor", "valid_on"]
 
@@ -82,32 +94,56 @@ def shard_factor(placements: Placements, mesh_shape: tuple[int, ...]) -> int:
     """How many ways a value is split across the mesh (Shard and Partial axes)."""
     f = 1
     for p, n in zip(placements, mesh_shape, strict=True):
-        if isinstance(p, (Shard, Partial)):
+        if is_sharded(p) or isinstance(p, Partial):
             f *= n
     return f
 
 
 def valid_on(placements: Placements | None, meta: TensorMeta | None, mesh_shape: tuple[int, ...]) -> bool:
-    """Even sharding only: every sharded dim divides by the mesh axes sharding it."""
+    """Even sharding only: every sharded dim divides by the mesh axes sharding
+    it; strided shards only in dtplan's strided form (`_dtensor.strided`)."""
     if placements is None or meta is None:
         return True
     split: dict[int, int] = {}
     for p, n in zip(placements, mesh_shape, strict=True):
-        if type(p) not in (Shard, Replicate, Partial):
-            return False  # _StridedShard and masked partials: not lowered by our runtime
-        if isinstance(p, Shard):
+        if type(p) not in (Shard, Replicate, Partial) and not is_strided(p):
+            return False  # masked partials: not lowered by our runtime
+        if is_sharded(p):
             d = p.dim if p.dim >= 0 else p.dim + len(meta.shape)
             if not 0 <= d < len(meta.shape):
                 return False
             split[d] = split.get(d, 1) * n
-    return all(meta.shape[d] % k == 0 for d, k in split.items())
+    return all(meta.shape[d] % k == 0 for d, k in split.items()) and strided_form_ok(placements, mesh_shape)
 
 
-def placeholder_options(meta: TensorMeta, mesh_shape: tuple[int, ...]) -> tuple[Placements, ...]:
-    """Every even Replicate/Shard combination for a stored tensor."""
+def placeholder_options(meta: TensorMeta, mesh_shape: tuple[int, ...], *, with_strided: bool = False) -> tuple[Placements, ...]:
+    """Every even Replicate/Shard combination for a stored tensor, and with
+    `with_strided` (parameters) each one's strided variants (`strided_variants`)."""
     per_axis = [Replicate()] + [Shard(d) for d in range(len(meta.shape))]
-    combos = (tuple(c) for c in itertools.product(per_axis, repeat=len(mesh_shape)))
-    return tuple(c for c in combos if valid_on(c, meta, mesh_shape))
+    combos = [tuple(c) for c in itertools.product(per_axis, repeat=len(mesh_shape))]
+    plain = [c for c in combos if valid_on(c, meta, mesh_shape)]
+    if not with_strided:
+        return tuple(plain)
+    return tuple(plain + [v for c in plain for v in strided_variants(c, mesh_shape)])
+
+
+def strided_variants(placements: Placements, mesh_shape: tuple[int, ...]) -> list[Placements]:
+    """The strided layouts of the same pieces' sizes: for a dim sharded on
+    axes a1 < ... < ak (k >= 2), the first m of them (0 < m < k) made
+    strided, so the later axes split the dim first (FSDP over TP: the dp
+    axis shards within the tp shard)."""
+    out = []
+    for d in sorted({p.dim for p in placements if isinstance(p, Shard)}):
+        axes = [a for a, p in enumerate(placements) if isinstance(p, Shard) and p.dim == d]
+        for m in range(1, len(axes)):
+            sf = 1
+            for a in axes[m:]:
+                sf *= mesh_shape[a]
+            v = list(placements)
+            for a in axes[:m]:
+                v[a] = strided(d, sf)
+            out.append(tuple(v))
+    return out
 
 
 def build_strategies(graph: Graph, mesh_shape: tuple[int, ...], fixed: Mapping[str, Placements]) -> StrategySpace:
@@ -187,8 +223,10 @@ def _node_strategies(node, mesh_shape, fixed, metas, candidates, done) -> tuple[
         # drawn whole on every rank from the same generator state: the values
         # one device draws (DTensor's rules would draw each shard apart)
         return NodeStrategies(node.name, (_replicated(node, len(refs), mesh_shape),), Source.DTPLAN), None
-    raw, source, reason = _rule_strategies(node, mesh_shape, metas, candidates)
+    plain = {r: tuple(c for c in candidates[r] if not has_strided(c)) for r in set(refs) if r in candidates}
+    raw, source, reason = _rule_strategies(node, mesh_shape, metas, {**candidates, **plain})
     opts = _filter(node, raw, mesh_shape, metas, candidates) if raw else ()
+    opts += _strided_follow(node, candidates, metas)
     if not opts:
         reason = reason or "no strategy with even shards on this mesh"
         return (
@@ -196,6 +234,27 @@ def _node_strategies(node, mesh_shape, fixed, metas, candidates, done) -> tuple[
             Fallback(node.name, node.op_name, reason),
         )
     return NodeStrategies(node.name, opts, source), None
+
+
+def _strided_follow(node: Node, candidates, metas) -> tuple[Strategy, ...]:
+    """A cast or other one-input elementwise op may run on a strided shard
+    and keep it (a bf16 cast of an FSDP-over-TP weight: cast, then gather
+    half the bytes, as FSDP2 does). DTensor's rules never see strided
+    layouts (the runtime runs these ops on local shards)."""
+    refs = node.refs()
+    if len(refs) != 1 or not isinstance(node.meta, TensorMeta) or not _same_layout_op(node.target):
+        return ()
+    src = metas.get(refs[0])
+    if src is None or src.shape != node.meta.shape:
+        return ()
+    return tuple(Strategy((c,), c) for c in candidates.get(refs[0], ()) if has_strided(c))
+
+
+def _same_layout_op(op: object) -> bool:
+    return op is _TO_COPY or rules.is_elementwise(op)
+
+
+_TO_COPY = torch.ops.aten._to_copy.default
 
 
 def _placeholder(node: Node, mesh_shape, fixed) -> NodeStrategies:
@@ -209,7 +268,8 @@ def _placeholder(node: Node, mesh_shape, fixed) -> NodeStrategies:
             )
         return NodeStrategies(node.name, (Strategy((), pl),), Source.PLACEHOLDER)
     if node.role in (Role.PARAM, Role.BUFFER):
-        return NodeStrategies(node.name, tuple(Strategy((), p) for p in placeholder_options(meta, mesh_shape)), Source.PLACEHOLDER)
+        options = placeholder_options(meta, mesh_shape, with_strided=node.role is Role.PARAM)
+        return NodeStrategies(node.name, tuple(Strategy((), p) for p in options), Source.PLACEHOLDER)
     return NodeStrategies(node.name, (Strategy((), (Replicate(),) * len(mesh_shape)),), Source.PLACEHOLDER)
 
 
@@ -260,6 +320,8 @@ def _filter(node: Node, raw, mesh_shape, metas, candidates) -> tuple[Strategy, .
             continue
         if not all(valid_on(p, metas.get(r), mesh_shape) for p, r in zip(ins, refs, strict=True)):
             continue
+        if any(has_strided(p) for p in ins) or any(has_strided(o) for o in per_output(outp) if o is not None):
+            continue  # strided layouts are dtplan's (`_strided_follow`), never a rule's
         if any(isinstance(p, Partial) and p != _SUM and p not in made[r].get(a, ()) for pl, r in zip(ins, refs, strict=True) for a, p in enumerate(pl)):
             continue
         if not _output_valid(outp, node.meta, mesh_shape):
