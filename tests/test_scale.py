@@ -15,7 +15,6 @@ from dtplan.ir.modelfile import capture_model_file
 from dtplan.planner.cost.device import bytes_sent_per_rank, collective_time, load_profile
 from dtplan.planner.output.classic import placement_diff, torchtitan_pins
 from dtplan.planner.mesh import parse_mesh, parse_size
-from dtplan.planner.solver import SolverOptions
 
 MESH = parse_mesh("dp=8,tp=8")
 BUDGET = parse_size("80GiB")
@@ -27,17 +26,6 @@ def llama8b_step():
 
 
 @pytest.fixture(scope="module")
-def plans(llama8b_step):
-    c = llama8b_step
-    pins = torchtitan_pins(c, MESH)
-    ours = plan_program(c, mesh=MESH, profile="h100", memory=BUDGET)
-    # pinned under the budget its LP is fractional: CP-SAT's best plan within 10 s
-    # (any plan that fits costs at least the best pinned one, so ours <= it still says ours is no worse)
-    titan = plan_program(c, mesh=MESH, profile="h100", memory=BUDGET, parameter_placements=pins, solver=SolverOptions(time_limit_s=10))
-    return ours, pins, titan
-
-
-@pytest.fixture(scope="module")
 def titan_unbounded(llama8b_step):
     """torchtitan's layout pinned, no budget, as the comparison plans it (an optimal LP)."""
     c = llama8b_step
@@ -45,16 +33,18 @@ def titan_unbounded(llama8b_step):
     return pins, plan_program(c, mesh=MESH, profile="h100", parameter_placements=pins)
 
 
-def test_8b_training_plan_beats_torchtitan_fsdp_tp_within_80gib(llama8b_step, plans):
+def test_8b_training_plan_beats_torchtitan_fsdp_tp_within_80gib(llama8b_step, titan_unbounded):
     c = llama8b_step
-    ours, pins, titan = plans
+    pins, titan = titan_unbounded
+    ours = plan_program(c, mesh=MESH, profile="h100", memory=BUDGET)
     assert sum(1 for n in c.graph if n.module.startswith("layers.31.")) > 0  # all 32 layers
     # torchtitan's layout as pinned: column-parallel q/k/v/w1/w3, row-parallel wo/w2 on tp,
     # FSDP on dim 0 of each tp shard on dp (strided where tp splits dim 0 too)
     assert [str(p) for p in titan.parameters["layers.5.attention.wq.weight"]] == ["_S(0, 8)", "S(0)"]
     assert [str(p) for p in titan.parameters["layers.5.feed_forward.w2.weight"]] == ["S(0)", "S(1)"]
-    # both fit; the planner's predicted step is no slower under the same cost model
-    assert ours.cost.peak_memory_bytes <= BUDGET and titan.cost.peak_memory_bytes <= BUDGET
+    # ours fits 80 GiB and is no slower than torchtitan's layout even without a
+    # budget (its best step over any memory), so no slower than any of its plans that fit
+    assert ours.cost.peak_memory_bytes <= BUDGET
     assert ours.cost.total_s <= titan.cost.total_s
     assert ours.solver.layers_folded == 30
     # the differences name weights and mesh axes
