@@ -134,6 +134,7 @@ def _summary(plan) -> dict:
 
 def _print_summary(plan, out_dir: Path | None) -> None:
     from dtplan.planner.mesh import format_bytes, format_seconds
+    from dtplan.planner.output.classic import recipe_note
 
     c, s = plan.cost, plan.solver
     budget = "" if plan.memory_budget_bytes is None else f" of {format_bytes(plan.memory_budget_bytes)} budget"
@@ -154,20 +155,12 @@ def _print_summary(plan, out_dir: Path | None) -> None:
     print("  stages           " + ", ".join(f"{k} {format_seconds(v)}" for k, v in plan.stage_seconds.items()))
     for row in plan.comparison:
         fits = "" if row["fits"] else " (does not fit the budget)"
-        print(f"  vs {row['name']:<18} {format_seconds(row['cost']['total_s'])}{fits}{_recipe_note(row.get('recipe'))}")
+        note = f"  [{recipe_note(row['recipe'])}]" if row.get("recipe") else ""
+        print(f"  vs {row['name']:<18} {format_seconds(row['cost']['total_s'])}{fits}{note}")
     if plan.fallbacks:
         print(f"  fallbacks        {len(plan.fallbacks)} op(s) replicated: " + ", ".join(sorted({f.op for f in plan.fallbacks})))
     if out_dir is not None:
         print(f"  wrote            {out_dir / 'plan.json'}, {out_dir / 'report.html'}")
-
-
-def _recipe_note(recipe) -> str:
-    """How a published recipe's row relates to the recipe itself."""
-    if not recipe:
-        return ""
-    if recipe.get("as_published"):
-        return f"  [recipe as published: {recipe['precision']}, {recipe['remat']} AC]"
-    return f"  [layout only: the recipe trains with {recipe['precision']} and {recipe['remat']} AC]"
 
 
 def _write_together(folder: Path, files: dict[str, str]) -> None:

@@ -80,7 +80,8 @@ def one(
         lower_abstract(apply_remat(captured, plan.remat), plan, rank=0)
         lower_s = time.perf_counter() - t
     sv = plan.solver
-    rows = _recipes(captured, plan, mf, time_limit) if recipes else []
+    tokens = _tokens(mf)
+    rows = _recipes(captured, plan, tokens, time_limit) if recipes else []
     return {
         "recipes": rows,
         "capture": capture_s,
@@ -94,13 +95,13 @@ def one(
         "method": sv.method,
         "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "step_ms": plan.cost.total_s * 1e3,
-        "tokens_per_s_device": _tokens(mf) / plan.cost.total_s / plan.mesh.size,
+        "tokens_per_s_device": tokens / plan.cost.total_s / plan.mesh.size,
         "remat": str(plan.remat),
         "peak_gib": plan.cost.peak_memory_bytes / 2**30,
     }
 
 
-def _recipes(captured, plan, mf, time_limit: float) -> list[dict]:
+def _recipes(captured, plan, tokens: int, time_limit: float) -> list[dict]:
     """torchtitan's recipes with their parameters pinned, under the plan's
     precision and recomputation, no budget (as the comparison plans them)."""
     from dtplan import plan_program
@@ -120,7 +121,7 @@ def _recipes(captured, plan, mf, time_limit: float) -> list[dict]:
             "name": name,
             "seconds": time.perf_counter() - t,
             "step_ms": pinned.cost.total_s * 1e3,
-            "tokens_per_s_device": _tokens(mf) / pinned.cost.total_s / plan.mesh.size,
+            "tokens_per_s_device": tokens / pinned.cost.total_s / plan.mesh.size,
             "peak_gib": pinned.cost.peak_memory_bytes / 2**30,
             "fits": budget is None or pinned.cost.peak_memory_bytes <= budget,
             "as_published": RECIPES[name].as_published(recomputed),

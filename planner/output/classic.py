@@ -88,6 +88,7 @@ __all__ = [
     "compare_classic",
     "is_llama",
     "placement_diff",
+    "recipe_note",
     "torchtitan_pins",
 ]
 
@@ -127,6 +128,14 @@ class Recipe:
 
     def to_json(self, captured: Captured) -> dict:
         return {"source": self.source, "precision": self.precision, "remat": self.remat, "as_published": self.as_published(captured)}
+
+
+def recipe_note(recipe: Mapping[str, object]) -> str:
+    """How a comparison row relates to its published recipe (`Recipe.to_json`),
+    in the words the CLI summary and the report both show."""
+    if recipe.get("as_published"):
+        return f"recipe as published ({recipe['precision']}, {recipe['remat']} AC)"
+    return f"layout only: the recipe trains with {recipe['precision']} and {recipe['remat']} AC"
 
 
 #: torchtitan's Llama-3 recipes (torchtitan/models/llama3/train_configs)

@@ -379,7 +379,7 @@ class Plan:
 def _check_dims(pl: Placements, rank: int, path: str) -> None:
     for i, p in enumerate(pl):
         if is_sharded(p) and p.dim >= rank:
-            raise PlanError(f"{path}[{i}]: 'S({p.dim})' — dim {p.dim} is out of range for a {rank}-d tensor")
+            raise PlanError(f"{path}[{i}]: '{p}' — dim {p.dim} is out of range for a {rank}-d tensor")
 
 
 def _mesh(at: At) -> MeshSpec:

@@ -20,7 +20,7 @@ import jinja2
 
 import dtplan.planner.mesh as mesh_format
 from dtplan.ir.remat import recomputed_originals
-from dtplan.planner.output.classic import placement_diff
+from dtplan.planner.output.classic import placement_diff, recipe_note
 
 __all__ = [
     "TEMPLATE_DIR",
@@ -481,7 +481,8 @@ def _recipe(value: Any) -> dict[str, Any] | None:
     r = _mapping(value)
     if not r:
         return None
-    return {"source": str(r.get("source", "")), "precision": str(r.get("precision", "")), "remat": str(r.get("remat", "")), "as_published": bool(r.get("as_published"))}
+    out = {"source": str(r.get("source", "")), "precision": str(r.get("precision", "")), "remat": str(r.get("remat", "")), "as_published": bool(r.get("as_published"))}
+    return {**out, "note": recipe_note(out)}
 
 
 def _placement_diffs(plan: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -105,15 +106,18 @@ def valid_on(placements: Placements | None, meta: TensorMeta | None, mesh_shape:
     if placements is None or meta is None:
         return True
     split: dict[int, int] = {}
+    strided_seen = False
     for p, n in zip(placements, mesh_shape, strict=True):
-        if type(p) not in (Shard, Replicate, Partial) and not is_strided(p):
-            return False  # masked partials: not lowered by our runtime
+        if type(p) not in (Shard, Replicate, Partial):
+            if not is_strided(p):
+                return False  # masked partials: not lowered by our runtime
+            strided_seen = True
         if is_sharded(p):
             d = p.dim if p.dim >= 0 else p.dim + len(meta.shape)
             if not 0 <= d < len(meta.shape):
                 return False
             split[d] = split.get(d, 1) * n
-    return all(meta.shape[d] % k == 0 for d, k in split.items()) and strided_form_ok(placements, mesh_shape)
+    return all(meta.shape[d] % k == 0 for d, k in split.items()) and (not strided_seen or strided_form_ok(placements, mesh_shape))
 
 
 def placeholder_options(meta: TensorMeta, mesh_shape: tuple[int, ...], *, with_strided: bool = False) -> tuple[Placements, ...]:
@@ -136,9 +140,7 @@ def strided_variants(placements: Placements, mesh_shape: tuple[int, ...]) -> lis
     for d in sorted({p.dim for p in placements if isinstance(p, Shard)}):
         axes = [a for a, p in enumerate(placements) if isinstance(p, Shard) and p.dim == d]
         for m in range(1, len(axes)):
-            sf = 1
-            for a in axes[m:]:
-                sf *= mesh_shape[a]
+            sf = math.prod(mesh_shape[a] for a in axes[m:])
             v = list(placements)
             for a in axes[:m]:
                 v[a] = strided(d, sf)
@@ -223,8 +225,9 @@ def _node_strategies(node, mesh_shape, fixed, metas, candidates, done) -> tuple[
         # drawn whole on every rank from the same generator state: the values
         # one device draws (DTensor's rules would draw each shard apart)
         return NodeStrategies(node.name, (_replicated(node, len(refs), mesh_shape),), Source.DTPLAN), None
+    # rules read only this node's inputs' candidates, never strided ones
     plain = {r: tuple(c for c in candidates[r] if not has_strided(c)) for r in set(refs) if r in candidates}
-    raw, source, reason = _rule_strategies(node, mesh_shape, metas, {**candidates, **plain})
+    raw, source, reason = _rule_strategies(node, mesh_shape, metas, plain)
     opts = _filter(node, raw, mesh_shape, metas, candidates) if raw else ()
     opts += _strided_follow(node, candidates, metas)
     if not opts:
