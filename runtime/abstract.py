@@ -49,6 +49,7 @@ from dtplan.planner.output.plan import Plan
 from dtplan.planner.cost.pricing import local_shape
 from dtplan.runtime._fake import FakeTensorMode, init_fake_process_group
 from dtplan.runtime.lower import _attach_stored, stored_names, trace
+from dtplan.runtime.overlap import overlap as schedule
 from dtplan.runtime.replay import generate_code
 from dtplan.runtime.watch import KINDS as _KINDS
 
@@ -97,12 +98,14 @@ def fake_device_mesh(mesh: MeshSpec, rank: int = 0, device_type: str = "cpu") ->
 
 
 def lower_abstract(
-    captured: Captured, plan: Plan, rank: int = 0, *, device_type: str = "cpu", codegen: bool = False
+    captured: Captured, plan: Plan, rank: int = 0, *, device_type: str = "cpu", codegen: bool = False, overlap: bool = True
 ) -> torch.fx.GraphModule:
     """Rank `rank`'s sharded GraphModule for `plan`, lowered in this process
     on fake tensors over a fake process group (see the module docstring for
     what the module holds). Leaves no process group behind unless one was
-    already up (a fake one of the plan's size and this rank: reused)."""
+    already up (a fake one of the plan's size and this rank: reused).
+    `overlap=False` leaves each wait right after its collective, as traced
+    (`lower` always overlaps: `dtplan.runtime.overlap`)."""
     plan.check_matches(captured.graph, plan.mesh)
     seconds: dict[str, float] = {}
     t_all = t = time.perf_counter()
@@ -126,6 +129,10 @@ def lower_abstract(
     stored = {n: torch.empty(local[n], dtype=dtype[n], device="meta") for n in names}
     _attach_stored(gm, names, stored, params)
     seconds["attach_s"] = time.perf_counter() - t
+    if overlap:
+        t = time.perf_counter()
+        schedule(gm)  # as `lower` orders a real rank's module
+        seconds["overlap_s"] = time.perf_counter() - t
     if codegen:
         t = time.perf_counter()
         generate_code(gm)

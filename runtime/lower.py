@@ -36,7 +36,8 @@ from dtplan.planner.cost.pricing import local_shape
 from dtplan.planner.output.plan import NodePlan, Plan
 from dtplan.planner.space import rules
 from dtplan.planner.space._dtensor import dtensor_spec, has_strided, per_output
-from dtplan.runtime import replay, watch
+from dtplan.runtime import gloo, replay, watch
+from dtplan.runtime.overlap import overlap
 from dtplan.runtime.params import piece
 from dtplan.runtime.redistribute import RankMesh, redistribute_local
 
@@ -66,6 +67,8 @@ def lower(captured: Captured, plan: Plan, mesh: DeviceMesh, stored: Mapping[str,
     _attach_stored(gm, names, stored, params)
     axes = {mesh.get_group(i).group_name: (plan.mesh.axis_names[i], mesh.size(i)) for i in range(mesh.ndim)}
     watch.mark_collectives(gm, axes, plan.collectives)  # a rank that times out names its collective
+    overlap(gm)  # collectives issued early, waited for late (`dtplan.runtime.overlap`)
+    gloo.use_base_gathers(gm)  # gloo's functional gather faults with several in flight
     replay.generate_code(gm)  # one code generation, here, as before the lazy module
     log.debug("lowering: %.3fs, %d nodes", time.perf_counter() - t0, len(gm.graph.nodes))
     return gm

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from dtplan.planner.evaluate import PlannedCollective
+from dtplan.runtime import gloo
 
 __all__ = ["entering", "last_entered", "mark_collectives"]
 
@@ -24,6 +25,7 @@ KINDS = {
     _c10d.all_gather_into_tensor.default: "all_gather",
     _c10d.reduce_scatter_tensor.default: "reduce_scatter",
     _c10d.all_to_all_single.default: "all_to_all",
+    gloo.OP: "all_gather",  # what gloo runs in place of the functional gather
 }
 
 _last: str | None = None

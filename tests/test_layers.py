@@ -39,6 +39,7 @@ ADAPTERS = {
     "dtplan.planner.space._dtensor",  # DTensor's strategies, specs and redistribute planner
     "dtplan.runtime.replay",  # make_fx fragment replay: dispatch-mode and lazy-graph-module internals
     "dtplan.runtime._fake",  # the fake process group (torch.testing._internal)
+    "dtplan.runtime.gloo",  # gloo's base all-gather under the functional collectives' work registry
 }
 #: underscored torch modules that torch documents as their API: allowed anywhere
 DOCUMENTED = {
