@@ -116,6 +116,8 @@ def _summary(plan) -> dict:
         "step_time_s": c.total_s,
         "compute_s": c.compute_s,
         "comm_s": c.comm_s,
+        "overlapped_step_time_s": c.overlapped_s,
+        "exposed_comm_s": c.exposed_comm_s,
         "comm_bytes_per_device": c.comm_bytes,
         "peak_memory_bytes_per_device": c.peak_memory_bytes,
         "memory_budget_bytes": plan.memory_budget_bytes,
@@ -128,7 +130,9 @@ def _summary(plan) -> dict:
         "memory_parts_bytes": {k: getattr(c, k) for k in ("parameter_bytes", "gradient_bytes", "optimizer_bytes", "activation_bytes")},
         "solver": {k: getattr(s, k) for k in ("status", "method", "objective", "bound", "gap", "wall_s")},
         "stage_seconds": dict(plan.stage_seconds),
-        "comparison": {r["name"]: {"step_time_s": r["cost"]["total_s"], "fits": r["fits"]} for r in plan.comparison},
+        "comparison": {
+            r["name"]: {"step_time_s": r["cost"]["total_s"], "overlapped_step_time_s": r["cost"].get("overlapped_s"), "fits": r["fits"]} for r in plan.comparison
+        },
     }
 
 
@@ -141,6 +145,9 @@ def _print_summary(plan, out_dir: Path | None) -> None:
     precision = f", {plan.precision}" if plan.model.precision else ""
     print(f"plan for {plan.model.name} on mesh {plan.mesh} ({plan.profile['name']} profile{precision})")
     print(f"  predicted step   {format_seconds(c.total_s)}  (compute {format_seconds(c.compute_s)}, communication {format_seconds(c.comm_s)})")
+    if c.overlapped_s is not None:
+        hidden = c.comm_s - c.exposed_comm_s
+        print(f"  overlapped       {format_seconds(c.overlapped_s)}  (communication exposed {format_seconds(c.exposed_comm_s)}, hidden under compute {format_seconds(hidden)})")
     print(f"  communication    {format_bytes(c.comm_bytes)} sent per device in {len(plan.collectives)} collective(s)")
     print(f"  memory           {format_bytes(c.peak_memory_bytes)} peak per device{budget}")
     if plan.model.train:
@@ -156,7 +163,9 @@ def _print_summary(plan, out_dir: Path | None) -> None:
     for row in plan.comparison:
         fits = "" if row["fits"] else " (does not fit the budget)"
         note = f"  [{recipe_note(row['recipe'])}]" if row.get("recipe") else ""
-        print(f"  vs {row['name']:<18} {format_seconds(row['cost']['total_s'])}{fits}{note}")
+        over = row["cost"].get("overlapped_s")
+        over = "" if over is None else f" ({format_seconds(over)} overlapped)"
+        print(f"  vs {row['name']:<18} {format_seconds(row['cost']['total_s'])}{over}{fits}{note}")
     if plan.fallbacks:
         print(f"  fallbacks        {len(plan.fallbacks)} op(s) replicated: " + ", ".join(sorted({f.op for f in plan.fallbacks})))
     if out_dir is not None:

@@ -288,6 +288,8 @@ def _cost_summary(captured: Captured, ev: Evaluation, pricer: Pricer) -> CostSum
         optimizer_bytes=ev.optimizer_bytes,
         gradient_bytes=_gradient_bytes(captured, ev, pricer) if captured.train else 0,
         activation_bytes=ev.peak_memory_bytes - ev.parameter_bytes - ev.optimizer_bytes,
+        overlapped_s=ev.overlap.step_s,
+        exposed_comm_s=ev.overlap.exposed_s,
     )
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from dtplan.ir.graph import Graph
 from dtplan.planner.cost.device import bytes_sent_per_rank
 from dtplan.planner.cost.memory import peak_bytes, stored_values
+from dtplan.planner.cost.overlap import Overlap, simulate
 from dtplan.planner.cost.pricing import Pricer
 from dtplan.planner.mesh import MeshSpec
 from dtplan.planner.reduce.hubs import reads_via_hub
@@ -92,6 +93,8 @@ class Evaluation:
     parameter_bytes: int
     optimizer_bytes: int
     peak_memory_bytes: int
+    #: the step with communication overlapped as the runtime schedules it
+    overlap: Overlap
 
 
 def evaluate(
@@ -140,4 +143,33 @@ def evaluate(
         parameter_bytes=stored,
         optimizer_bytes=resident - stored,
         peak_memory_bytes=peak,
+        overlap=overlapped(graph, nodes, colls, slowdown=pricer.profile.overlap_slowdown),
+    )
+
+
+def overlapped(graph: Graph, nodes: Mapping[str, NodePlan], colls: list[PlannedCollective], *, slowdown: float = 0.0) -> Overlap:
+    """The step simulated with communication overlapped (`cost.overlap`): each
+    collective waits where lowering puts it, before the node reading the
+    redistributed value (a hub's conversion: before the value's first
+    reader; a graph output's: at the end)."""
+    order = [n.name for n in graph]
+    index = {name: i for i, name in enumerate(order)}
+    first_reader: dict[str, int] = {}
+    for i, n in enumerate(graph):
+        for u in n.refs():
+            first_reader.setdefault(u, i)
+    end = len(order)
+
+    def position(c: PlannedCollective) -> int:
+        if c.node == OUTPUT:
+            return end
+        if c.node == HUB:
+            return first_reader.get(c.producer, end)
+        return index[c.node]
+
+    return simulate(
+        order,
+        {name: p.compute_s for name, p in nodes.items()},
+        [(c.kind, c.producer, position(c), c.time_s) for c in colls],
+        slowdown=slowdown,
     )

@@ -164,7 +164,7 @@ def test_torchtitan_recipes_are_named_and_say_whether_they_ran_as_published():
     def plan_pinned(pins):  # a stand-in planner: what is compared and named is under test, not the costs
         planned.append(pins)
         k = float(len(planned))
-        return SimpleNamespace(cost=SimpleNamespace(total_s=k, compute_s=k, comm_s=0.0, comm_bytes=0, peak_memory_bytes=int(k)))
+        return SimpleNamespace(cost=SimpleNamespace(total_s=k, compute_s=k, comm_s=0.0, comm_bytes=0, peak_memory_bytes=int(k), overlapped_s=k, exposed_comm_s=0.0))
 
     rows = {r.name: r for r in compare_classic(step, mesh=mesh, budget=None, plan_pinned=plan_pinned)}
     assert list(rows) == ["data parallel", "FSDP", "tensor parallel", "FSDP + TP", TORCHTITAN_FSDP, TORCHTITAN]

@@ -55,14 +55,14 @@ PLAN = {
     "fallbacks": [{"node": "foo", "op": "aten.foo.default", "reason": "no sharding rule"}],
     "cost": {"total_s": 1e-3, "compute_s": 8e-4, "comm_s": 2e-4, "comm_bytes": 32768,
              "peak_memory_bytes": 9000000, "parameter_bytes": 8388608,
-             "activation_bytes": 600000},
+             "activation_bytes": 600000, "overlapped_s": 8.5e-4, "exposed_comm_s": 5e-5},
     "solver": {"status": "OPTIMAL", "objective": 123456, "bound": 123456, "gap": 0.0,
                "wall_s": 0.05, "variables": 120, "constraints": 80},
     "stage_seconds": {"capture": 0.8, "strategies": 0.2, "solve": 0.05, "lower": 0.1},
 }
 
 SUMMARY_KEYS = ("total_s", "compute_s", "comm_s", "comm_bytes",
-                "peak_memory_bytes", "parameter_bytes", "activation_bytes")
+                "peak_memory_bytes", "parameter_bytes", "activation_bytes", "overlapped_s", "exposed_comm_s")
 
 
 def _plan(**overrides):
@@ -164,6 +164,14 @@ def test_data_value_attributes_match_plan(page):
     assert float(checker.values["solver-objective"]) == PLAN["solver"]["objective"]
 
 
+def test_exposed_and_hidden_communication_shown(page):
+    values = _parse(page).values
+    assert float(values["hidden-comm-s"]) == pytest.approx(2e-4 - 5e-5)
+    assert "hidden under compute" in page
+    old = _plan(cost={k: v for k, v in PLAN["cost"].items() if k not in ("overlapped_s", "exposed_comm_s")})
+    assert "hidden-comm-s" not in _render(old)  # a plan file from before overlap renders without it
+
+
 def test_collective_totals():
     totals = build_report_data(PLAN)["collective_totals"]
     by_kind = {row["key"]: row for row in totals["by_kind"]}
@@ -243,7 +251,7 @@ def _with_comparison():
     theirs = dict(PLAN["parameters"], **{"fc1.weight": ["S(1)", "S(0)"]})
     return _plan(comparison=[
         {"name": "FSDP + TP", "parameters": theirs, "fits": True,
-         "cost": {"total_s": 2e-3, "compute_s": 1e-3, "comm_s": 1e-3}},
+         "cost": {"total_s": 2e-3, "compute_s": 1e-3, "comm_s": 1e-3, "overlapped_s": 1.5e-3, "exposed_comm_s": 5e-4}},
         {"name": "data parallel", "parameters": dict(PLAN["parameters"]), "fits": False,
          "cost": {"total_s": 3e-3, "compute_s": 1e-3, "comm_s": 2e-3}},
     ])
@@ -264,6 +272,9 @@ def test_placement_differences_listed():
     assert '<td class="code">fc1.weight</td>' in section and '<span class="placement">S(1)</span>' in section
     assert "fc1.weight: axis d0: S(0) here vs S(1) in FSDP + TP" in section
     assert "same parameter placements" in page.split('id="diff-data-parallel"', 1)[1].split("</details>", 1)[0]
+    rows = {r["name"]: r for r in build_report_data(plan)["comparison"]}
+    assert rows["FSDP + TP"]["overlapped_s"]["value"] == 1.5e-3 and rows["FSDP + TP"]["hidden_comm_s"]["value"] == pytest.approx(5e-4)
+    assert rows["dtplan"]["exposed_comm_s"]["value"] == 5e-5 and rows["data parallel"]["overlapped_s"]["value"] is None
 
 
 def test_placement_differences_escaped():

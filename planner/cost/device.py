@@ -81,6 +81,9 @@ class DeviceProfile:
     devices_per_node: int
     intra_node: Link
     inter_node: Link
+    #: the fraction by which compute slows while a collective runs under it
+    #: (the hidden communication costs this fraction of itself; calibrated)
+    overlap_slowdown: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "peak_flops", _normalise_flops(self.peak_flops))
@@ -91,6 +94,7 @@ class DeviceProfile:
         _require_number("DeviceProfile.memory_bandwidth", self.memory_bandwidth, positive=True)
         _require_int("DeviceProfile.memory_capacity", self.memory_capacity)
         _require_int("DeviceProfile.devices_per_node", self.devices_per_node)
+        _require_number("DeviceProfile.overlap_slowdown", self.overlap_slowdown, positive=False)
         for field in ("intra_node", "inter_node"):
             if not isinstance(getattr(self, field), Link):
                 raise ValueError(f"DeviceProfile.{field} must be a Link, got {getattr(self, field)!r}")
@@ -137,6 +141,7 @@ class DeviceProfile:
             "devices_per_node": self.devices_per_node,
             "intra_node": self.intra_node.to_json(),
             "inter_node": self.inter_node.to_json(),
+            **({"overlap_slowdown": self.overlap_slowdown} if self.overlap_slowdown else {}),
         }
 
     @classmethod
@@ -147,9 +152,9 @@ class DeviceProfile:
         missing = [k for k in _PROFILE_KEYS if k not in d]
         if missing:
             raise ValueError(f"profile is missing key(s) {missing}; required keys {list(_PROFILE_KEYS)}")
-        unknown = sorted(set(d) - set(_PROFILE_KEYS))
+        unknown = sorted(set(d) - set(_PROFILE_KEYS) - set(_OPTIONAL_KEYS))
         if unknown:
-            raise ValueError(f"profile has unknown key(s) {unknown}; allowed keys {list(_PROFILE_KEYS)}")
+            raise ValueError(f"profile has unknown key(s) {unknown}; allowed keys {list(_PROFILE_KEYS + _OPTIONAL_KEYS)}")
         if not isinstance(d["peak_flops"], dict):
             raise ValueError(f"profile key 'peak_flops' must be an object, got {d['peak_flops']!r}")
         return cls(
@@ -161,6 +166,7 @@ class DeviceProfile:
             devices_per_node=d["devices_per_node"],
             intra_node=_link_from_json("intra_node", d["intra_node"]),
             inter_node=_link_from_json("inter_node", d["inter_node"]),
+            **{k: d[k] for k in _OPTIONAL_KEYS if k in d},
         )
 
 
@@ -174,6 +180,7 @@ _PROFILE_KEYS = (
     "intra_node",
     "inter_node",
 )
+_OPTIONAL_KEYS = ("overlap_slowdown",)
 
 
 def _link_from_json(key: str, d: Any) -> Link:

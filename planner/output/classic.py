@@ -275,7 +275,7 @@ def compare_classic(captured: Captured, *, mesh: MeshSpec, budget: int | None, p
         if key not in costs:
             try:
                 plan = plan_pinned(pins)
-                costs[key] = {k: getattr(plan.cost, k) for k in ("total_s", "compute_s", "comm_s", "comm_bytes", "peak_memory_bytes")}
+                costs[key] = {k: getattr(plan.cost, k) for k in ("total_s", "compute_s", "comm_s", "comm_bytes", "peak_memory_bytes", "overlapped_s", "exposed_comm_s")}
             except Exception as e:  # noqa: BLE001 - a layout this model cannot take is left out, logged
                 log.info("classic plan %s skipped: %s", name, e)
                 costs[key] = None

@@ -70,6 +70,12 @@ class CostSummary:
     optimizer_bytes: int
     gradient_bytes: int
     activation_bytes: int
+    #: the step with communication overlapped as the runtime schedules it
+    #: (`dtplan.planner.cost.overlap`), and the communication no compute
+    #: hides; `total_s` is compute + communication, the integer program's
+    #: objective and an upper bound of this (absent in files before overlap)
+    overlapped_s: float | None = None
+    exposed_comm_s: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

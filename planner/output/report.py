@@ -189,8 +189,21 @@ def _summary_data(plan: Mapping[str, Any], counts: Mapping[str, int]) -> dict[st
     step = (_number(cost.get("compute_s")) or 0) + (_number(cost.get("comm_s")) or 0)
     summary["compute_pct"] = _quantity(_share(cost.get("compute_s"), step), format_percent)
     summary["comm_pct"] = _quantity(_share(cost.get("comm_s"), step), format_percent)
+    summary.update(_overlap_data(cost))
     summary.update(counts)
     return summary
+
+
+def _overlap_data(cost: Mapping[str, Any]) -> dict[str, Any]:
+    """The overlapped step and the communication it exposes and hides
+    (None in plan files written before overlap was predicted)."""
+    exposed, comm = _number(cost.get("exposed_comm_s")), _number(cost.get("comm_s"))
+    hidden = None if exposed is None or comm is None else max(0.0, comm - exposed)
+    return {
+        "overlapped_s": _quantity(cost.get("overlapped_s"), format_seconds),
+        "exposed_comm_s": _quantity(exposed, format_seconds),
+        "hidden_comm_s": _quantity(hidden, format_seconds),
+    }
 
 
 def _solver_data(solver: Mapping[str, Any]) -> dict[str, Any]:
@@ -468,6 +481,7 @@ def _comparison_rows(plan: Mapping[str, Any]) -> list[dict[str, Any]]:
             "total_s": _quantity(c.get("total_s"), format_seconds),
             "compute_s": _quantity(c.get("compute_s"), format_seconds),
             "comm_s": _quantity(c.get("comm_s"), format_seconds),
+            **_overlap_data(c),
             "comm_bytes": _quantity(c.get("comm_bytes"), format_bytes),
             "peak_memory_bytes": _quantity(c.get("peak_memory_bytes"), format_bytes),
             "compute_pct": 100.0 * (_number(c.get("compute_s")) or 0.0) / slowest,

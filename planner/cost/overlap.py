@@ -1,0 +1,118 @@
+"""The step with communication overlapped, predicted: compute and
+communication simulated as two streams over the lowered order.
+
+The runtime (`dtplan.runtime.overlap`) issues each collective as soon as its
+input is ready, but no earlier than where the group of collectives before
+its own was issued as lowered (one group ahead: FSDP's prefetch), keeps
+their order, and waits for each at its first reader. `simulate` replays
+that schedule with the cost model's times:
+
+- the compute stream runs the graph's nodes in order, each for its
+  `compute_s`, and a node starts only once every collective it reads has
+  finished;
+- the communication stream runs the collectives one at a time, in the order
+  they are issued; a collective starts once it is issued and the one before
+  it has finished.
+
+A collective sits where lowering puts it: before the node that reads the
+redistributed value (a hub's conversion: before the value's first reader;
+a graph output's: at the end). Collectives with no compute between them
+form a group, as the runtime groups them.
+
+The result is never more than the serial step (compute + communication, the
+integer program's objective): the simulated streams can at worst run one
+after the other. So the integer program minimises an upper bound of the
+overlapped step, and the predicted step the plan reports, the CLI prints
+and the classic comparison ranks by is this simulation, alike for every
+plan. What it leaves out: a collective slowing the compute it runs under
+(`DeviceProfile.overlap_slowdown` scales the hidden part back in), several
+collectives on different mesh axes running at once (one stream: an upper
+bound), and the runtime's cap of two groups in flight.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+__all__ = ["Overlap", "simulate"]
+
+
+@dataclass(frozen=True, slots=True)
+class Overlap:
+    """A simulated step: its length, and the communication it could not hide."""
+
+    step_s: float
+    compute_s: float
+    comm_s: float
+    #: communication time during which no compute ran
+    exposed_s: float
+
+    @property
+    def hidden_s(self) -> float:
+        return self.comm_s - self.exposed_s
+
+
+def simulate(
+    order: Sequence[str],
+    compute_s: Mapping[str, float],
+    collectives: Sequence[tuple[str, str | None, int, float]],
+    *,
+    slowdown: float = 0.0,
+) -> Overlap:
+    """Simulate one step.
+
+    `order`: the nodes in program order; `compute_s`: each node's time;
+    `collectives`: (kind, producer node, position, seconds) in issue order as lowered, `position` the
+    index in `order` of the node that waits for it (len(order): the end).
+    `slowdown`: the fraction by which compute slows while a collective
+    runs under it (the hidden time costs that fraction of itself).
+    """
+    n = len(order)
+    index = {name: i for i, name in enumerate(order)}
+    colls = sorted(enumerate(collectives), key=lambda kc: (kc[1][2], kc[0]))
+    # groups: no compute between consecutive collectives' positions
+    work_before = [0] * (n + 1)  # nodes that compute, before each position
+    for i, name in enumerate(order):
+        work_before[i + 1] = work_before[i] + (compute_s.get(name, 0.0) > 0)
+    group, g = [], 0
+    for k, (_, c) in enumerate(colls):
+        if k and work_before[c[2]] > work_before[colls[k - 1][1][2]]:
+            g += 1
+        group.append(g)
+    last_pos: dict[int, int] = {}
+    for (_, c), gk in zip(colls, group, strict=True):
+        last_pos[gk] = c[2]
+    # each collective's earliest index: past its producer and past the previous group's spot
+    gate = [max(last_pos[gk - 1] if gk else 0, index[c[1]] + 1 if c[1] in index else 0) for (_, c), gk in zip(colls, group, strict=True)]
+    start_at = [0.0] * (n + 1)  # compute stream time when node i may start (before waits)
+    finish = [0.0] * n
+    done_at: dict[int, float] = {}  # collective k (sorted) -> its finish
+    by_pos: dict[int, list[int]] = {}
+    for k, (_, c) in enumerate(colls):
+        by_pos.setdefault(c[2], []).append(k)
+    nxt, comm_free, issued_last, cursor = 0, 0.0, 0.0, 0.0
+    for i in range(n + 1):
+        start_at[i] = cursor
+        # issue, in order, every collective whose gate has been reached
+        while nxt < len(colls) and gate[nxt] <= i:
+            _, (_, prod, _, secs) = colls[nxt]
+            ready = finish[index[prod]] if prod in index else 0.0
+            issue = max(start_at[gate[nxt]], ready, issued_last)
+            begin = max(issue, comm_free)
+            comm_free = done_at[nxt] = begin + secs
+            issued_last = issue
+            nxt += 1
+        waits = [done_at[k] for k in by_pos.get(i, ())]
+        begin = max([cursor, *waits])
+        if i < n:
+            finish[i] = begin + compute_s.get(order[i], 0.0)
+            cursor = finish[i]
+        else:
+            cursor = begin
+    step = max(cursor, comm_free)
+    compute = sum(compute_s.get(name, 0.0) for name in order)
+    comm = sum(c[3] for c in collectives)
+    exposed = min(comm, max(0.0, step - compute))
+    if slowdown:
+        step += slowdown * (comm - exposed)
+    return Overlap(step_s=min(step, compute + comm), compute_s=compute, comm_s=comm, exposed_s=exposed)
