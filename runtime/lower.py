@@ -268,6 +268,12 @@ class _PlanInterpreter(torch.fx.Interpreter):
             # strided shards: the op on local tensors (ours where it needs
             # more than the op: `_LOCAL`)
             la, lk = replay.local_tensors((args, kwargs))
+            if target in _VIEWS and isinstance(la[0], torch.Tensor) and not la[0].is_contiguous():
+                # a kernel may return another layout than its meta function
+                # said at capture (CPU flash attention's output: contiguous
+                # here, heads-inner in the captured graph), and the view of
+                # the captured program then fails: copy, as reshape would
+                la = (la[0].contiguous(), *la[1:])
             out = _LOCAL[target](self, fx_node, np, *la, **lk) if target in _LOCAL else target(*la, **lk)
             return self._wrap_outputs(out, np.output, meta)
         if target in _VIEWS and isinstance(args[0], DTensor) and not replay.local_tensor(args[0]).is_contiguous():

@@ -122,6 +122,9 @@ TRAIN_CASES = {
         ("llama", {}, None, ["S(0)", "R"], megatron_pins("llama", 2, 1, 2)),
         ("cnn", {}, 275_000, None, None),
     ],
+    # one device: every op runs on plain local tensors, in the layouts the
+    # kernels return (CPU flash attention's output differs from its meta's)
+    "1": [("gpt", {}, None, None, None)],
 }
 
 
@@ -138,7 +141,7 @@ def test_five_adamw_steps_match_one_device(mesh):
                 step, mesh=mesh, memory=memory, input_placements=inputs, parameter_placements=pins,
                 model_info={"name": name}, remat=remat,
             )
-            assert plan.collectives, name  # every case really shards
+            assert plan.collectives or mesh == "1", name  # every case really shards
             assert bool(plan.recomputed()) == (remat is not None), (name, remat)
             cases.append(f"{name} (remat {plan.remat})")
             items.append((example_path(name), plan, {k: str(v) for k, v in opts.items()}, True))
