@@ -275,6 +275,17 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    from dtplan.runtime.calibrate import calibrate, write_profile
+    from dtplan.runtime.launch import check_rank_count
+
+    check_rank_count(args.ranks)
+    profile = calibrate(args.ranks, base=args.base, say=None if args.quiet else (lambda m: print(m, flush=True)))
+    out = write_profile(profile, args.out)
+    print(f"wrote {out} (profile {profile.name}; use it with --profile {out})")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dtplan", description="Ahead-of-time sharding planner for PyTorch.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -327,6 +338,13 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("plan", help="plan.json")
     rep.add_argument("--out", help="output HTML file (default: beside the plan)")
     rep.set_defaults(func=cmd_report)
+
+    cal = sub.add_parser("calibrate", help="measure this machine (compute, memory, collectives) and write a device profile")
+    cal.add_argument("--out", default="profile.json", help="profile file to write (default profile.json)")
+    cal.add_argument("--ranks", type=_positive(int), default=2, help="ranks to spawn, as a run on this machine would (default 2)")
+    cal.add_argument("--base", default="cpu", help="profile whose unmeasured figures (capacity, node size, inter-node link) it keeps (default cpu)")
+    cal.add_argument("--quiet", action="store_true", help="no progress messages")
+    cal.set_defaults(func=cmd_calibrate)
     return p
 
 

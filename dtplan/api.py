@@ -32,7 +32,8 @@ from dtplan.planner.cost.pricing import Pricer, optimizer_state_factor
 from dtplan.planner.reduce.fold import FoldResult, fold_layers
 from dtplan.planner.reduce.hubs import add_hubs
 from dtplan.planner.reduce.followers import merge_followers
-from dtplan.planner.space.strategies import build_strategies
+from dtplan.planner.space._dtensor import per_output
+from dtplan.planner.space.strategies import build_strategies, hub_name
 from dtplan.runtime.program import ShardedProgram, mesh_spec, sharded_program
 
 __all__ = ["PlacementSpec", "ShardedProgram", "compile", "plan_program", "shard", "sharded_program"]
@@ -160,6 +161,9 @@ def plan_program(
         pricer = Pricer(tuple(mesh.shape), prof, pricer.state_factor)
         ins = {k: widen(v, mesh) for k, v in ins.items()}
     ev = evaluate(graph, space, pricer, mesh, choice, wants)
+    ev, reranked = _rerank_replicated(graph, space, pricer, mesh, choice, wants, ev, budget)
+    if reranked:
+        say(f"not sharding is faster with communication overlapped ({ev.overlap.step_s * 1e3:.3g} ms): every op replicated")
     params, info = parameter_table(graph, mesh, ev.nodes, pricer)
     stages["evaluate"] = time.perf_counter() - t
     plan = Plan(
@@ -178,7 +182,7 @@ def plan_program(
         collectives=ev.collectives,
         fallbacks=space.fallbacks,
         cost=_cost_summary(captured, ev, pricer),
-        solver=_solver_summary(result, folded, planned),
+        solver=_solver_summary(result, folded, planned, reranked),
         stage_seconds=stages,
     )
     if compare:
@@ -293,14 +297,49 @@ def _cost_summary(captured: Captured, ev: Evaluation, pricer: Pricer) -> CostSum
     )
 
 
-def _solver_summary(result: SolveResult, folded: FoldResult | None, planned: MeshSpec) -> SolverSummary:
+def _rerank_replicated(graph, space, pricer: Pricer, mesh: MeshSpec, choice, wants, ev: Evaluation, budget: int | None) -> tuple[Evaluation, bool]:
+    """The plan, or not sharding where that is faster with communication
+    overlapped. The integer program minimises compute + communication; where
+    the profile charges what it cannot see (ranks drifting apart between
+    collectives, compute slowed under them: a calibrated profile), a
+    sharded plan can predict slower than running every op replicated (the
+    inputs gathered once), which is always possible: that choice is
+    evaluated under the same model, and kept if faster and within the budget."""
+    if not (pricer.profile.rank_skew or pricer.profile.overlap_slowdown) or mesh.size == 1:
+        return ev, False
+    replicated = dict(choice)
+    for name, ns in space.nodes.items():
+        k = next((i for i, s in enumerate(ns.options) if _all_replicated(s.output) and all(_all_replicated(p) for p in s.inputs if p is not None)), None)
+        if k is not None:
+            replicated[name] = k
+    for u, options in space.hubs.items():
+        k = next((i for i, p in enumerate(options) if _all_replicated(p)), None)
+        if k is not None:
+            replicated[hub_name(u)] = k
+    if replicated == dict(choice):
+        return ev, False
+    try:
+        alt = evaluate(graph, space, pricer, mesh, replicated, wants)
+    except ValueError:  # a follower or a pin that cannot be replicated: keep the plan
+        return ev, False
+    if alt.overlap.step_s < ev.overlap.step_s and (budget is None or alt.peak_memory_bytes <= budget):
+        return alt, True
+    return ev, False
+
+
+def _all_replicated(output) -> bool:
+    """Every mesh axis Replicate, for each tensor output (or one input's placements)."""
+    return all(pl is None or all(p.is_replicate() for p in pl) for pl in per_output(output))
+
+
+def _solver_summary(result: SolveResult, folded: FoldResult | None, planned: MeshSpec, reranked: bool = False) -> SolverSummary:
     return SolverSummary(
         status=result.status,
         objective=result.objective_ns,
         bound=result.bound_ns,
         gap=result.gap,
         wall_s=result.wall_s,
-        method=result.method,
+        method=f"{result.method}, then every op replicated (faster overlapped)" if reranked else result.method,
         variables=result.variables,
         constraints=result.constraints,
         layers_folded=folded.layers_folded if folded else 0,

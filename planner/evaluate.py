@@ -143,11 +143,13 @@ def evaluate(
         parameter_bytes=stored,
         optimizer_bytes=resident - stored,
         peak_memory_bytes=peak,
-        overlap=overlapped(graph, nodes, colls, slowdown=pricer.profile.overlap_slowdown),
+        overlap=overlapped(graph, nodes, colls, slowdown=pricer.profile.overlap_slowdown, skew=pricer.profile.rank_skew),
     )
 
 
-def overlapped(graph: Graph, nodes: Mapping[str, NodePlan], colls: list[PlannedCollective], *, slowdown: float = 0.0) -> Overlap:
+def overlapped(
+    graph: Graph, nodes: Mapping[str, NodePlan], colls: list[PlannedCollective], *, slowdown: float = 0.0, skew: float = 0.0
+) -> Overlap:
     """The step simulated with communication overlapped (`cost.overlap`): each
     collective waits where lowering puts it, before the node reading the
     redistributed value (a hub's conversion: before the value's first
@@ -172,4 +174,5 @@ def overlapped(graph: Graph, nodes: Mapping[str, NodePlan], colls: list[PlannedC
         {name: p.compute_s for name, p in nodes.items()},
         [(c.kind, c.producer, position(c), c.time_s) for c in colls],
         slowdown=slowdown,
+        skew=skew,
     )

@@ -54,6 +54,8 @@ def _apply(x: torch.Tensor, mesh: RankMesh, axis: int, src, dst) -> torch.Tensor
     src, dst = _plain(src), _plain(dst)
     group = mesh.group_names[axis]
     p = mesh.shape[axis]
+    if p == 1:
+        return x  # one rank on the axis: its shard, its sum and its copy are the value
     if isinstance(src, Partial):
         if isinstance(dst, Replicate):
             return _sync(funcol.all_reduce(x.contiguous(), src.reduce_op, group))

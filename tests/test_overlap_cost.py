@@ -62,3 +62,37 @@ def test_a_plans_overlapped_step_lies_between_its_compute_and_its_serial_step():
     assert 0 < c.exposed_comm_s < c.comm_s
     again = type(plan).from_json(plan.to_json())
     assert (again.cost.overlapped_s, again.cost.exposed_comm_s) == (c.overlapped_s, c.exposed_comm_s)
+
+
+def test_skew_delays_each_collective_by_a_fraction_of_the_compute_since_the_last():
+    # X issued at once (no compute before it: no drift); Y's gate is X's spot
+    # (t=1, 1 s of compute since X): it starts 0.5 s late and d waits 1.5 s
+    order = ["p1", "p2", "a", "b", "c", "d"]
+    compute = {"a": 1.0, "b": 1.0, "c": 1.0, "d": 1.0}
+    got = simulate(order, compute, [("all_gather", "p1", 3, 0.5), ("all_gather", "p2", 5, 3.0)], skew=0.5)
+    assert (got.step_s, got.exposed_s) == (5.5, 1.5)
+
+
+def test_not_sharding_wins_where_the_profile_charges_what_the_integer_program_cannot_see(tmp_path):
+    """A profile whose ranks drift far apart between collectives: the solver's
+    data-parallel plan predicts slower overlapped than every op replicated,
+    which the planner then returns (and it lowers)."""
+    import json
+
+    from dtplan import load_model_file, plan_program
+    from dtplan.ir.modelfile import capture_model_file
+    from dtplan.planner.cost.device import load_profile
+    from dtplan.runtime.abstract import lower_abstract
+
+    captured = capture_model_file(load_model_file(example_path("mlp"), {"batch": "64"}), train=True)
+    calm = plan_program(captured, mesh="2", input_placements=["S(0)"])
+    assert "replicated" not in calm.solver.method and any(c.kind == "all_reduce" for c in calm.collectives)
+    drifting = tmp_path / "drift.json"
+    drifting.write_text(json.dumps({**load_profile("cpu").to_json(), "rank_skew": 50.0}))
+    plan = plan_program(captured, mesh="2", input_placements=["S(0)"], profile=str(drifting))
+    assert "every op replicated" in plan.solver.method
+    assert [c.kind for c in plan.collectives] == ["all_gather"]  # the input, gathered once
+    assert all(all(p.is_replicate() for p in n.output) for name, n in plan.nodes.items() if n.op != "placeholder" and not isinstance(n.output[0], tuple))
+    sharded = plan_program(captured, mesh="2", input_placements=["S(0)"], profile=str(drifting), parameter_placements={"fc1.weight": ["S(0)"]})
+    assert plan.cost.overlapped_s < sharded.cost.overlapped_s
+    lower_abstract(captured, plan, rank=1)

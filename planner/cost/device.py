@@ -84,6 +84,23 @@ class DeviceProfile:
     #: the fraction by which compute slows while a collective runs under it
     #: (the hidden communication costs this fraction of itself; calibrated)
     overlap_slowdown: float = 0.0
+    #: ranks drift apart as they compute: a collective starts this fraction of
+    #: the compute since the previous one later than a rank issues it (calibrated)
+    rank_skew: float = 0.0
+    #: measured (`dtplan calibrate`), all optional: the least time an op that
+    #: does work takes (dispatch, kernel launch); FLOP/s by dtype and by an op's
+    #: FLOPs (keys "float32", ...: matmuls; "attention/float32", ...: fused
+    #: attention, forward and backward, by head dimension), and memory bandwidth by dtype and by
+    #: the bytes an op moves, as sorted (size, rate) points interpolated in
+    #: log-log (clamped at the ends; `peak_flops` and `memory_bandwidth` where
+    #: absent); each collective's link by group size ("2": {"all_gather":
+    #: Link, ...}) for axes inside a node
+    op_launch_s: float = 0.0
+    flops_curve: tuple[tuple[str, tuple[tuple[float, float], ...]], ...] = ()
+    bandwidth_curve: tuple[tuple[str, tuple[tuple[float, float], ...]], ...] = ()
+    collectives: tuple[tuple[int, tuple[tuple[str, Link], ...]], ...] = ()
+    #: where each figure comes from (field -> "datasheet", "measured by ...")
+    sources: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "peak_flops", _normalise_flops(self.peak_flops))
@@ -95,6 +112,12 @@ class DeviceProfile:
         _require_int("DeviceProfile.memory_capacity", self.memory_capacity)
         _require_int("DeviceProfile.devices_per_node", self.devices_per_node)
         _require_number("DeviceProfile.overlap_slowdown", self.overlap_slowdown, positive=False)
+        _require_number("DeviceProfile.op_launch_s", self.op_launch_s, positive=False)
+        _require_number("DeviceProfile.rank_skew", self.rank_skew, positive=False)
+        object.__setattr__(self, "flops_curve", tuple(sorted((_canonical_dtype(k), _curve(f"flops_curve[{k!r}]", v)) for k, v in dict(self.flops_curve).items())))
+        object.__setattr__(self, "bandwidth_curve", tuple(sorted((_canonical_dtype(k), _curve(f"bandwidth_curve[{k!r}]", v)) for k, v in dict(self.bandwidth_curve).items())))
+        object.__setattr__(self, "collectives", _collective_links(self.collectives))
+        object.__setattr__(self, "sources", tuple(sorted((str(k), str(v)) for k, v in dict(self.sources).items())))
         for field in ("intra_node", "inter_node"):
             if not isinstance(getattr(self, field), Link):
                 raise ValueError(f"DeviceProfile.{field} must be a Link, got {getattr(self, field)!r}")
@@ -106,6 +129,33 @@ class DeviceProfile:
         """
         table = dict(self.peak_flops)
         return table.get(_canonical_dtype(dtype_name), table["float32"])
+
+    def flops_at(self, dtype_name: str, flops: float, kind: str = "matmul", size: float | None = None) -> float:
+        """FLOP/s of an op of `flops` FLOPs: the measured curve for its kind
+        and dtype, else the matmul curve, else the peak. Matmul curves are by
+        FLOPs; "attention" curves by `size`, the head dimension (what sets a
+        fused attention kernel's efficiency)."""
+        curves, dtype = dict(self.flops_curve), _canonical_dtype(dtype_name)
+        if kind.startswith("attention") and f"{kind}/{dtype}" in curves and size is not None:
+            return _interpolate(curves[f"{kind}/{dtype}"], size)
+        curve = curves.get(dtype)
+        return _interpolate(curve, flops) if curve else self.flops_per_s(dtype_name)
+
+    def bandwidth_at(self, nbytes: float, dtype_name: str = "float32", kind: str = "") -> float:
+        """Memory bandwidth for an op moving `nbytes` of a dtype: the measured
+        curve for its kind ("transcendental": ops costing many instructions
+        per element) and dtype, else the dtype's, else float32's, else the peak."""
+        curves, dtype = dict(self.bandwidth_curve), _canonical_dtype(dtype_name)
+        curve = curves.get(f"{kind}/{dtype}") or curves.get(dtype) or curves.get("float32")
+        return _interpolate(curve, nbytes) if curve else self.memory_bandwidth
+
+    def collective_link(self, kind: str, p: int, link: Link) -> Link:
+        """The link a collective of `kind` over `p` ranks runs at: measured for
+        this group size where the axis is inside a node, else `link`."""
+        if link is self.intra_node:
+            measured = dict(dict(self.collectives).get(p, ()))
+            return measured.get(kind, link)
+        return link
 
     def axis_links(self, mesh_shape: tuple[int, ...]) -> tuple[Link, ...]:
         """The link each mesh axis communicates over.
@@ -142,6 +192,12 @@ class DeviceProfile:
             "intra_node": self.intra_node.to_json(),
             "inter_node": self.inter_node.to_json(),
             **({"overlap_slowdown": self.overlap_slowdown} if self.overlap_slowdown else {}),
+            **({"op_launch_s": self.op_launch_s} if self.op_launch_s else {}),
+            **({"rank_skew": self.rank_skew} if self.rank_skew else {}),
+            **({"flops_curve": {k: [list(pt) for pt in v] for k, v in self.flops_curve}} if self.flops_curve else {}),
+            **({"bandwidth_curve": {k: [list(pt) for pt in v] for k, v in self.bandwidth_curve}} if self.bandwidth_curve else {}),
+            **({"collectives": {str(p): {k: l.to_json() for k, l in links} for p, links in self.collectives}} if self.collectives else {}),
+            **({"sources": dict(self.sources)} if self.sources else {}),
         }
 
     @classmethod
@@ -166,7 +222,11 @@ class DeviceProfile:
             devices_per_node=d["devices_per_node"],
             intra_node=_link_from_json("intra_node", d["intra_node"]),
             inter_node=_link_from_json("inter_node", d["inter_node"]),
-            **{k: d[k] for k in _OPTIONAL_KEYS if k in d},
+            **{k: d[k] for k in _OPTIONAL_KEYS if k in d and k not in ("flops_curve", "bandwidth_curve", "collectives", "sources")},
+            flops_curve=_mapping_of(d, "flops_curve"),
+            bandwidth_curve=_mapping_of(d, "bandwidth_curve"),
+            collectives={_int_key(p): {k: _link_from_json(f"collectives.{p}.{k}", v) for k, v in _mapping_of(d["collectives"], p).items()} for p in _mapping_of(d, "collectives")},
+            sources=_mapping_of(d, "sources"),
         )
 
 
@@ -180,7 +240,56 @@ _PROFILE_KEYS = (
     "intra_node",
     "inter_node",
 )
-_OPTIONAL_KEYS = ("overlap_slowdown",)
+_OPTIONAL_KEYS = ("overlap_slowdown", "rank_skew", "op_launch_s", "flops_curve", "bandwidth_curve", "collectives", "sources")
+
+
+def _mapping_of(d: dict, key: str) -> dict:
+    v = d.get(key, {})
+    if not isinstance(v, dict):
+        raise ValueError(f"profile key {key!r} must be an object, got {v!r}")
+    return v
+
+
+def _int_key(p: str) -> int:
+    if not str(p).isdigit() or int(p) < 2:
+        raise ValueError(f"profile key 'collectives' is keyed by group size (an int >= 2), got {p!r}")
+    return int(p)
+
+
+def _curve(what: str, points: Any) -> tuple[tuple[float, float], ...]:
+    try:
+        pts = tuple(sorted((float(a), float(b)) for a, b in points))
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a list of [size, rate] pairs, got {points!r}") from None
+    for a, b in pts:
+        _require_number(f"{what} size", a, positive=True)
+        _require_number(f"{what} rate", b, positive=True)
+    return pts
+
+
+def _collective_links(value: Any) -> tuple[tuple[int, tuple[tuple[str, Link], ...]], ...]:
+    out = []
+    for p, links in dict(value).items():
+        links = dict(links)
+        for kind, link in links.items():
+            _check_kind(kind)
+            if not isinstance(link, Link):
+                raise ValueError(f"collectives[{p}][{kind!r}] must be a Link, got {link!r}")
+        out.append((int(p), tuple(sorted(links.items()))))
+    return tuple(sorted(out))
+
+
+def _interpolate(points: tuple[tuple[float, float], ...], x: float) -> float:
+    """Piecewise linear in log-log through sorted (size, rate) points, clamped."""
+    if x <= points[0][0]:
+        return points[0][1]
+    if x >= points[-1][0]:
+        return points[-1][1]
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x <= x1:
+            t = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
+            return math.exp(math.log(y0) + t * (math.log(y1) - math.log(y0)))
+    return points[-1][1]
 
 
 def _link_from_json(key: str, d: Any) -> Link:
@@ -327,11 +436,19 @@ def bytes_sent_per_rank(kind: str, n: float, p: int) -> float:
     return factor * (p - 1) / p * n
 
 
-def compute_time(flops: float, bytes_moved: float, profile: DeviceProfile, dtype_name: str) -> float:
-    """Roofline time: max(flops / peak FLOP/s for dtype, bytes_moved / memory bandwidth)."""
+def compute_time(flops: float, bytes_moved: float, profile: DeviceProfile, dtype_name: str, kind: str = "matmul", size: float | None = None) -> float:
+    """Roofline time: max(flops / FLOP/s for dtype, bytes_moved / memory bandwidth),
+    the rates at this op's size (and kind: "matmul", "attention" and
+    "attention_backward" with `size` its head dimension, "transcendental")
+    where the profile has measured curves, and no less than the profile's floor per op
+    (0 in the datasheet profiles)."""
     _require_number("flops", flops, positive=False)
     _require_number("bytes_moved", bytes_moved, positive=False)
-    return max(flops / profile.flops_per_s(dtype_name), bytes_moved / profile.memory_bandwidth)
+    if flops == 0 and bytes_moved == 0:
+        return 0.0
+    rate = profile.flops_at(dtype_name, flops, kind, size) if flops else 1.0
+    bandwidth = profile.bandwidth_at(bytes_moved, dtype_name, kind) if bytes_moved else 1.0
+    return max(profile.op_launch_s, flops / rate, bytes_moved / bandwidth)
 
 
 def to_ns(seconds: float) -> int:

@@ -19,13 +19,16 @@ redistributed value (a hub's conversion: before the value's first reader;
 a graph output's: at the end). Collectives with no compute between them
 form a group, as the runtime groups them.
 
-The result is never more than the serial step (compute + communication, the
-integer program's objective): the simulated streams can at worst run one
-after the other. So the integer program minimises an upper bound of the
-overlapped step, and the predicted step the plan reports, the CLI prints
+Without `skew` the result is never more than the serial step (compute +
+communication, the integer program's objective): the simulated streams can
+at worst run one after the other, and the slowdown charges at most the
+hidden time. So the integer program minimises an upper bound of the
+overlapped step (with skew: of all but the ranks' drift, which a measured
+profile adds), and the predicted step the plan reports, the CLI prints
 and the classic comparison ranks by is this simulation, alike for every
 plan. What it leaves out: a collective slowing the compute it runs under
-(`DeviceProfile.overlap_slowdown` scales the hidden part back in), several
+(`DeviceProfile.overlap_slowdown` scales the hidden part back in; ranks
+drifting apart between collectives: `DeviceProfile.rank_skew`), several
 collectives on different mesh axes running at once (one stream: an upper
 bound), and the runtime's cap of two groups in flight.
 """
@@ -44,12 +47,12 @@ class Overlap:
     step_s: float
     compute_s: float
     comm_s: float
-    #: communication time during which no compute ran
+    #: time the compute stream waited on communication (with skew, on the other ranks too)
     exposed_s: float
 
     @property
     def hidden_s(self) -> float:
-        return self.comm_s - self.exposed_s
+        return max(0.0, self.comm_s - self.exposed_s)
 
 
 def simulate(
@@ -58,6 +61,7 @@ def simulate(
     collectives: Sequence[tuple[str, str | None, int, float]],
     *,
     slowdown: float = 0.0,
+    skew: float = 0.0,
 ) -> Overlap:
     """Simulate one step.
 
@@ -65,7 +69,10 @@ def simulate(
     `collectives`: (kind, producer node, position, seconds) in issue order as lowered, `position` the
     index in `order` of the node that waits for it (len(order): the end).
     `slowdown`: the fraction by which compute slows while a collective
-    runs under it (the hidden time costs that fraction of itself).
+    runs under it (the hidden time costs that fraction of itself). `skew`:
+    ranks drift apart as they compute, so a collective starts only when
+    the slowest has issued it: this fraction of the compute since the
+    previous collective was issued, later than this rank issues it.
     """
     n = len(order)
     index = {name: i for i, name in enumerate(order)}
@@ -85,12 +92,15 @@ def simulate(
     # each collective's earliest index: past its producer and past the previous group's spot
     gate = [max(last_pos[gk - 1] if gk else 0, index[c[1]] + 1 if c[1] in index else 0) for (_, c), gk in zip(colls, group, strict=True)]
     start_at = [0.0] * (n + 1)  # compute stream time when node i may start (before waits)
+    done_before = [0.0] * (n + 1)  # compute (only) before node i
+    for i, name in enumerate(order):
+        done_before[i + 1] = done_before[i] + compute_s.get(name, 0.0)
     finish = [0.0] * n
     done_at: dict[int, float] = {}  # collective k (sorted) -> its finish
     by_pos: dict[int, list[int]] = {}
     for k, (_, c) in enumerate(colls):
         by_pos.setdefault(c[2], []).append(k)
-    nxt, comm_free, issued_last, cursor = 0, 0.0, 0.0, 0.0
+    nxt, comm_free, issued_last, cursor, gate_last = 0, 0.0, 0.0, 0.0, 0
     for i in range(n + 1):
         start_at[i] = cursor
         # issue, in order, every collective whose gate has been reached
@@ -98,7 +108,9 @@ def simulate(
             _, (_, prod, _, secs) = colls[nxt]
             ready = finish[index[prod]] if prod in index else 0.0
             issue = max(start_at[gate[nxt]], ready, issued_last)
-            begin = max(issue, comm_free)
+            drift = skew * max(0.0, done_before[gate[nxt]] - done_before[gate_last])
+            begin = max(issue + drift, comm_free)
+            gate_last = gate[nxt]
             comm_free = done_at[nxt] = begin + secs
             issued_last = issue
             nxt += 1
@@ -112,7 +124,7 @@ def simulate(
     step = max(cursor, comm_free)
     compute = sum(compute_s.get(name, 0.0) for name in order)
     comm = sum(c[3] for c in collectives)
-    exposed = min(comm, max(0.0, step - compute))
+    exposed = max(0.0, step - compute)  # waiting on collectives (and, with skew, on the other ranks)
     if slowdown:
-        step += slowdown * (comm - exposed)
-    return Overlap(step_s=min(step, compute + comm), compute_s=compute, comm_s=comm, exposed_s=exposed)
+        step += slowdown * max(0.0, comm - exposed)
+    return Overlap(step_s=step, compute_s=compute, comm_s=comm, exposed_s=exposed)

@@ -30,6 +30,17 @@ class Collective:
     time_s: float
 
 
+#: ops whose elements each cost many instructions (a profile may measure
+#: their bandwidth apart: `DeviceProfile.bandwidth_at(kind="transcendental")`)
+_TRANSCENDENTAL = frozenset(
+    {
+        "gelu", "gelu_backward", "silu", "silu_backward", "_softmax", "_softmax_backward_data", "_log_softmax",
+        "_log_softmax_backward_data", "native_layer_norm", "native_layer_norm_backward", "exp", "log", "tanh",
+        "tanh_backward", "sigmoid", "sigmoid_backward", "erf", "rsqrt", "sqrt", "pow", "sin", "cos",
+    }
+)
+
+
 def local_shape(shape: tuple[int, ...], mesh_shape: tuple[int, ...], placements: Placements) -> tuple[int, ...]:
     """The per-rank shape of an evenly sharded tensor."""
     out = list(shape)
@@ -75,6 +86,13 @@ class Pricer:
         metas = node.meta if isinstance(node.meta, tuple) else (node.meta,)
         meta = next((m for m in metas if m is not None), None)
         dt = dtype_name(meta.dtype) if meta is not None else "float32"
+        op = node.op_name
+        if "attention" in op and meta is not None and meta.shape:
+            # fused attention: its efficiency follows the head dimension, the output's last
+            kind = "attention_backward" if "backward" in op else "attention"
+            return compute_time(node.flops / f, node.bytes / f, self.profile, dt, kind, meta.shape[-1])
+        if op.split(".")[-2 if op.count(".") >= 2 else -1] in _TRANSCENDENTAL:
+            return compute_time(node.flops / f, node.bytes / f, self.profile, dt, "transcendental")
         return compute_time(node.flops / f, node.bytes / f, self.profile, dt)
 
     def redistribute(self, meta: TensorMeta, src: Placements, dst: Placements) -> tuple[Collective, ...]:
@@ -100,11 +118,13 @@ class Pricer:
                 continue
             after = local_shape(meta.shape, self.mesh_shape, tuple(current))
             p = self.mesh_shape[step.axis]
+            if p == 1:
+                continue  # one rank on the axis: nothing moves (`runtime.redistribute`)
             shape = after if kind == "all_gather" else before
             nbytes = _numel(shape) * meta.itemsize
             if kind == "all_to_all":
                 nbytes = _numel(before) * meta.itemsize
-            t = collective_time(kind, nbytes, p, self.links[step.axis]) + self._rearrange_s(kind, step, nbytes)
+            t = collective_time(kind, nbytes, p, self.profile.collective_link(kind, p, self.links[step.axis])) + self._rearrange_s(kind, step, nbytes)
             out.append(Collective(kind, step.axis, nbytes, t))
         return tuple(out)
 

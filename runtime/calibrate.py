@@ -1,0 +1,383 @@
+"""Measure the machine this runs on: a device profile (`dtplan calibrate`).
+
+Every figure is measured on ranks spawned as a run spawns them (the same
+process group backend, the same threads per rank, all ranks working at
+once, so they share memory bandwidth and cores as a run does):
+
+- `op_launch_s`: the time of an op that does almost nothing (a one-element
+  add), called from generated fx code as a lowered module calls its ops:
+  the floor of every op's time;
+- `flops_curve`: matmul FLOP/s per dtype at several sizes (an efficiency
+  curve, not one peak), as called, launch included (the model takes the
+  larger of the launch floor and the roofline), and fused attention's,
+  forward and backward, by head dimension; `peak_flops` is the best matmul;
+- `bandwidth_curve`: bytes an elementwise add moves per second, per dtype,
+  at several sizes, over a pool of buffers larger than the caches (as a
+  program's fresh tensors are), and ops costing many instructions per
+  element (gelu, log-softmax: "transcendental/<dtype>");
+  `memory_bandwidth` is float32's largest;
+- `collectives`: each collective's latency and bandwidth over the world
+  group, fitted to the ring model the pricer uses (`cost.device`) by least
+  squares on relative error over several sizes, with the ops the runtime
+  issues (gloo's all-gather: `runtime.gloo`); the intra-node link is the
+  all-gather's;
+- `overlap_slowdown`: how much a matmul loop slows while all-reduces run
+  under it;
+- `rank_skew`: how far ranks drift apart as they compute, from what a tiny
+  all-reduce costs after compute segments of two lengths (the ranks arrive
+  apart, the more so the longer they computed).
+
+Ranks measure the same things at the same time; compute figures are the
+ranks' mean, collective times their slowest (a collective ends when its
+slowest rank does). `sources` in the profile says which figures are
+measured, where and when.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from dtplan.planner.cost.device import COLLECTIVE_KINDS, DeviceProfile, Link, load_profile
+from dtplan.planner.mesh import MeshSpec
+
+__all__ = ["calibrate", "fit_link", "write_profile"]
+
+MATMUL_SIZES = (32, 64, 128, 256, 512, 1024)
+ADD_SIZES = (2**10, 2**13, 2**16, 2**19, 2**22)
+COLLECTIVE_BYTES = (2**12, 2**16, 2**20, 2**23)
+#: ring steps per (p - 1) of each collective (the pricer's model)
+_STEPS = {"all_reduce": 2, "all_gather": 1, "reduce_scatter": 1, "all_to_all": 1}
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _seconds(fn: Callable[[], object], device: str, *, budget_s: float = 0.06, chunks: int = 3) -> float:
+    """Median seconds per call of `fn`, over `chunks` timed runs of enough
+    calls to fill `budget_s` (one call to warm up and size them)."""
+    fn()
+    _sync(device)
+    t = time.perf_counter()
+    fn()
+    _sync(device)
+    one = max(time.perf_counter() - t, 1e-7)
+    calls = max(1, min(10_000, int(budget_s / chunks / one)))
+    out = []
+    for _ in range(chunks):
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        _sync(device)
+        out.append((time.perf_counter() - t) / calls)
+    return statistics.median(out)
+
+
+def _launch_s(device: str) -> float:
+    """Per op, 200 one-element adds in a generated fx module."""
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    y = x
+    for _ in range(200):
+        y = graph.call_function(torch.ops.aten.add.Tensor, (y, x))
+    graph.output(y)
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    one = torch.zeros(1, device=device)
+    return _seconds(lambda: gm(one), device) / 200
+
+
+def _compute(device: str, dtypes: tuple[torch.dtype, ...], say: Callable[[str], None]) -> dict:
+    flops_curve: dict[str, list[list[float]]] = {}
+    bandwidth: dict[str, list[list[float]]] = {}
+    for dtype in dtypes:
+        name = str(dtype).removeprefix("torch.")
+        pts = []
+        for n in MATMUL_SIZES:
+            # a linear's shape: activations times a transposed weight, from a
+            # pool larger than the caches, as a program's operands are
+            pool = [(torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype).t()) for _ in range(max(1, min(64, 2**25 // (2 * n * n * 4))))]
+            it = iter(range(1 << 62))
+            s = _seconds(lambda pool=pool, it=it: torch.mm(*pool[next(it) % len(pool)]), device)
+            flops = 2.0 * n**3
+            pts.append([flops, flops / s])  # launch included: the model takes the larger
+        flops_curve[name] = pts
+        say(f"  matmul {name}: " + ", ".join(f"{n}: {p[1] / 1e9:.1f}" for n, p in zip(MATMUL_SIZES, pts, strict=True)) + " GFLOP/s")
+        fwd, bwd = _attention(device, dtype)
+        flops_curve[f"attention/{name}"], flops_curve[f"attention_backward/{name}"] = fwd, bwd
+        say(f"  attention {name}: " + ", ".join(f"d {f[0]:.0f}: {f[1] / 1e9:.1f}/{b[1] / 1e9:.1f}" for f, b in zip(fwd, bwd, strict=True)) + " GFLOP/s (forward/backward)")
+        bandwidth[name] = bw = _bandwidth(device, dtype, torch.add, 3)
+        gelu = _bandwidth(device, dtype, lambda a, _b: torch.nn.functional.gelu(a), 2)
+        softmax = _bandwidth(device, dtype, lambda a, _b: torch.log_softmax(a.view(-1, 256), -1), 2)
+        bandwidth[f"transcendental/{name}"] = [[g[0], (g[1] + s[1]) / 2] for g, s in zip(gelu, softmax, strict=True)]
+        say(f"  add bandwidth {name}: " + ", ".join(f"{p[0] / 2**10:.0f} KiB: {p[1] / 1e9:.1f}" for p in bw) + " GB/s")
+        say(f"  gelu/log_softmax bandwidth {name}: " + ", ".join(f"{p[1] / 1e9:.1f}" for p in bandwidth[f"transcendental/{name}"]) + " GB/s")
+    return {"flops_curve": flops_curve, "bandwidth_curve": bandwidth}
+
+
+#: head dimensions at which fused attention is measured (batch 4, 8 heads, sequence 128)
+ATTENTION_HEAD_DIMS = (8, 16, 32, 64, 128)
+
+
+def _attention(device: str, dtype: torch.dtype) -> tuple[list[list[float]], list[list[float]]]:
+    """FLOP/s of fused attention forward, and of its backward (torch's FLOP
+    formulas: backward 2.5x forward), by head dimension."""
+    from dtplan.ir.flops import sdpa_flops
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    forward, backward = [], []
+    for d in ATTENTION_HEAD_DIMS:
+        q, k, v = (torch.randn(4, 8, 128, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+        flops = float(sdpa_flops(q.shape, k.shape, v.shape))
+        with torch.no_grad():
+            fwd = _seconds(lambda q=q, k=k, v=v: sdpa(q, k, v, is_causal=True), device)
+
+        def step(q=q, k=k, v=v):
+            out = sdpa(q, k, v, is_causal=True)
+            torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+
+        both = _seconds(step, device)
+        forward.append([float(d), flops / fwd])
+        backward.append([float(d), 2.5 * flops / max(both - fwd, fwd * 0.5)])
+    return forward, backward
+
+
+def _bandwidth(device: str, dtype: torch.dtype, op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], tensors: int) -> list[list[float]]:
+    """Bytes `op` moves per second (`tensors` of the element count, inputs
+    and output), by size, over a pool of buffers larger than the caches (as
+    a program's fresh tensors are)."""
+    out = []
+    for n in ADD_SIZES:
+        pool = [(torch.randn(n, device=device, dtype=dtype), torch.randn(n, device=device, dtype=dtype)) for _ in range(max(1, min(256, 2**25 // (n * 4))))]
+        it = iter(range(1 << 62))
+        s = _seconds(lambda pool=pool, it=it: op(*pool[next(it) % len(pool)]), device)
+        moved = float(tensors * n * pool[0][0].element_size())
+        out.append([moved, moved / s])
+    return out
+
+
+def _collectives(mesh, device: str) -> dict:
+    """Seconds per collective, by kind and bytes (the plan-file convention)."""
+    from dtplan.runtime import gloo
+
+    f = torch.ops._c10d_functional
+    group = mesh.get_group(0)
+    name, p = group.group_name, mesh.size(0)
+    backend = str(torch.distributed.get_backend(group))
+    gather = gloo.OP if backend == "gloo" else f.all_gather_into_tensor.default
+    out: dict[str, list[list[float]]] = {}
+    for kind in COLLECTIVE_KINDS:
+        pts = []
+        for nbytes in COLLECTIVE_BYTES:
+            numel = nbytes // 4
+            if kind == "all_gather":
+                x = torch.randn(numel // p, device=device)
+                fn = lambda x=x: f.wait_tensor(gather(x, p, name))  # noqa: E731
+            elif kind == "all_reduce":
+                x = torch.randn(numel, device=device)
+                fn = lambda x=x: f.wait_tensor(f.all_reduce(x, "sum", name))  # noqa: E731
+            elif kind == "reduce_scatter":
+                x = torch.randn(numel, device=device)
+                fn = lambda x=x: f.wait_tensor(f.reduce_scatter_tensor(x, "sum", p, name))  # noqa: E731
+            else:
+                x = torch.randn(numel, device=device)
+                splits = [numel // p] * p
+                fn = lambda x=x, s=splits: f.wait_tensor(f.all_to_all_single(x, s, s, name))  # noqa: E731
+            # every rank makes the same calls: a fixed count, each one timed
+            # from a barrier (the ranks enter together, as a planned step's do)
+            fn()
+            times = []
+            for _ in range(9):
+                torch.distributed.barrier(group)
+                t = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t)
+            pts.append([float(nbytes), statistics.median(times)])
+        out[kind] = pts
+    return {"collective_seconds": out, "group_size": p, "backend": backend}
+
+
+def _slowdown(mesh, device: str) -> float:
+    """A matmul loop's time with all-reduces running under it, over its time alone, less 1."""
+    f = torch.ops._c10d_functional
+    name = mesh.get_group(0).group_name
+    a = torch.randn(256, 256, device=device)
+    big = torch.randn(2**21, device=device)
+
+    def work():
+        for _ in range(20):
+            torch.mm(a, a)
+        _sync(device)
+
+    torch.distributed.barrier()
+    alone = []
+    for _ in range(9):
+        t = time.perf_counter()
+        work()
+        alone.append(time.perf_counter() - t)
+    torch.distributed.barrier()
+    under = []
+    for _ in range(9):
+        handle = f.all_reduce(big, "sum", name)
+        t = time.perf_counter()
+        work()
+        under.append(time.perf_counter() - t)
+        f.wait_tensor(handle)
+    return max(0.0, statistics.median(under) / statistics.median(alone) - 1.0)
+
+
+def _skew(mesh, device: str) -> float:
+    """How far ranks drift apart as they compute: a 4-byte all-reduce after
+    each segment of compute costs more the longer the segment (the ranks
+    arrive apart); the slope, over two segment lengths, is the fraction of
+    the compute between collectives by which a collective starts late."""
+    f = torch.ops._c10d_functional
+    name = mesh.get_group(0).group_name
+    a = torch.randn(256, 256, device=device)
+    x = torch.zeros(1, device=device)
+
+    def segments(k: int, sync: bool) -> float:
+        out = []
+        for _ in range(7):
+            torch.distributed.barrier()
+            t = time.perf_counter()
+            for _ in range(12):
+                for _ in range(k):
+                    torch.mm(a, a)
+                _sync(device)
+                if sync:
+                    f.wait_tensor(f.all_reduce(x, "sum", name))
+            out.append((time.perf_counter() - t) / 12)
+        return statistics.median(out)
+
+    short, long_ = (segments(k, False) for k in (4, 32))
+    cost_short, cost_long = segments(4, True) - short, segments(32, True) - long_
+    return max(0.0, (cost_long - cost_short) / max(long_ - short, 1e-9))
+
+
+def _measure(rank: int, mesh, *, dtypes: tuple[str, ...], verbose: bool) -> dict:
+    device = mesh.device_type
+    say = (lambda s: print(s, flush=True)) if rank == 0 and verbose else (lambda s: None)
+    launch = _launch_s(device)
+    say(f"  op launch: {launch * 1e6:.2f} us")
+    out = {"op_launch_s": launch, "threads": torch.get_num_threads()}
+    out.update(_compute(device, tuple(getattr(torch, d) for d in dtypes), say))
+    say("  collectives ...")
+    out.update(_collectives(mesh, device))
+    out["overlap_slowdown"] = _slowdown(mesh, device)
+    say(f"  compute under communication: {out['overlap_slowdown']:.1%} slower")
+    out["rank_skew"] = _skew(mesh, device)
+    say(f"  ranks drift apart by {out['rank_skew']:.1%} of the compute between collectives")
+    return out
+
+
+def fit_link(kind: str, p: int, points: list[list[float]]) -> Link:
+    """Latency and bandwidth of the ring model, time = s·α + s/p · n/B with
+    s = steps·(p-1), fitted by least squares on relative error."""
+    s = _STEPS[kind] * (p - 1)
+    # rows (s, s/p·n) · (α, 1/B) ≈ t, each divided by t
+    rows = [(s / t, s / p * n / t) for n, t in points]
+    saa = sum(a * a for a, _ in rows)
+    sab = sum(a * b for a, b in rows)
+    sbb = sum(b * b for _, b in rows)
+    sa, sb = sum(a for a, _ in rows), sum(b for _, b in rows)
+    det = saa * sbb - sab * sab
+    alpha, inv_b = ((sbb * sa - sab * sb) / det, (saa * sb - sab * sa) / det) if det > 0 else (0.0, 0.0)
+    if inv_b <= 0:  # latency-bound throughout: bandwidth from the largest size alone
+        n, t = points[-1]
+        inv_b = max(t - s * max(alpha, 0.0), t * 0.05) / (s / p * n)
+    if alpha < 0:  # refit the bandwidth with no latency
+        alpha = 0.0
+        inv_b = sum(b for _, b in rows) / sum(b * b for _, b in rows)
+    return Link(bandwidth=1.0 / inv_b, latency=alpha)
+
+
+def calibrate(
+    ranks: int = 2, *, base: str = "cpu", dtypes: tuple[str, ...] = ("float32", "bfloat16"), say: Callable[[str], None] | None = print
+) -> DeviceProfile:
+    """Measure this machine on `ranks` spawned ranks; a profile built on `base`
+    (its capacity and node size) with every measured figure replaced.
+    `say` gets progress (rank 0's measurements as they come); None: quiet."""
+    from dtplan.runtime.launch import device_type, spawn
+
+    if ranks < 2:
+        raise ValueError(f"calibration measures collectives: it needs at least 2 ranks, got {ranks}")
+    verbose = say is not None
+    say = say or (lambda _m: None)
+    start = time.perf_counter()
+    device = device_type()
+    say(f"calibrating on {ranks} {device} rank(s) ...")
+    mesh = MeshSpec((ranks,), ("d0",))
+    results = spawn(_Measure(dtypes, verbose), mesh)
+    profile = _profile(results, load_profile(base), ranks=ranks, device=device)
+    say(f"calibrated in {time.perf_counter() - start:.0f} s")
+    return profile
+
+
+class _Measure:
+    """`_measure` with its options, picklable for spawn."""
+
+    def __init__(self, dtypes: tuple[str, ...], verbose: bool) -> None:
+        self.dtypes, self.verbose = dtypes, verbose
+
+    def __call__(self, rank: int, mesh) -> dict:
+        return _measure(rank, mesh, dtypes=self.dtypes, verbose=self.verbose)
+
+
+def _profile(results: list[dict], base: DeviceProfile, *, ranks: int, device: str) -> DeviceProfile:
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    launch = mean([r["op_launch_s"] for r in results])
+    curves = {}
+    for dtype in results[0]["flops_curve"]:
+        curves[dtype] = [[pt[0], mean([r["flops_curve"][dtype][i][1] for r in results])] for i, pt in enumerate(results[0]["flops_curve"][dtype])]
+    bandwidth = {}
+    for dtype in results[0]["bandwidth_curve"]:
+        bandwidth[dtype] = [[pt[0], mean([r["bandwidth_curve"][dtype][i][1] for r in results])] for i, pt in enumerate(results[0]["bandwidth_curve"][dtype])]
+    p = results[0]["group_size"]
+    links = {}
+    for kind, pts in results[0]["collective_seconds"].items():
+        slowest = [[pt[0], max(r["collective_seconds"][kind][i][1] for r in results)] for i, pt in enumerate(pts)]
+        links[kind] = fit_link(kind, p, slowest)
+    peak = {d: max(rate for _, rate in pts) for d, pts in curves.items() if "/" not in d}
+    peak.setdefault("float32", dict(base.peak_flops)["float32"])
+    for half in ("bfloat16", "float16"):
+        peak.setdefault(half, peak.get("bfloat16", peak["float32"]))
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    where = f"{platform.node() or 'this machine'}, {ranks} {device} ranks of {results[0]['threads']} thread(s) over {results[0]['backend']}, torch {torch.__version__}, {when}"
+    measured = f"measured by dtplan calibrate ({where})"
+    sources = {
+        k: measured
+        for k in ("op_launch_s", "flops_curve", "peak_flops", "bandwidth_curve", "memory_bandwidth", "collectives", "intra_node", "overlap_slowdown", "rank_skew")
+    }
+    sources.update({"memory_capacity": f"from the {base.name} profile", "inter_node": f"from the {base.name} profile", "devices_per_node": f"from the {base.name} profile"})
+    return DeviceProfile(
+        name=f"calibrated-{platform.node() or 'machine'}",
+        description=f"Calibrated on {where}.",
+        peak_flops=peak,
+        memory_bandwidth=bandwidth["float32"][-1][1],
+        memory_capacity=base.memory_capacity,
+        devices_per_node=base.devices_per_node,
+        intra_node=links["all_gather"],
+        inter_node=base.inter_node,
+        overlap_slowdown=round(mean([r["overlap_slowdown"] for r in results]), 4),
+        rank_skew=round(mean([r["rank_skew"] for r in results]), 4),
+        op_launch_s=launch,
+        flops_curve=curves,
+        bandwidth_curve=bandwidth,
+        collectives={p: links},
+        sources=sources,
+    )
+
+
+def write_profile(profile: DeviceProfile, path: str | os.PathLike[str]) -> Path:
+    out = Path(path)
+    out.write_text(json.dumps(profile.to_json(), indent=2) + "\n")
+    return out

@@ -1,0 +1,100 @@
+"""Measured profiles: the curves and links `dtplan calibrate` writes, read back
+and used by the pricer; the fit of a collective's latency and bandwidth."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from dtplan.planner.cost.device import DeviceProfile, Link, collective_time, compute_time, load_profile
+from dtplan.runtime.calibrate import fit_link
+
+
+def _measured(**extra) -> DeviceProfile:
+    cpu = load_profile("cpu").to_json()
+    cpu.update(
+        op_launch_s=3e-6,
+        flops_curve={"float32": [[1e6, 1e10], [1e8, 1e11]], "attention/float32": [[8, 1e10], [64, 6e10]]},
+        bandwidth_curve={"float32": [[1e4, 1e10], [1e8, 3e10]], "transcendental/float32": [[1e4, 1e9], [1e8, 1e10]]},
+        collectives={"2": {"all_gather": {"bandwidth": 1e9, "latency": 3e-4}}},
+        overlap_slowdown=0.25,
+        sources={"flops_curve": "measured by a test"},
+        **extra,
+    )
+    return DeviceProfile.from_json(cpu)
+
+
+def test_a_measured_profile_round_trips_through_its_file(tmp_path):
+    p = _measured()
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(p.to_json()))
+    assert load_profile(str(path)) == p
+    assert dict(p.sources) == {"flops_curve": "measured by a test"}
+
+
+def test_rates_interpolate_in_log_log_and_clamp():
+    p = _measured()
+    assert p.flops_at("float32", 1e7) == pytest.approx(math.sqrt(1e10 * 1e11))  # half way in log
+    assert p.flops_at("float32", 1e3) == 1e10 and p.flops_at("float32", 1e12) == 1e11
+    assert p.flops_at("bf16", 1e7) == p.flops_per_s("bf16")  # no curve for the dtype: the peak
+    assert p.flops_at("float32", 1e9, "attention", size=64) == 6e10  # attention by head dimension
+    assert p.bandwidth_at(1e6, "float32", "transcendental") == pytest.approx(10 ** 9.5)
+    assert p.bandwidth_at(1e6, "bfloat16") == pytest.approx(1e10 * 3 ** 0.5)  # float32's curve
+
+
+def test_compute_time_uses_the_curves_and_the_floor():
+    p = _measured()
+    assert compute_time(1e8, 0, p, "float32") == pytest.approx(1e8 / 1e11)
+    assert compute_time(1e8, 1e8, p, "float32") == pytest.approx(max(1e-3, 1e8 / 3e10))
+    assert compute_time(10, 40, p, "float32") == 3e-6  # the launch floor
+    assert compute_time(0, 0, p, "float32") == 0.0  # a view does no work
+    assert compute_time(1e8, 1e8, p, "float32", "transcendental") == pytest.approx(1e-2)
+
+
+def test_a_measured_link_replaces_the_profile_link_for_its_kind_and_group_size():
+    p = _measured()
+    assert p.collective_link("all_gather", 2, p.intra_node) == Link(1e9, 3e-4)
+    assert p.collective_link("all_reduce", 2, p.intra_node) is p.intra_node  # not measured
+    assert p.collective_link("all_gather", 4, p.intra_node) is p.intra_node  # another group size
+    assert p.collective_link("all_gather", 2, p.inter_node) is p.inter_node  # across nodes
+
+
+@pytest.mark.parametrize("kind", ["all_reduce", "all_gather", "reduce_scatter"])
+@pytest.mark.parametrize("p", [2, 4])
+def test_fit_link_recovers_the_ring_model(kind, p):
+    truth = Link(bandwidth=2e9, latency=1e-4)
+    pts = [[n, collective_time(kind, n, p, truth)] for n in (2**12, 2**16, 2**20, 2**23)]
+    got = fit_link(kind, p, pts)
+    assert got.bandwidth == pytest.approx(truth.bandwidth, rel=1e-6)
+    assert got.latency == pytest.approx(truth.latency, rel=1e-6)
+
+
+def test_fit_link_never_goes_negative():
+    # a small size measured slower than a larger one: latency-bound, no negative bandwidth
+    got = fit_link("all_gather", 2, [[4096, 1e-3], [65536, 5e-4], [2**20, 6e-4]])
+    assert got.bandwidth > 0 and got.latency >= 0
+
+
+def test_bad_curves_are_refused():
+    with pytest.raises(ValueError, match="bandwidth_curve"):
+        _measured().__class__.from_json({**_measured().to_json(), "bandwidth_curve": {"float32": [[1, -2]]}})
+    with pytest.raises(ValueError, match="group size"):
+        DeviceProfile.from_json({**load_profile("cpu").to_json(), "collectives": {"one": {}}})
+
+
+def test_calibrate_measures_this_machine_into_a_profile_the_planner_takes(tmp_path):
+    """Two gloo ranks, float32 only (the command measures bf16 too)."""
+    from dtplan.runtime.calibrate import calibrate, write_profile
+
+    p = calibrate(2, dtypes=("float32",), say=None)
+    curves = dict(p.flops_curve)
+    assert set(curves) == {"float32", "attention/float32", "attention_backward/float32"}
+    assert all(rate > 0 for _, rate in curves["float32"]) and p.flops_per_s("float32") == max(r for _, r in curves["float32"])
+    assert {k for k, _ in p.bandwidth_curve} == {"float32", "transcendental/float32"}
+    assert p.op_launch_s > 0 and p.overlap_slowdown >= 0
+    links = dict(dict(p.collectives)[2])
+    assert set(links) == {"all_reduce", "all_gather", "reduce_scatter", "all_to_all"}
+    assert p.intra_node == links["all_gather"]
+    assert "measured by dtplan calibrate" in dict(p.sources)["collectives"]
+    assert load_profile(str(write_profile(p, tmp_path / "me.json"))) == p
