@@ -33,3 +33,13 @@ def plan_example(name: str, mesh: str, options: dict | None = None, **plan_kwarg
 @pytest.fixture(scope="session")
 def examples_dir() -> Path:
     return EXAMPLES
+
+
+#: files that run for minutes: collected first, so that one worker starts on
+#: them at once while the other takes the rest (`--dist loadfile` hands out
+#: files in collection order; last, the longest started minutes late)
+LONGEST_FIRST = ("test_real_models.py",)
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: Path(str(item.fspath)).name not in LONGEST_FIRST)  # stable: the rest keep their order

@@ -81,7 +81,7 @@ def test_serialize_puts_every_wait_back(fsdp_step):
 
 
 def _gathers_in_flight(rank: int, mesh) -> dict:
-    """Eight all-gathers in flight over compute, 120 times, through the op
+    """Sixteen all-gathers in flight over compute, 80 times, through the op
     `lower` puts in place of gloo's functional gather, checked against the
     rank-stamped values; then the functional reduce-scatter and all-reduce
     in flight beside them (gloo runs those as they are)."""
@@ -92,10 +92,10 @@ def _gathers_in_flight(rank: int, mesh) -> dict:
     f = torch.ops._c10d_functional
     OP = gloo.OP
     group = mesh.get_group(0).group_name
-    ws = [torch.full((256, 256), float(rank * 10 + i)) for i in range(8)]
-    want = [torch.cat([torch.full((256, 256), float(r * 10 + i)) for r in range(2)]) for i in range(8)]
+    ws = [torch.full((128, 256), float(rank * 100 + i)) for i in range(16)]
+    want = [torch.cat([torch.full((128, 256), float(r * 100 + i)) for r in range(2)]) for i in range(16)]
     bad = 0
-    for _ in range(120):
+    for _ in range(80):
         outs = [OP(w, 2, group) for w in ws]
         rs = [f.reduce_scatter_tensor(torch.ones(64, 32), "sum", 2, group) for _ in range(2)]
         ar = f.all_reduce(torch.ones(8), "sum", group)
@@ -110,8 +110,8 @@ def _gathers_in_flight(rank: int, mesh) -> dict:
 
 
 def test_gloo_runs_many_gathers_in_flight():
-    """The functional gather crashed gloo ranks in most runs of this pattern
-    (`dtplan.runtime.gloo`); its replacement must run it, values exact."""
+    """The functional gather crashed gloo ranks in about half the runs of
+    this test (`dtplan.runtime.gloo`); its replacement must run it, values exact."""
     from dtplan.runtime.launch import spawn
 
     assert spawn(_gathers_in_flight, parse_mesh("2"), timeout_s=60) == [{"bad": 0}, {"bad": 0}]
