@@ -98,3 +98,11 @@ def test_calibrate_measures_this_machine_into_a_profile_the_planner_takes(tmp_pa
     assert p.intra_node == links["all_gather"]
     assert "measured by dtplan calibrate" in dict(p.sources)["collectives"]
     assert load_profile(str(write_profile(p, tmp_path / "me.json"))) == p
+
+
+@pytest.mark.parametrize("name", ["a100", "cpu", "h100", "h200"])
+def test_shipped_profiles_say_which_figures_are_measured_and_which_datasheet(name):
+    sources = dict(load_profile(name).sources)
+    for key in ("peak_flops", "memory_bandwidth", "intra_node", "inter_node", "memory_capacity"):
+        assert sources[key].startswith(("datasheet", "measured", "rough default")), (name, key)
+    assert sources["peak_flops"].startswith("measured") == (name == "h200")
