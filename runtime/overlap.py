@@ -42,18 +42,17 @@ __all__ = ["collective_waits", "does_work", "keep_alive", "overlap", "serialize"
 _WAIT = torch.ops._c10d_functional.wait_tensor.default
 #: a group's waits come before the issue of the group this many later
 AHEAD = 1
-#: producers a collective may take up with it: single-use, cheap, no side effects
-_MOVABLE = {
-    torch.ops.aten._to_copy.default,
+#: producers that allocate nothing: moved up whatever reads them
+_VIEWS = {
     torch.ops.aten.t.default,
     torch.ops.aten.view.default,
     torch.ops.aten._unsafe_view.default,
-    torch.ops.aten.clone.default,
-    torch.ops.aten.contiguous.default,
     torch.ops.aten.slice.Tensor,
     torch.ops.aten.transpose.int,
     torch.ops.aten.permute.default,
 }
+#: producers a collective may take up with it: single-use, cheap, no side effects
+_MOVABLE = _VIEWS | {torch.ops.aten._to_copy.default, torch.ops.aten.clone.default, torch.ops.aten.contiguous.default}
 
 
 def collective_waits(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, torch.fx.Node | None]]:
@@ -136,15 +135,6 @@ def overlap(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return gm
 
 
-#: producers that allocate nothing: moved up whatever reads them
-_VIEWS = {
-    torch.ops.aten.t.default,
-    torch.ops.aten.view.default,
-    torch.ops.aten._unsafe_view.default,
-    torch.ops.aten.slice.Tensor,
-    torch.ops.aten.transpose.int,
-    torch.ops.aten.permute.default,
-}
 #: what lowering does to a collective's result before the op that reads it
 _RELAYOUT = _MOVABLE | {torch.ops.aten.cat.default, torch.ops.aten.split.Tensor, torch.ops.aten.chunk.default}
 
