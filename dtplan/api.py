@@ -307,15 +307,7 @@ def _rerank_replicated(graph, space, pricer: Pricer, mesh: MeshSpec, choice, wan
     evaluated under the same model, and kept if faster and within the budget."""
     if not (pricer.profile.rank_skew or pricer.profile.overlap_slowdown) or mesh.size == 1:
         return ev, False
-    replicated = dict(choice)
-    for name, ns in space.nodes.items():
-        k = next((i for i, s in enumerate(ns.options) if _all_replicated(s.output) and all(_all_replicated(p) for p in s.inputs if p is not None)), None)
-        if k is not None:
-            replicated[name] = k
-    for u, options in space.hubs.items():
-        k = next((i for i, p in enumerate(options) if _all_replicated(p)), None)
-        if k is not None:
-            replicated[hub_name(u)] = k
+    replicated = _replicated_choice(space, choice)
     if replicated == dict(choice):
         return ev, False
     try:
@@ -325,6 +317,32 @@ def _rerank_replicated(graph, space, pricer: Pricer, mesh: MeshSpec, choice, wan
     if alt.overlap.step_s < ev.overlap.step_s and (budget is None or alt.peak_memory_bytes <= budget):
         return alt, True
     return ev, False
+
+
+def _replicated_choice(space, choice) -> dict[str, int]:
+    """`choice` with every group of nodes (a leader, its followers and tuple
+    projections, which share its choice index by index) and every hub that
+    can be all-Replicate made so."""
+    replicated = dict(choice)
+    groups: dict[str, list[str]] = {}
+    for name, ns in space.nodes.items():
+        groups.setdefault(ns.follows or name, []).append(name)
+    for members in groups.values():
+        sizes = {len(space.nodes[m].options) for m in members}
+        if len(sizes) != 1:
+            continue
+        k = next((i for i in range(sizes.pop()) if all(_replicated_strategy(space.nodes[m].options[i]) for m in members)), None)
+        if k is not None:
+            replicated.update(dict.fromkeys(members, k))
+    for u, options in space.hubs.items():
+        k = next((i for i, p in enumerate(options) if _all_replicated(p)), None)
+        if k is not None:
+            replicated[hub_name(u)] = k
+    return replicated
+
+
+def _replicated_strategy(s) -> bool:
+    return _all_replicated(s.output) and all(_all_replicated(p) for p in s.inputs if p is not None)
 
 
 def _all_replicated(output) -> bool:
