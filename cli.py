@@ -215,10 +215,12 @@ def cmd_run(args) -> int:
     from dtplan.runtime.run import run_model_file
 
     progress = _Progress(args.quiet)
-    mesh = parse_mesh(args.mesh)
+    plan = Plan.load(args.plan) if args.plan else None
+    if args.mesh is None and plan is None:
+        raise ValueError("run needs --mesh, or --plan (whose mesh it runs on)")
+    mesh = plan.mesh if args.mesh is None else parse_mesh(args.mesh)
     check_rank_count(mesh.size)  # before planning for a mesh this machine cannot run
-    if args.plan:
-        plan = Plan.load(args.plan)
+    if plan is not None:
         if tuple(mesh.shape) != tuple(plan.mesh.shape):
             raise PlanError(f"--mesh {mesh} does not match the plan's mesh {plan.mesh}")
         precision = plan.precision
@@ -324,8 +326,8 @@ def _parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_compile)
 
     r = sub.add_parser("run", help="run the sharded program on as many ranks as the mesh has")
-    planning(r)
-    r.add_argument("--plan", help="plan.json to run (default: plan first)")
+    planning(r, mesh_required=False)
+    r.add_argument("--plan", help="plan.json to run, on its mesh (default: plan first, for --mesh)")
     r.add_argument("--check", action="store_true", help="compare outputs (training: every loss and the final parameters) with one device")
     r.add_argument("--steps", type=_positive(int), default=5, help="training steps to run (with --train)")
     r.add_argument("--lr", type=_positive(float), default=1e-3, help="learning rate (with --train)")

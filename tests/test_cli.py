@@ -113,6 +113,10 @@ def test_run_refuses_a_plan_of_another_version_mesh_or_model(tmp_path, capsys):
     assert code == 1 and "does not match the plan's mesh" in err
     code, _, err = run_cli(capsys, "run", example_path("mlp"), "--mesh", "4", "--plan", tmp_path / "plan.json", "--model-arg", "hidden=128")
     assert code == 1 and "does not match this model" in err
+    code, _, err = run_cli(capsys, "run", example_path("mlp"), "--plan", tmp_path / "plan.json", "--model-arg", "hidden=128")
+    assert code == 1 and "does not match this model" in err  # the plan's mesh, without --mesh
+    code, _, err = run_cli(capsys, "run", example_path("mlp"))
+    assert code == 1 and "run needs --mesh, or --plan" in err
     data["version"] = 0
     (tmp_path / "old.json").write_text(json.dumps(data))
     code, _, err = run_cli(capsys, "run", example_path("mlp"), "--mesh", "4", "--plan", tmp_path / "old.json")
