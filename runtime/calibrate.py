@@ -16,9 +16,10 @@ once, so they share memory bandwidth and cores as a run does):
   program's fresh tensors are), and ops costing many instructions per
   element (gelu, log-softmax: "transcendental/<dtype>");
   `memory_bandwidth` is float32's largest;
-- `collectives`: each collective's latency and bandwidth over the world
-  group, fitted to the ring model the pricer uses (`cost.device`) by least
-  squares on relative error over several sizes, with the ops the runtime
+- `collective_curves` and `collectives`: each collective's seconds over
+  the world group at several sizes (the pricer interpolates them), and its
+  latency and bandwidth fitted to the ring model (`cost.device`) by least
+  squares on relative error, with the ops the runtime
   issues (gloo's all-gather: `runtime.gloo`); the intra-node link is the
   all-gather's;
 - `overlap_slowdown`: how much a matmul loop slows while all-reduces run
@@ -52,7 +53,7 @@ __all__ = ["calibrate", "fit_link", "write_profile"]
 
 MATMUL_SIZES = (32, 64, 128, 256, 512, 1024)
 ADD_SIZES = (2**10, 2**13, 2**16, 2**19, 2**22)
-COLLECTIVE_BYTES = (2**12, 2**16, 2**20, 2**23)
+COLLECTIVE_BYTES = (2**12, 2**15, 2**18, 2**20, 2**22, 2**24)
 #: ring steps per (p - 1) of each collective (the pricer's model)
 _STEPS = {"all_reduce": 2, "all_gather": 1, "reduce_scatter": 1, "all_to_all": 1}
 
@@ -342,10 +343,11 @@ def _profile(results: list[dict], base: DeviceProfile, *, ranks: int, device: st
     for dtype in results[0]["bandwidth_curve"]:
         bandwidth[dtype] = [[pt[0], mean([r["bandwidth_curve"][dtype][i][1] for r in results])] for i, pt in enumerate(results[0]["bandwidth_curve"][dtype])]
     p = results[0]["group_size"]
-    links = {}
+    links, curves_by_kind = {}, {}
     for kind, pts in results[0]["collective_seconds"].items():
         slowest = [[pt[0], max(r["collective_seconds"][kind][i][1] for r in results)] for i, pt in enumerate(pts)]
         links[kind] = fit_link(kind, p, slowest)
+        curves_by_kind[kind] = slowest
     peak = {d: max(rate for _, rate in pts) for d, pts in curves.items() if "/" not in d}
     peak.setdefault("float32", dict(base.peak_flops)["float32"])
     for half in ("bfloat16", "float16"):
@@ -355,7 +357,7 @@ def _profile(results: list[dict], base: DeviceProfile, *, ranks: int, device: st
     measured = f"measured by dtplan calibrate ({where})"
     sources = {
         k: measured
-        for k in ("op_launch_s", "flops_curve", "peak_flops", "bandwidth_curve", "memory_bandwidth", "collectives", "intra_node", "overlap_slowdown", "rank_skew")
+        for k in ("op_launch_s", "flops_curve", "peak_flops", "bandwidth_curve", "memory_bandwidth", "collectives", "collective_curves", "intra_node", "overlap_slowdown", "rank_skew")
     }
     sources.update({"memory_capacity": f"from the {base.name} profile", "inter_node": f"from the {base.name} profile", "devices_per_node": f"from the {base.name} profile"})
     return DeviceProfile(
@@ -373,6 +375,7 @@ def _profile(results: list[dict], base: DeviceProfile, *, ranks: int, device: st
         flops_curve=curves,
         bandwidth_curve=bandwidth,
         collectives={p: links},
+        collective_curves={p: curves_by_kind},
         sources=sources,
     )
 

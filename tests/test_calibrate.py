@@ -18,6 +18,7 @@ def _measured(**extra) -> DeviceProfile:
         flops_curve={"float32": [[1e6, 1e10], [1e8, 1e11]], "attention/float32": [[8, 1e10], [64, 6e10]]},
         bandwidth_curve={"float32": [[1e4, 1e10], [1e8, 3e10]], "transcendental/float32": [[1e4, 1e9], [1e8, 1e10]]},
         collectives={"2": {"all_gather": {"bandwidth": 1e9, "latency": 3e-4}}},
+        collective_curves={"2": {"all_reduce": [[1e3, 1e-4], [1e5, 1e-3]]}},
         overlap_slowdown=0.25,
         sources={"flops_curve": "measured by a test"},
         **extra,
@@ -60,6 +61,17 @@ def test_a_measured_link_replaces_the_profile_link_for_its_kind_and_group_size()
     assert p.collective_link("all_gather", 2, p.inter_node) is p.inter_node  # across nodes
 
 
+def test_a_measured_collective_curve_prices_its_kind_and_group_size():
+    p = _measured()
+    assert p.collective_seconds("all_reduce", 1e4, 2, p.intra_node) == pytest.approx(10 ** -3.5)  # log-log half way
+    assert p.collective_seconds("all_reduce", 10, 2, p.intra_node) == 1e-4  # the smallest measured: latency
+    assert p.collective_seconds("all_reduce", 1e6, 2, p.intra_node) == pytest.approx(1e-2)  # linear past the largest
+    link = p.collective_link("all_gather", 2, p.intra_node)
+    assert p.collective_seconds("all_gather", 1e6, 2, p.intra_node) == collective_time("all_gather", 1e6, 2, link)  # no curve: its link
+    assert p.collective_seconds("all_reduce", 1e6, 4, p.intra_node) == collective_time("all_reduce", 1e6, 4, p.intra_node)  # another size
+    assert p.collective_seconds("all_reduce", 1e6, 2, p.inter_node) == collective_time("all_reduce", 1e6, 2, p.inter_node)
+
+
 @pytest.mark.parametrize("kind", ["all_reduce", "all_gather", "reduce_scatter"])
 @pytest.mark.parametrize("p", [2, 4])
 def test_fit_link_recovers_the_ring_model(kind, p):
@@ -96,6 +108,8 @@ def test_calibrate_measures_this_machine_into_a_profile_the_planner_takes(tmp_pa
     links = dict(dict(p.collectives)[2])
     assert set(links) == {"all_reduce", "all_gather", "reduce_scatter", "all_to_all"}
     assert p.intra_node == links["all_gather"]
+    curves = dict(dict(p.collective_curves)[2])
+    assert set(curves) == set(links) and all(len(c) == 6 and all(t > 0 for _, t in c) for c in curves.values())
     assert "measured by dtplan calibrate" in dict(p.sources)["collectives"]
     assert load_profile(str(write_profile(p, tmp_path / "me.json"))) == p
 

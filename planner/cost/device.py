@@ -99,6 +99,11 @@ class DeviceProfile:
     flops_curve: tuple[tuple[str, tuple[tuple[float, float], ...]], ...] = ()
     bandwidth_curve: tuple[tuple[str, tuple[tuple[float, float], ...]], ...] = ()
     collectives: tuple[tuple[int, tuple[tuple[str, Link], ...]], ...] = ()
+    #: each collective's measured seconds by bytes (plan-file convention), by
+    #: group size ("2": {"all_reduce": [[bytes, seconds], ...]}): priced by
+    #: interpolation in log-log where present (the ring model's two figures
+    #: miss mid sizes by up to 2x on gloo), linearly in bytes past the largest
+    collective_curves: tuple[tuple[int, tuple[tuple[str, tuple[tuple[float, float], ...]], ...]], ...] = ()
     #: where each figure comes from (field -> "datasheet", "measured by ...")
     sources: tuple[tuple[str, str], ...] = ()
 
@@ -117,6 +122,7 @@ class DeviceProfile:
         object.__setattr__(self, "flops_curve", tuple(sorted((_canonical_dtype(k), _curve(f"flops_curve[{k!r}]", v)) for k, v in dict(self.flops_curve).items())))
         object.__setattr__(self, "bandwidth_curve", tuple(sorted((_canonical_dtype(k), _curve(f"bandwidth_curve[{k!r}]", v)) for k, v in dict(self.bandwidth_curve).items())))
         object.__setattr__(self, "collectives", _collective_links(self.collectives))
+        object.__setattr__(self, "collective_curves", _collective_curves(self.collective_curves))
         object.__setattr__(self, "sources", tuple(sorted((str(k), str(v)) for k, v in dict(self.sources).items())))
         for field in ("intra_node", "inter_node"):
             if not isinstance(getattr(self, field), Link):
@@ -156,6 +162,17 @@ class DeviceProfile:
             measured = dict(dict(self.collectives).get(p, ()))
             return measured.get(kind, link)
         return link
+
+    def collective_seconds(self, kind: str, nbytes: float, p: int, link: Link) -> float:
+        """Seconds of a collective of `kind` on `nbytes` over `p` ranks on
+        `link`: the measured curve for this group size where the axis is
+        inside a node, else the ring model on the (measured) link."""
+        curve = dict(dict(self.collective_curves).get(p, ())).get(kind) if link is self.intra_node else None
+        if not curve or p == 1 or nbytes == 0:
+            return collective_time(kind, nbytes, p, self.collective_link(kind, p, link))
+        if nbytes > curve[-1][0]:
+            return curve[-1][1] * nbytes / curve[-1][0]
+        return _interpolate(curve, nbytes)
 
     def axis_links(self, mesh_shape: tuple[int, ...]) -> tuple[Link, ...]:
         """The link each mesh axis communicates over.
@@ -197,6 +214,11 @@ class DeviceProfile:
             **({"flops_curve": {k: [list(pt) for pt in v] for k, v in self.flops_curve}} if self.flops_curve else {}),
             **({"bandwidth_curve": {k: [list(pt) for pt in v] for k, v in self.bandwidth_curve}} if self.bandwidth_curve else {}),
             **({"collectives": {str(p): {k: l.to_json() for k, l in links} for p, links in self.collectives}} if self.collectives else {}),
+            **(
+                {"collective_curves": {str(p): {k: [list(pt) for pt in c] for k, c in curves} for p, curves in self.collective_curves}}
+                if self.collective_curves
+                else {}
+            ),
             **({"sources": dict(self.sources)} if self.sources else {}),
         }
 
@@ -222,7 +244,8 @@ class DeviceProfile:
             devices_per_node=d["devices_per_node"],
             intra_node=_link_from_json("intra_node", d["intra_node"]),
             inter_node=_link_from_json("inter_node", d["inter_node"]),
-            **{k: d[k] for k in _OPTIONAL_KEYS if k in d and k not in ("flops_curve", "bandwidth_curve", "collectives", "sources")},
+            **{k: d[k] for k in _OPTIONAL_KEYS if k in d and k not in ("flops_curve", "bandwidth_curve", "collectives", "collective_curves", "sources")},
+            collective_curves={_int_key(p): _mapping_of(d["collective_curves"], p) for p in _mapping_of(d, "collective_curves")},
             flops_curve=_mapping_of(d, "flops_curve"),
             bandwidth_curve=_mapping_of(d, "bandwidth_curve"),
             collectives={_int_key(p): {k: _link_from_json(f"collectives.{p}.{k}", v) for k, v in _mapping_of(d["collectives"], p).items()} for p in _mapping_of(d, "collectives")},
@@ -240,7 +263,7 @@ _PROFILE_KEYS = (
     "intra_node",
     "inter_node",
 )
-_OPTIONAL_KEYS = ("overlap_slowdown", "rank_skew", "op_launch_s", "flops_curve", "bandwidth_curve", "collectives", "sources")
+_OPTIONAL_KEYS = ("overlap_slowdown", "rank_skew", "op_launch_s", "flops_curve", "bandwidth_curve", "collectives", "collective_curves", "sources")
 
 
 def _mapping_of(d: dict, key: str) -> dict:
@@ -276,6 +299,16 @@ def _collective_links(value: Any) -> tuple[tuple[int, tuple[tuple[str, Link], ..
             if not isinstance(link, Link):
                 raise ValueError(f"collectives[{p}][{kind!r}] must be a Link, got {link!r}")
         out.append((int(p), tuple(sorted(links.items()))))
+    return tuple(sorted(out))
+
+
+def _collective_curves(value: Any) -> tuple:
+    out = []
+    for p, curves in dict(value).items():
+        curves = dict(curves)
+        for kind in curves:
+            _check_kind(kind)
+        out.append((int(p), tuple(sorted((k, _curve(f"collective_curves[{p}][{k!r}]", c)) for k, c in curves.items()))))
     return tuple(sorted(out))
 
 

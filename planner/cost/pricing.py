@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from dtplan.ir.graph import Node, Role, TensorMeta, dtype_name
 from dtplan.planner.space._dtensor import Placements, is_sharded, per_output, transform_steps
-from dtplan.planner.cost.device import DeviceProfile, collective_time, compute_time
+from dtplan.planner.cost.device import DeviceProfile, compute_time
 from dtplan.planner.space.strategies import Strategy, shard_factor
 
 __all__ = ["Collective", "Pricer", "local_shape", "optimizer_state_factor", "primary_output"]
@@ -124,7 +124,7 @@ class Pricer:
             nbytes = _numel(shape) * meta.itemsize
             if kind == "all_to_all":
                 nbytes = _numel(before) * meta.itemsize
-            t = collective_time(kind, nbytes, p, self.profile.collective_link(kind, p, self.links[step.axis])) + self._rearrange_s(kind, step, nbytes)
+            t = self.profile.collective_seconds(kind, nbytes, p, self.links[step.axis]) + self._rearrange_s(kind, step, nbytes)
             out.append(Collective(kind, step.axis, nbytes, t))
         return tuple(out)
 
