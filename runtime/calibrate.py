@@ -302,11 +302,17 @@ def fit_link(kind: str, p: int, points: list[list[float]]) -> Link:
 
 
 def calibrate(
-    ranks: int = 2, *, base: str = "cpu", dtypes: tuple[str, ...] = ("float32", "bfloat16"), say: Callable[[str], None] | None = print
+    ranks: int = 2,
+    *,
+    base: str = "cpu",
+    dtypes: tuple[str, ...] = ("float32", "bfloat16"),
+    say: Callable[[str], None] | None = print,
+    quick: bool = False,
 ) -> DeviceProfile:
     """Measure this machine on `ranks` spawned ranks; a profile built on `base`
     (its capacity and node size) with every measured figure replaced.
-    `say` gets progress (rank 0's measurements as they come); None: quiet."""
+    `say` gets progress (rank 0's measurements as they come); None: quiet.
+    `quick` measures every other size (the tests: the same figures, coarser)."""
     from dtplan.runtime.launch import device_type, spawn
 
     if ranks < 2:
@@ -317,7 +323,7 @@ def calibrate(
     device = device_type()
     say(f"calibrating on {ranks} {device} rank(s) ...")
     mesh = MeshSpec((ranks,), ("d0",))
-    results = spawn(_Measure(dtypes, verbose), mesh)
+    results = spawn(_Measure(dtypes, verbose, quick), mesh)
     profile = _profile(results, load_profile(base), ranks=ranks, device=device)
     say(f"calibrated in {time.perf_counter() - start:.0f} s")
     return profile
@@ -326,10 +332,14 @@ def calibrate(
 class _Measure:
     """`_measure` with its options, picklable for spawn."""
 
-    def __init__(self, dtypes: tuple[str, ...], verbose: bool) -> None:
-        self.dtypes, self.verbose = dtypes, verbose
+    def __init__(self, dtypes: tuple[str, ...], verbose: bool, quick: bool) -> None:
+        self.dtypes, self.verbose, self.quick = dtypes, verbose, quick
 
     def __call__(self, rank: int, mesh) -> dict:
+        global MATMUL_SIZES, ADD_SIZES, COLLECTIVE_BYTES, ATTENTION_HEAD_DIMS
+        if self.quick:  # in the rank's own copy of this module
+            MATMUL_SIZES, ADD_SIZES = MATMUL_SIZES[::2], ADD_SIZES[::2]
+            COLLECTIVE_BYTES, ATTENTION_HEAD_DIMS = COLLECTIVE_BYTES[::2], ATTENTION_HEAD_DIMS[::2]
         return _measure(rank, mesh, dtypes=self.dtypes, verbose=self.verbose)
 
 

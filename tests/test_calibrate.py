@@ -96,10 +96,11 @@ def test_bad_curves_are_refused():
 
 
 def test_calibrate_measures_this_machine_into_a_profile_the_planner_takes(tmp_path):
-    """Two gloo ranks, float32 only (the command measures bf16 too)."""
+    """Two gloo ranks, float32 only, every other size (the command measures
+    bf16 too, at every size)."""
     from dtplan.runtime.calibrate import calibrate, write_profile
 
-    p = calibrate(2, dtypes=("float32",), say=None)
+    p = calibrate(2, dtypes=("float32",), say=None, quick=True)
     curves = dict(p.flops_curve)
     assert set(curves) == {"float32", "attention/float32", "attention_backward/float32"}
     assert all(rate > 0 for _, rate in curves["float32"]) and p.flops_per_s("float32") == max(r for _, r in curves["float32"])
@@ -109,7 +110,7 @@ def test_calibrate_measures_this_machine_into_a_profile_the_planner_takes(tmp_pa
     assert set(links) == {"all_reduce", "all_gather", "reduce_scatter", "all_to_all"}
     assert p.intra_node == links["all_gather"]
     curves = dict(dict(p.collective_curves)[2])
-    assert set(curves) == set(links) and all(len(c) == 6 and all(t > 0 for _, t in c) for c in curves.values())
+    assert set(curves) == set(links) and all(len(c) == 3 and all(t > 0 for _, t in c) for c in curves.values())
     assert "measured by dtplan calibrate" in dict(p.sources)["collectives"]
     assert load_profile(str(write_profile(p, tmp_path / "me.json"))) == p
 
