@@ -36,12 +36,14 @@ measured, where and when.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -51,9 +53,18 @@ from dtplan.planner.mesh import MeshSpec
 
 __all__ = ["calibrate", "fit_link", "write_profile"]
 
-MATMUL_SIZES = (32, 64, 128, 256, 512, 1024)
-ADD_SIZES = (2**10, 2**13, 2**16, 2**19, 2**22)
-COLLECTIVE_BYTES = (2**12, 2**15, 2**18, 2**20, 2**22, 2**24)
+@dataclass(frozen=True)
+class Sizes:
+    """What is measured at which sizes."""
+
+    matmul: tuple[int, ...] = (32, 64, 128, 256, 512, 1024)
+    add: tuple[int, ...] = (2**10, 2**13, 2**16, 2**19, 2**22)
+    collective_bytes: tuple[int, ...] = (2**12, 2**15, 2**18, 2**20, 2**22, 2**24)
+    #: head dimensions at which fused attention is measured (batch 4, 8 heads, sequence 128)
+    attention_head_dims: tuple[int, ...] = (8, 16, 32, 64, 128)
+
+    def every_other(self) -> Sizes:
+        return Sizes(*(getattr(self, f.name)[::2] for f in fields(self)))
 #: ring steps per (p - 1) of each collective (the pricer's model)
 _STEPS = {"all_reduce": 2, "all_gather": 1, "reduce_scatter": 1, "all_to_all": 1}
 
@@ -96,13 +107,13 @@ def _launch_s(device: str) -> float:
     return _seconds(lambda: gm(one), device) / 200
 
 
-def _compute(device: str, dtypes: tuple[torch.dtype, ...], say: Callable[[str], None]) -> dict:
+def _compute(device: str, dtypes: tuple[torch.dtype, ...], sizes: Sizes, say: Callable[[str], None]) -> dict:
     flops_curve: dict[str, list[list[float]]] = {}
     bandwidth: dict[str, list[list[float]]] = {}
     for dtype in dtypes:
         name = str(dtype).removeprefix("torch.")
         pts = []
-        for n in MATMUL_SIZES:
+        for n in sizes.matmul:
             # a linear's shape: activations times a transposed weight, from a
             # pool larger than the caches, as a program's operands are
             pool = [(torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype).t()) for _ in range(max(1, min(64, 2**25 // (2 * n * n * 4))))]
@@ -111,31 +122,27 @@ def _compute(device: str, dtypes: tuple[torch.dtype, ...], say: Callable[[str], 
             flops = 2.0 * n**3
             pts.append([flops, flops / s])  # launch included: the model takes the larger
         flops_curve[name] = pts
-        say(f"  matmul {name}: " + ", ".join(f"{n}: {p[1] / 1e9:.1f}" for n, p in zip(MATMUL_SIZES, pts, strict=True)) + " GFLOP/s")
-        fwd, bwd = _attention(device, dtype)
+        say(f"  matmul {name}: " + ", ".join(f"{n}: {p[1] / 1e9:.1f}" for n, p in zip(sizes.matmul, pts, strict=True)) + " GFLOP/s")
+        fwd, bwd = _attention(device, dtype, sizes.attention_head_dims)
         flops_curve[f"attention/{name}"], flops_curve[f"attention_backward/{name}"] = fwd, bwd
         say(f"  attention {name}: " + ", ".join(f"d {f[0]:.0f}: {f[1] / 1e9:.1f}/{b[1] / 1e9:.1f}" for f, b in zip(fwd, bwd, strict=True)) + " GFLOP/s (forward/backward)")
-        bandwidth[name] = bw = _bandwidth(device, dtype, torch.add, 3)
-        gelu = _bandwidth(device, dtype, lambda a, _b: torch.nn.functional.gelu(a), 2)
-        softmax = _bandwidth(device, dtype, lambda a, _b: torch.log_softmax(a.view(-1, 256), -1), 2)
+        bandwidth[name] = bw = _bandwidth(device, dtype, torch.add, 3, sizes.add)
+        gelu = _bandwidth(device, dtype, lambda a, _b: torch.nn.functional.gelu(a), 2, sizes.add)
+        softmax = _bandwidth(device, dtype, lambda a, _b: torch.log_softmax(a.view(-1, 256), -1), 2, sizes.add)
         bandwidth[f"transcendental/{name}"] = [[g[0], (g[1] + s[1]) / 2] for g, s in zip(gelu, softmax, strict=True)]
         say(f"  add bandwidth {name}: " + ", ".join(f"{p[0] / 2**10:.0f} KiB: {p[1] / 1e9:.1f}" for p in bw) + " GB/s")
         say(f"  gelu/log_softmax bandwidth {name}: " + ", ".join(f"{p[1] / 1e9:.1f}" for p in bandwidth[f"transcendental/{name}"]) + " GB/s")
     return {"flops_curve": flops_curve, "bandwidth_curve": bandwidth}
 
 
-#: head dimensions at which fused attention is measured (batch 4, 8 heads, sequence 128)
-ATTENTION_HEAD_DIMS = (8, 16, 32, 64, 128)
-
-
-def _attention(device: str, dtype: torch.dtype) -> tuple[list[list[float]], list[list[float]]]:
+def _attention(device: str, dtype: torch.dtype, head_dims: tuple[int, ...]) -> tuple[list[list[float]], list[list[float]]]:
     """FLOP/s of fused attention forward, and of its backward (torch's FLOP
     formulas: backward 2.5x forward), by head dimension."""
     from dtplan.ir.flops import sdpa_flops
 
     sdpa = torch.nn.functional.scaled_dot_product_attention
     forward, backward = [], []
-    for d in ATTENTION_HEAD_DIMS:
+    for d in head_dims:
         q, k, v = (torch.randn(4, 8, 128, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
         flops = float(sdpa_flops(q.shape, k.shape, v.shape))
         with torch.no_grad():
@@ -151,12 +158,12 @@ def _attention(device: str, dtype: torch.dtype) -> tuple[list[list[float]], list
     return forward, backward
 
 
-def _bandwidth(device: str, dtype: torch.dtype, op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], tensors: int) -> list[list[float]]:
+def _bandwidth(device: str, dtype: torch.dtype, op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], tensors: int, counts: tuple[int, ...]) -> list[list[float]]:
     """Bytes `op` moves per second (`tensors` of the element count, inputs
     and output), by size, over a pool of buffers larger than the caches (as
     a program's fresh tensors are)."""
     out = []
-    for n in ADD_SIZES:
+    for n in counts:
         pool = [(torch.randn(n, device=device, dtype=dtype), torch.randn(n, device=device, dtype=dtype)) for _ in range(max(1, min(256, 2**25 // (n * 4))))]
         it = iter(range(1 << 62))
         s = _seconds(lambda pool=pool, it=it: op(*pool[next(it) % len(pool)]), device)
@@ -165,7 +172,7 @@ def _bandwidth(device: str, dtype: torch.dtype, op: Callable[[torch.Tensor, torc
     return out
 
 
-def _collectives(mesh, device: str) -> dict:
+def _collectives(mesh, device: str, sizes: tuple[int, ...]) -> dict:
     """Seconds per collective, by kind and bytes (the plan-file convention)."""
     from dtplan.runtime import gloo
 
@@ -177,7 +184,7 @@ def _collectives(mesh, device: str) -> dict:
     out: dict[str, list[list[float]]] = {}
     for kind in COLLECTIVE_KINDS:
         pts = []
-        for nbytes in COLLECTIVE_BYTES:
+        for nbytes in sizes:
             numel = nbytes // 4
             if kind == "all_gather":
                 x = torch.randn(numel // p, device=device)
@@ -264,15 +271,15 @@ def _skew(mesh, device: str) -> float:
     return max(0.0, (cost_long - cost_short) / max(long_ - short, 1e-9))
 
 
-def _measure(rank: int, mesh, *, dtypes: tuple[str, ...], verbose: bool) -> dict:
+def _measure(rank: int, mesh, *, dtypes: tuple[str, ...], verbose: bool, sizes: Sizes) -> dict:
     device = mesh.device_type
     say = (lambda s: print(s, flush=True)) if rank == 0 and verbose else (lambda s: None)
     launch = _launch_s(device)
     say(f"  op launch: {launch * 1e6:.2f} us")
     out = {"op_launch_s": launch, "threads": torch.get_num_threads()}
-    out.update(_compute(device, tuple(getattr(torch, d) for d in dtypes), say))
+    out.update(_compute(device, tuple(getattr(torch, d) for d in dtypes), sizes, say))
     say("  collectives ...")
-    out.update(_collectives(mesh, device))
+    out.update(_collectives(mesh, device, sizes.collective_bytes))
     out["overlap_slowdown"] = _slowdown(mesh, device)
     say(f"  compute under communication: {out['overlap_slowdown']:.1%} slower")
     out["rank_skew"] = _skew(mesh, device)
@@ -323,24 +330,11 @@ def calibrate(
     device = device_type()
     say(f"calibrating on {ranks} {device} rank(s) ...")
     mesh = MeshSpec((ranks,), ("d0",))
-    results = spawn(_Measure(dtypes, verbose, quick), mesh)
+    sizes = Sizes().every_other() if quick else Sizes()
+    results = spawn(functools.partial(_measure, dtypes=dtypes, verbose=verbose, sizes=sizes), mesh)
     profile = _profile(results, load_profile(base), ranks=ranks, device=device)
     say(f"calibrated in {time.perf_counter() - start:.0f} s")
     return profile
-
-
-class _Measure:
-    """`_measure` with its options, picklable for spawn."""
-
-    def __init__(self, dtypes: tuple[str, ...], verbose: bool, quick: bool) -> None:
-        self.dtypes, self.verbose, self.quick = dtypes, verbose, quick
-
-    def __call__(self, rank: int, mesh) -> dict:
-        global MATMUL_SIZES, ADD_SIZES, COLLECTIVE_BYTES, ATTENTION_HEAD_DIMS
-        if self.quick:  # in the rank's own copy of this module
-            MATMUL_SIZES, ADD_SIZES = MATMUL_SIZES[::2], ADD_SIZES[::2]
-            COLLECTIVE_BYTES, ATTENTION_HEAD_DIMS = COLLECTIVE_BYTES[::2], ATTENTION_HEAD_DIMS[::2]
-        return _measure(rank, mesh, dtypes=self.dtypes, verbose=self.verbose)
 
 
 def _profile(results: list[dict], base: DeviceProfile, *, ranks: int, device: str) -> DeviceProfile:

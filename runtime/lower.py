@@ -263,26 +263,22 @@ class _PlanInterpreter(torch.fx.Interpreter):
         meta = self.ir[fx_node.name].meta
         replicated = all(all(p.is_replicate() for p in pl) for pl in np.inputs) and _replicated(np.output)
         strided = any(has_strided(pl) for pl in (*np.inputs, *per_output(np.output)))
+        if target in _VIEWS and isinstance(args[0], DTensor) and not replay.local_tensor(args[0]).is_contiguous():
+            # the local shard can be in another memory layout than the
+            # captured program had: a redistribution's (an all-to-all over
+            # nested shards returns it contiguous before a transpose) or a
+            # kernel's (CPU flash attention's output is contiguous, its meta
+            # function's heads-inner): copy it so the view is valid, as
+            # reshape would
+            src = self.ir[fx_node.args[0].name].tensor_meta
+            args = (self._wrap(replay.local_tensor(args[0]).contiguous(), args[0].placements, src), *args[1:])
         if target in _LOCAL or rules.lookup(target) is not None or replicated or strided:
             # our own rules, factories, fully replicated ops and casts of
             # strided shards: the op on local tensors (ours where it needs
             # more than the op: `_LOCAL`)
             la, lk = replay.local_tensors((args, kwargs))
-            if target in _VIEWS and isinstance(la[0], torch.Tensor) and not la[0].is_contiguous():
-                # a kernel may return another layout than its meta function
-                # said at capture (CPU flash attention's output: contiguous
-                # here, heads-inner in the captured graph), and the view of
-                # the captured program then fails: copy, as reshape would
-                la = (la[0].contiguous(), *la[1:])
             out = _LOCAL[target](self, fx_node, np, *la, **lk) if target in _LOCAL else target(*la, **lk)
             return self._wrap_outputs(out, np.output, meta)
-        if target in _VIEWS and isinstance(args[0], DTensor) and not replay.local_tensor(args[0]).is_contiguous():
-            # a redistribution can leave the local shard in another memory
-            # layout than the single-device program had (an all-to-all over
-            # nested shards returns it contiguous before a transpose): copy it
-            # so the view is valid, as reshape would
-            src = self.ir[fx_node.args[0].name].tensor_meta
-            args = (self._wrap(replay.local_tensor(args[0]).contiguous(), args[0].placements, src), *args[1:])
         out = target(*args, **kwargs)
         self._check(fx_node, out, np.output)
         return out

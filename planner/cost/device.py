@@ -121,8 +121,8 @@ class DeviceProfile:
         _require_number("DeviceProfile.rank_skew", self.rank_skew, positive=False)
         object.__setattr__(self, "flops_curve", tuple(sorted((_canonical_dtype(k), _curve(f"flops_curve[{k!r}]", v)) for k, v in dict(self.flops_curve).items())))
         object.__setattr__(self, "bandwidth_curve", tuple(sorted((_canonical_dtype(k), _curve(f"bandwidth_curve[{k!r}]", v)) for k, v in dict(self.bandwidth_curve).items())))
-        object.__setattr__(self, "collectives", _collective_links(self.collectives))
-        object.__setattr__(self, "collective_curves", _collective_curves(self.collective_curves))
+        object.__setattr__(self, "collectives", _by_group_size("collectives", self.collectives, _link))
+        object.__setattr__(self, "collective_curves", _by_group_size("collective_curves", self.collective_curves, _curve))
         object.__setattr__(self, "sources", tuple(sorted((str(k), str(v)) for k, v in dict(self.sources).items())))
         for field in ("intra_node", "inter_node"):
             if not isinstance(getattr(self, field), Link):
@@ -141,6 +141,8 @@ class DeviceProfile:
         and dtype, else the matmul curve, else the peak. Matmul curves are by
         FLOPs; "attention" curves by `size`, the head dimension (what sets a
         fused attention kernel's efficiency)."""
+        if not self.flops_curve:
+            return self.flops_per_s(dtype_name)
         curves, dtype = dict(self.flops_curve), _canonical_dtype(dtype_name)
         if kind.startswith("attention") and f"{kind}/{dtype}" in curves and size is not None:
             return _interpolate(curves[f"{kind}/{dtype}"], size)
@@ -151,6 +153,8 @@ class DeviceProfile:
         """Memory bandwidth for an op moving `nbytes` of a dtype: the measured
         curve for its kind ("transcendental": ops costing many instructions
         per element) and dtype, else the dtype's, else float32's, else the peak."""
+        if not self.bandwidth_curve:
+            return self.memory_bandwidth
         curves, dtype = dict(self.bandwidth_curve), _canonical_dtype(dtype_name)
         curve = curves.get(f"{kind}/{dtype}") or curves.get(dtype) or curves.get("float32")
         return _interpolate(curve, nbytes) if curve else self.memory_bandwidth
@@ -244,11 +248,14 @@ class DeviceProfile:
             devices_per_node=d["devices_per_node"],
             intra_node=_link_from_json("intra_node", d["intra_node"]),
             inter_node=_link_from_json("inter_node", d["inter_node"]),
-            **{k: d[k] for k in _OPTIONAL_KEYS if k in d and k not in ("flops_curve", "bandwidth_curve", "collectives", "collective_curves", "sources")},
-            collective_curves={_int_key(p): _mapping_of(d["collective_curves"], p) for p in _mapping_of(d, "collective_curves")},
+            **{k: d[k] for k in ("overlap_slowdown", "rank_skew", "op_launch_s") if k in d},
             flops_curve=_mapping_of(d, "flops_curve"),
             bandwidth_curve=_mapping_of(d, "bandwidth_curve"),
-            collectives={_int_key(p): {k: _link_from_json(f"collectives.{p}.{k}", v) for k, v in _mapping_of(d["collectives"], p).items()} for p in _mapping_of(d, "collectives")},
+            collectives={
+                _int_key("collectives", p): {k: _link_from_json(f"collectives.{p}.{k}", v) for k, v in _mapping_of(d["collectives"], p).items()}
+                for p in _mapping_of(d, "collectives")
+            },
+            collective_curves={_int_key("collective_curves", p): _mapping_of(d["collective_curves"], p) for p in _mapping_of(d, "collective_curves")},
             sources=_mapping_of(d, "sources"),
         )
 
@@ -273,9 +280,9 @@ def _mapping_of(d: dict, key: str) -> dict:
     return v
 
 
-def _int_key(p: str) -> int:
+def _int_key(key: str, p: str) -> int:
     if not str(p).isdigit() or int(p) < 2:
-        raise ValueError(f"profile key 'collectives' is keyed by group size (an int >= 2), got {p!r}")
+        raise ValueError(f"profile key {key!r} is keyed by group size (an int >= 2), got {p!r}")
     return int(p)
 
 
@@ -290,26 +297,21 @@ def _curve(what: str, points: Any) -> tuple[tuple[float, float], ...]:
     return pts
 
 
-def _collective_links(value: Any) -> tuple[tuple[int, tuple[tuple[str, Link], ...]], ...]:
+def _by_group_size(what: str, value: Any, item) -> tuple:
+    """{group size: {collective kind: x}} as sorted tuples, each x through `item(where, x)`."""
     out = []
-    for p, links in dict(value).items():
-        links = dict(links)
-        for kind, link in links.items():
+    for p, per_kind in dict(value).items():
+        per_kind = dict(per_kind)
+        for kind in per_kind:
             _check_kind(kind)
-            if not isinstance(link, Link):
-                raise ValueError(f"collectives[{p}][{kind!r}] must be a Link, got {link!r}")
-        out.append((int(p), tuple(sorted(links.items()))))
+        out.append((int(p), tuple(sorted((k, item(f"{what}[{p}][{k!r}]", x)) for k, x in per_kind.items()))))
     return tuple(sorted(out))
 
 
-def _collective_curves(value: Any) -> tuple:
-    out = []
-    for p, curves in dict(value).items():
-        curves = dict(curves)
-        for kind in curves:
-            _check_kind(kind)
-        out.append((int(p), tuple(sorted((k, _curve(f"collective_curves[{p}][{k!r}]", c)) for k, c in curves.items()))))
-    return tuple(sorted(out))
+def _link(where: str, link: Any) -> Link:
+    if not isinstance(link, Link):
+        raise ValueError(f"{where} must be a Link, got {link!r}")
+    return link
 
 
 def _interpolate(points: tuple[tuple[float, float], ...], x: float) -> float:

@@ -79,8 +79,11 @@ def simulate(
     colls = sorted(enumerate(collectives), key=lambda kc: (kc[1][2], kc[0]))
     # groups: no compute between consecutive collectives' positions
     work_before = [0] * (n + 1)  # nodes that compute, before each position
+    done_before = [0.0] * (n + 1)  # compute (only) before each position
     for i, name in enumerate(order):
-        work_before[i + 1] = work_before[i] + (compute_s.get(name, 0.0) > 0)
+        t = compute_s.get(name, 0.0)
+        work_before[i + 1] = work_before[i] + (t > 0)
+        done_before[i + 1] = done_before[i] + t
     group, g = [], 0
     for k, (_, c) in enumerate(colls):
         if k and work_before[c[2]] > work_before[colls[k - 1][1][2]]:
@@ -92,9 +95,6 @@ def simulate(
     # each collective's earliest index: past its producer and past the previous group's spot
     gate = [max(last_pos[gk - 1] if gk else 0, index[c[1]] + 1 if c[1] in index else 0) for (_, c), gk in zip(colls, group, strict=True)]
     start_at = [0.0] * (n + 1)  # compute stream time when node i may start (before waits)
-    done_before = [0.0] * (n + 1)  # compute (only) before node i
-    for i, name in enumerate(order):
-        done_before[i + 1] = done_before[i] + compute_s.get(name, 0.0)
     finish = [0.0] * n
     done_at: dict[int, float] = {}  # collective k (sorted) -> its finish
     by_pos: dict[int, list[int]] = {}
@@ -122,7 +122,7 @@ def simulate(
         else:
             cursor = begin
     step = max(cursor, comm_free)
-    compute = sum(compute_s.get(name, 0.0) for name in order)
+    compute = done_before[n]
     comm = sum(c[3] for c in collectives)
     exposed = max(0.0, step - compute)  # waiting on collectives (and, with skew, on the other ranks)
     if slowdown:

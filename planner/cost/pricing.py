@@ -86,14 +86,14 @@ class Pricer:
         metas = node.meta if isinstance(node.meta, tuple) else (node.meta,)
         meta = next((m for m in metas if m is not None), None)
         dt = dtype_name(meta.dtype) if meta is not None else "float32"
-        op = node.op_name
+        op = getattr(getattr(node.target, "overloadpacket", None), "__name__", "")
+        kind, size = "matmul", None
         if "attention" in op and meta is not None and meta.shape:
             # fused attention: its efficiency follows the head dimension, the output's last
-            kind = "attention_backward" if "backward" in op else "attention"
-            return compute_time(node.flops / f, node.bytes / f, self.profile, dt, kind, meta.shape[-1])
-        if op.split(".")[-2 if op.count(".") >= 2 else -1] in _TRANSCENDENTAL:
-            return compute_time(node.flops / f, node.bytes / f, self.profile, dt, "transcendental")
-        return compute_time(node.flops / f, node.bytes / f, self.profile, dt)
+            kind, size = ("attention_backward" if "backward" in op else "attention"), meta.shape[-1]
+        elif op in _TRANSCENDENTAL:
+            kind = "transcendental"
+        return compute_time(node.flops / f, node.bytes / f, self.profile, dt, kind, size)
 
     def redistribute(self, meta: TensorMeta, src: Placements, dst: Placements) -> tuple[Collective, ...]:
         """The collectives taking a tensor from `src` to `dst` placements
