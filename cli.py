@@ -104,7 +104,7 @@ def _plan(args, progress):
         progress=progress,
         remat=args.remat,
     )
-    return mf, plan
+    return mf, plan, captured
 
 
 def _summary(plan) -> dict:
@@ -194,7 +194,7 @@ def cmd_compile(args) -> int:
     from dtplan.planner.output.report import build_report_data, render_report
 
     progress = _Progress(args.quiet or args.json)
-    _, plan = _plan(args, progress)
+    _, plan, _ = _plan(args, progress)
     out = Path(args.out)
     progress("writing the plan and its report")
     _write_together(out, {"plan.json": plan_text(plan), "report.html": render_report(build_report_data(plan.to_json()))})
@@ -232,14 +232,15 @@ def cmd_run(args) -> int:
         captured = capture_model_file(mf, train=plan.model.train, precision=precision, remat=plan.remat)
         plan.check_matches(captured.graph, mesh)
     else:
-        _, plan = _plan(args, progress)
+        _, plan, captured = _plan(args, progress)
     if args.train and not plan.model.train:
         raise PlanError("--train was given but the plan is for inference; plan with --train")
     if plan.model.train and not args.train:
         raise PlanError("the plan is a training step; run it with --train")
     progress(f"running on {plan.mesh.size} rank(s)")
     reports = run_model_file(
-        args.model, plan, options=_model_args(args.model_arg), check=args.check, steps=args.steps, lr=args.lr, timeout_s=args.timeout
+        args.model, plan, options=_model_args(args.model_arg), check=args.check, steps=args.steps, lr=args.lr, timeout_s=args.timeout,
+        captured=captured,
     )
     ok = True
     for r in reports:

@@ -86,26 +86,25 @@ def check_model_files(
         say(f"{name}: planning inference and training on {mesh}")
         try:
             mf = load_model_file(path)
+            captures = [capture_model_file(mf, train=t, precision=precision) for t in (False, True)]
             plans = [
-                plan_program(
-                    capture_model_file(mf, train=t, precision=precision), mesh=spec, profile=profile, input_placements=inputs, solver=solver,
-                    remat=remat if t else None,
-                )
-                for t in (False, True)
+                plan_program(c, mesh=spec, profile=profile, input_placements=inputs, solver=solver, remat=remat if c.train else None)
+                for c in captures
             ]
         except Exception as e:  # noqa: BLE001 - a model that does not plan is a row, not a crash
             results[name] = ModelCheck(name, problem=f"planning: {_line(e)}", seconds=time.perf_counter() - t0)
             continue
-        planned[name] = [path, plans, time.perf_counter() - t0]
+        planned[name] = [path, plans, time.perf_counter() - t0, captures]
     groups = [list(planned)] if one_group else [[n] for n in planned]
     for group in groups:
         if not group:
             continue
         say(f"running {', '.join(group)} on {spec.size} ranks")
         items = [(planned[n][0], p, {}, True, steps if p.model.train else 0) for n in group for p in planned[n][1]]
+        captured = [c for n in group for c in planned[n][3]]  # the ranks run what was planned, without tracing again
         t0 = time.perf_counter()
         try:
-            per_rank = run_many(items)
+            per_rank = run_many(items, captured=captured)
         except Exception as e:  # noqa: BLE001 - the group failed: every model in it says why
             for n in group:
                 results[n] = _row(n, planned[n], None, f"running: {_line(e)}", time.perf_counter() - t0)
@@ -117,7 +116,7 @@ def check_model_files(
 
 
 def _row(name: str, planned: list, reports, problem: str, run_s: float) -> ModelCheck:
-    _, (infer, train), plan_s = planned
+    _, (infer, train), plan_s, _ = planned
     fallbacks = (len(infer.fallbacks), len(train.fallbacks))
     predicted = (infer.cost.total_s, train.cost.total_s)
     if reports is None:

@@ -22,6 +22,8 @@ import torch
 from torch._functorch.aot_autograd import aot_export_module
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx._graph_pickler import GraphPickler, Options as GraphPicklerOptions
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 
@@ -32,8 +34,8 @@ from dtplan.ir.precision import Precision, WithPrecision, call_with_precision
 from dtplan.ir.remat import Remat
 
 __all__ = [
-    "CaptureError", "Captured", "capture", "capture_training", "casts_at_first_use", "fake_build", "gradient_casts_when_ready", "lift", "lift_graph",
-    "user_frame",
+    "CaptureError", "Captured", "capture", "capture_training", "casts_at_first_use", "fake_build", "from_bytes", "gradient_casts_when_ready", "lift",
+    "lift_graph", "to_bytes", "user_frame",
 ]
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,23 @@ class Captured:
         """Outputs that must end in a stored value's placement: gradients in
         their parameter's, buffer updates in their buffer's."""
         return {**self.gradients, **self.updates}
+
+
+def to_bytes(captured: Captured) -> bytes:
+    """The capture as bytes another process turns back into it (`from_bytes`):
+    ranks spawned to run a plan take the capture it was planned from instead
+    of tracing the model again (the trace is most of a small model's run).
+    fx's graph pickler keeps each node's fake value and names ops by name;
+    module stacks, which hold classes a rank may not import, are left out."""
+    return GraphPickler.dumps(captured, GraphPicklerOptions(ops_filter=None))
+
+
+def from_bytes(data: bytes) -> Captured:
+    """The capture `to_bytes` wrote, its fake values in a fresh fake mode."""
+    captured = GraphPickler.loads(data, FakeTensorMode(shape_env=ShapeEnv()))  # an exported program's shape env is filled in
+    if not isinstance(captured, Captured):
+        raise TypeError(f"expected a pickled Captured, got {type(captured).__name__}")
+    return captured
 
 
 def capture(model: torch.nn.Module, example_inputs: tuple, precision: Precision | str | None = None) -> Captured:

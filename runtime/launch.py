@@ -11,6 +11,7 @@ import datetime
 import json
 import logging
 import os
+import pickle
 import signal
 import tempfile
 import threading
@@ -102,7 +103,8 @@ def process_group(mesh: MeshSpec, *, rank: int | None = None, store_path: str | 
         dist.destroy_process_group()
 
 
-def _rank_main(rank: int, mesh_json: dict, work: Work, folder: str, timeout_s: float | None) -> None:
+def _rank_main(rank: int, mesh_json: dict, work_file: str, folder: str, timeout_s: float | None) -> None:
+    work: Work = pickle.loads(Path(work_file).read_bytes())
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")
     mesh = MeshSpec.from_json(mesh_json)
@@ -142,7 +144,15 @@ def spawn(work: Work, mesh: MeshSpec, *, timeout_s: float | None = None, grace_s
     """
     check_rank_count(mesh.size)
     with tempfile.TemporaryDirectory(prefix="dtplan-") as folder:
-        ctx = mp.start_processes(_rank_main, args=(mesh.to_json(), work, folder, timeout_s), nprocs=mesh.size, join=False, start_method="spawn")
+        # the work goes by file, not with the process arguments: a start
+        # waits until its child has read its arguments, which it does only
+        # after importing (seconds), so arguments past the pipe's buffer
+        # (a plan, a shipped capture) would start the ranks one by one
+        work_file = Path(folder) / "work.pickle"
+        work_file.write_bytes(pickle.dumps(work))
+        ctx = mp.start_processes(
+            _rank_main, args=(mesh.to_json(), str(work_file), folder, timeout_s), nprocs=mesh.size, join=False, start_method="spawn"
+        )
         try:
             with _signals_raise():
                 _join(ctx, folder, mesh.size, grace_s)

@@ -5,14 +5,14 @@ import contextlib
 import functools
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.utils import _pytree as pytree
 
 from dtplan.runtime.program import sharded_program
-from dtplan.ir.capture import training_loss
+from dtplan.ir.capture import Captured, from_bytes, to_bytes, training_loss
 from dtplan.ir.modelfile import capture_model_file, load_model_file, require_loss_fn
 from dtplan.ir.precision import Precision, call_with_precision
 from dtplan.ir.remat import remat as apply_remat
@@ -25,14 +25,18 @@ from dtplan.runtime.verify import Comparison, CollectiveRecorder, compare, compa
 __all__ = ["rank_work", "run_many", "run_model_file", "single_device_training", "step_seed", "train_rank_work"]
 
 
-def rank_work(rank: int, mesh: DeviceMesh, *, path: str, options: Mapping[str, str], plan_json: dict, check: bool) -> dict:
-    """One rank: build the real model, shard it, run one step, report."""
+def rank_work(
+    rank: int, mesh: DeviceMesh, *, path: str, options: Mapping[str, str], plan_json: dict, check: bool, captured: Captured | bytes | None = None
+) -> dict:
+    """One rank: build the real model, shard it, run one step, report.
+    `captured`: the capture the plan was made from (`capture.to_bytes`),
+    else the rank traces the model itself."""
     mf = load_model_file(path, options)
     model, inputs = mf.build(meta=False)
     plan = Plan.from_json(plan_json)
     precision = plan.precision
     t0 = time.perf_counter()
-    captured = _capture(mf, train=False, precision=precision)
+    captured = _capture(mf, train=False, precision=precision, shipped=captured)
     t1 = time.perf_counter()
     program = sharded_program(model, captured, plan, mesh)
     seconds = {"capture": t1 - t0, "lower": time.perf_counter() - t1}
@@ -73,18 +77,28 @@ def step_seed(step: int) -> int:
 
 
 def train_rank_work(
-    rank: int, mesh: DeviceMesh, *, path: str, options: Mapping[str, str], plan_json: dict, check: bool, steps: int, lr: float = 1e-3
+    rank: int,
+    mesh: DeviceMesh,
+    *,
+    path: str,
+    options: Mapping[str, str],
+    plan_json: dict,
+    check: bool,
+    steps: int,
+    lr: float = 1e-3,
+    captured: Captured | bytes | None = None,
 ) -> dict:
     """One rank: `steps` sharded training steps on the example inputs; with
     `check`, the same steps on one device, compared loss by loss and, at the
-    end, parameter by parameter and buffer by buffer."""
+    end, parameter by parameter and buffer by buffer. `captured` as for
+    `rank_work`."""
     mf = load_model_file(path, options)
     loss_fn = require_loss_fn(mf)
     model, inputs = mf.build(meta=False, train=True)
     plan = Plan.from_json(plan_json)
     precision = plan.precision
     t0 = time.perf_counter()
-    captured = _capture(mf, train=True, precision=precision, remat=plan.remat)
+    captured = _capture(mf, train=True, precision=precision, remat=plan.remat, shipped=captured)
     t1 = time.perf_counter()
     optimizer = plan.model.optimizer or "adamw"
     trainer = sharded_trainer(model, captured, plan, mesh, optimizer=optimizer, lr=lr)
@@ -185,7 +199,17 @@ def single_device_training(
 _CAPTURES: dict | None = None
 
 
-def _capture(mf, *, train: bool, precision: Precision, remat=None):
+def _capture(mf, *, train: bool, precision: Precision, remat=None, shipped: Captured | bytes | None = None):
+    """The capture a plan runs: the one shipped from the parent (with the
+    plan's recomputation applied when it was shipped without), else traced
+    here, once per group of ranks (`_CAPTURES`)."""
+    if shipped is not None:
+        captured = from_bytes(shipped) if isinstance(shipped, bytes) else shipped
+        if captured.train != train or captured.precision != precision:
+            raise ValueError(f"the shipped capture is for train={captured.train}, {captured.precision}; the plan needs train={train}, {precision}")
+        if remat is not None and captured.remat != remat:
+            return apply_remat(captured, remat)
+        return captured
     key = (str(mf.path), tuple(sorted(mf.options.items())), train, tuple(sorted(precision.to_json().items())))
     if _CAPTURES is None:
         return capture_model_file(mf, train=train, precision=precision, remat=remat)
@@ -204,19 +228,23 @@ def _many(rank: int, mesh: DeviceMesh, *, items: list[dict]) -> list[dict]:
         _CAPTURES = None
 
 
-def run_many(items: list[tuple], *, steps: int = 0) -> list[list[dict]]:
+def run_many(items: list[tuple], *, steps: int = 0, captured: Sequence[Captured | None] | None = None) -> list[list[dict]]:
     """Run several plans (same mesh) in one group of spawned ranks: the start-up
     of a group costs seconds. Each item is (path, plan, options, check) or
     (path, plan, options, check, steps); training plans run `steps` steps
-    (the item's own, else this call's). Returns per rank, per item, the
-    report."""
+    (the item's own, else this call's). `captured`, one per item (or None),
+    is the capture each plan was made from: the ranks take it instead of
+    tracing the model again. Returns per rank, per item, the report."""
     meshes = {tuple(item[1].mesh.shape) for item in items}
     if len(meshes) != 1:
         raise ValueError(f"run_many needs plans for one mesh, got {sorted(meshes)}")
+    if captured is not None and len(captured) != len(items):
+        raise ValueError(f"run_many got {len(captured)} captures for {len(items)} items")
     payload = []
-    for path, plan, opts, check, *own in items:
+    for i, (path, plan, opts, check, *own) in enumerate(items):
         n = (own[0] if own else steps) if plan.model.train else 0
-        payload.append(dict(path=str(path), options=dict(opts), plan_json=plan.to_json(), check=check, **({"steps": n} if n else {})))
+        shipped = {"captured": to_bytes(captured[i])} if captured is not None and captured[i] is not None else {}
+        payload.append(dict(path=str(path), options=dict(opts), plan_json=plan.to_json(), check=check, **({"steps": n} if n else {}), **shipped))
     return spawn(functools.partial(_many, items=payload), items[0][1].mesh)
 
 
@@ -229,13 +257,19 @@ def run_model_file(
     steps: int = 0,
     lr: float = 1e-3,
     timeout_s: float | None = None,
+    captured: Captured | None = None,
 ) -> list[dict]:
     """Run the plan on as many ranks as its mesh has; one report per rank.
     A training plan runs `steps` optimizer steps. A collective that waits
-    longer than `timeout_s` fails its rank (see `launch.spawn`).
+    longer than `timeout_s` fails its rank (see `launch.spawn`). `captured`
+    is the capture the plan was made from: spawned ranks take it instead of
+    tracing the model again.
 
     Under torchrun this rank runs alone and returns its own report."""
     common = dict(path=str(path), options=dict(options or {}), plan_json=plan.to_json(), check=check)
+    if captured is not None:
+        # this process's own rank (torchrun) takes the object; spawned ranks its bytes
+        common["captured"] = captured if launched_by_torchrun() else to_bytes(captured)
     if plan.model.train:
         work = functools.partial(train_rank_work, steps=max(steps, 1), lr=lr, **common)
     else:

@@ -161,7 +161,7 @@ def test_five_adamw_steps_under_each_remat_mode_match_one_device_on_4():
     only recomputation meets (auto without a binding budget chooses none
     for these small examples: recomputing costs time and their peak is at
     the loss), checked to keep the fastest fitting try."""
-    mesh, items = "4", []
+    mesh, items, steps = "4", [], []
     for name, inputs, pins in _cases(mesh):
         step = captured(name)
         for mode in ("full", "selective", "auto") if name == "llama" else ("full", "selective"):
@@ -178,7 +178,8 @@ def test_five_adamw_steps_under_each_remat_mode_match_one_device_on_4():
                 assert plan.cost.total_s == min(fitting) and plan.cost.peak_memory_bytes <= memory
                 assert [r["policy"] for r in tried.values() if r["chosen"]] == [str(plan.remat)]
             items.append((example_path(name), plan, {}, True))
-    for rank, reports in enumerate(run_many(items, steps=5)):
+            steps.append(step)  # shipped to the ranks, which apply the plan's recomputation on arrival
+    for rank, reports in enumerate(run_many(items, steps=5, captured=steps)):
         for (path, plan, *_), report in zip(items, reports, strict=True):
             case = f"{path.stem} {plan.remat} on {mesh}, rank {rank}"
             assert report["collectives_match"], (case, report["collectives_issued"])
