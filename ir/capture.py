@@ -90,14 +90,24 @@ def to_bytes(captured: Captured) -> bytes:
     of tracing the model again (the trace is most of a small model's run).
     fx's graph pickler keeps each node's fake value and names ops by name;
     module stacks, which hold classes a rank may not import, are left out."""
-    return GraphPickler.dumps(captured, GraphPicklerOptions(ops_filter=None))
+    return GraphPickler.dumps((captured, [n.name for n in captured.gm.graph.nodes]), GraphPicklerOptions(ops_filter=None))
 
 
 def from_bytes(data: bytes) -> Captured:
-    """The capture `to_bytes` wrote, its fake values in a fresh fake mode."""
-    captured = GraphPickler.loads(data, FakeTensorMode(shape_env=ShapeEnv()))  # an exported program's shape env is filled in
+    """The capture `to_bytes` wrote, its fake values in a fresh fake mode,
+    every node under its own name."""
+    captured, names = GraphPickler.loads(data, FakeTensorMode(shape_env=ShapeEnv()))  # an exported program's shape env is filled in
     if not isinstance(captured, Captured):
         raise TypeError(f"expected a pickled Captured, got {type(captured).__name__}")
+    # the graph is rebuilt through fx's namespace, which renames what export
+    # may name after a builtin (nn.Linear's `input` comes back `input_1`)
+    renamed = False
+    for node, name in zip(captured.gm.graph.nodes, names, strict=True):
+        if node.name != name:
+            node.name = name
+            renamed = True
+    if renamed:
+        captured.gm.recompile()
     return captured
 
 

@@ -92,7 +92,7 @@ def test_a_shipped_capture_is_the_capture_it_was():
     another step is refused."""
     import torch
 
-    from dtplan.ir.capture import from_bytes, to_bytes
+    from dtplan.ir.capture import capture, from_bytes, to_bytes
     from dtplan.ir.modelfile import capture_model_file, load_model_file
     from dtplan.ir.precision import Precision
     from dtplan.ir.remat import Remat
@@ -114,3 +114,10 @@ def test_a_shipped_capture_is_the_capture_it_was():
         _capture(mf, train=False, precision=Precision(), shipped=shipped)
     forward = capture_model_file(mf, train=False)  # an exported program: its shape env travels too
     assert from_bytes(to_bytes(forward)).graph.signature == forward.graph.signature
+    # export names nn.Linear's input `input`, a builtin fx renames on the way in: it keeps its name
+    linear = capture(torch.nn.Linear(4, 4, bias=False), (torch.randn(2, 4),))
+    back = from_bytes(to_bytes(linear))
+    assert "input" in [n.name for n in linear.gm.graph.nodes]
+    assert [n.name for n in back.gm.graph.nodes] == [n.name for n in linear.gm.graph.nodes]
+    x, w = torch.randn(2, 4), torch.randn(4, 4)
+    assert torch.equal(back.gm(w, x)[0], linear.gm(w, x)[0])
