@@ -72,12 +72,14 @@ def _cases(mesh: str) -> list[tuple[str, list[str] | None, dict | None]]:
 
 @pytest.mark.parametrize("mesh", ["4", "2x2"])
 def test_five_adamw_steps_in_bf16_match_one_device_under_the_same_policy(mesh):
-    items = []
+    items, steps = [], []  # the ranks run these captures (`run_many(captured=...)`)
     for name, inputs, pins in _cases(mesh):
-        plan = plan_program(captured(name, "bf16"), mesh=mesh, input_placements=inputs, parameter_placements=pins, model_info={"name": name})
+        steps.append(captured(name, "bf16"))
+        plan = plan_program(steps[-1], mesh=mesh, input_placements=inputs, parameter_placements=pins, model_info={"name": name})
         assert plan.collectives and plan.model.precision["param_dtype"] == "bfloat16", name
         items.append((example_path(name), plan, {}, True))
-    inference = plan_program(captured("gpt", "bf16", train=False), mesh=mesh, input_placements=_cases(mesh)[1][1], parameter_placements=_cases(mesh)[1][2])
+    steps.append(captured("gpt", "bf16", train=False))
+    inference = plan_program(steps[-1], mesh=mesh, input_placements=_cases(mesh)[1][1], parameter_placements=_cases(mesh)[1][2])
     items.append((example_path("gpt"), inference, {}, True))
     names = [name for name, *_ in _cases(mesh)] + ["gpt inference"]
     if "x" in mesh:  # torchtitan's FSDP+TP: each weight cast on its strided shard, gathered in bf16
@@ -88,9 +90,10 @@ def test_five_adamw_steps_in_bf16_match_one_device_under_the_same_policy(mesh):
         assert [str(p) for p in tt.nodes[cast.name].output] == ["_S(0, 2)", "S(0)"]
         assert any(c.kind == "all_gather" and c.producer == cast.name and c.bytes == 64 * 64 * 2 // 2 for c in tt.collectives)
         items.append((example_path("llama"), tt, {}, True))
+        steps.append(llama)
         names.append("llama torchtitan FSDP+TP")
     tol = TOLERANCES[torch.bfloat16]
-    for rank, reports in enumerate(run_many(items, steps=5)):
+    for rank, reports in enumerate(run_many(items, steps=5, captured=steps)):
         for name, report in zip(names, reports, strict=True):
             case = f"{name} on {mesh}, rank {rank}"
             assert report["collectives_match"], (case, report["collectives_issued"])

@@ -9,6 +9,7 @@ from conftest import example_path
 
 from dtplan import load_model_file, plan_program
 from dtplan.ir import CaptureError, capture_training, fake_build
+from dtplan.ir.modelfile import capture_model_file
 from dtplan.runtime.run import run_many
 
 
@@ -133,9 +134,9 @@ def test_five_adamw_steps_match_one_device(mesh):
     """Each case as planned, and with full and with selective recomputation
     (`--remat`; mesh 4 and auto: tests/test_remat.py), in one group of ranks
     (the ranks capture each model once for its three plans)."""
-    items, cases = [], []
+    items, cases, steps = [], [], []
     for name, opts, memory, inputs, pins in TRAIN_CASES[mesh]:
-        step = captured_training(name, **opts)
+        step = capture_model_file(load_model_file(example_path(name), {k: str(v) for k, v in opts.items()}), train=True)
         for remat in (None, "full", "selective"):
             plan = plan_program(
                 step, mesh=mesh, memory=memory, input_placements=inputs, parameter_placements=pins,
@@ -145,7 +146,8 @@ def test_five_adamw_steps_match_one_device(mesh):
             assert bool(plan.recomputed()) == (remat is not None), (name, remat)
             cases.append(f"{name} (remat {plan.remat})")
             items.append((example_path(name), plan, {k: str(v) for k, v in opts.items()}, True))
-    for rank, reports in enumerate(run_many(items, steps=5)):
+            steps.append(step)  # the ranks run this capture, with the plan's recomputation applied there
+    for rank, reports in enumerate(run_many(items, steps=5, captured=steps)):
         for name, report in zip(cases, reports, strict=True):
             case = f"{name} on {mesh}, rank {rank}"
             assert report["collectives_match"], (case, report["collectives_issued"])
