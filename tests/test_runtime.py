@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import example_path, plan_example
+from conftest import example_path
 
+from dtplan import plan_program
+from dtplan.ir.modelfile import capture_model_file, load_model_file
 from dtplan.planner.mesh import parse_mesh
 from dtplan.runtime.launch import spawn
 from dtplan.runtime.run import run_many
@@ -34,14 +36,16 @@ CASES = {
 
 @pytest.mark.parametrize("mesh", sorted(CASES))
 def test_every_example_matches_single_device_and_its_plan(mesh):
-    items, plans = [], []
+    items, plans, captures = [], [], []
     for name, opts, memory in CASES[mesh]:
-        plan = plan_example(name, mesh, opts, memory=memory)
+        options = {k: str(v) for k, v in opts.items()}
+        captures.append(capture_model_file(load_model_file(example_path(name), options), train=False))  # the ranks run it as it is
+        plan = plan_program(captures[-1], mesh=mesh, memory=memory, model_info={"name": name})
         plans.append(plan)
-        items.append((example_path(name), plan, {k: str(v) for k, v in opts.items()}, True))
+        items.append((example_path(name), plan, options, True))
     # the budgets do force sharding: those plans communicate
     assert all(p.collectives for p, (_, _, m) in zip(plans, CASES[mesh], strict=True) if m is not None)
-    per_rank = run_many(items)
+    per_rank = run_many(items, captured=captures)
     assert len(per_rank) == parse_mesh(mesh).size
     for rank, reports in enumerate(per_rank):
         for (name, opts, memory), plan, report in zip(CASES[mesh], plans, reports, strict=True):
