@@ -146,7 +146,7 @@ def _print_summary(plan, out_dir: Path | None) -> None:
     print(f"plan for {plan.model.name} on mesh {plan.mesh} ({plan.profile['name']} profile{precision})")
     print(f"  predicted step   {format_seconds(c.total_s)}  (compute {format_seconds(c.compute_s)}, communication {format_seconds(c.comm_s)})")
     if c.overlapped_s is not None:
-        hidden = c.comm_s - c.exposed_comm_s
+        hidden = max(0.0, c.comm_s - c.exposed_comm_s)  # as `Overlap.hidden_s`: rounding left -0.00 ns
         print(f"  overlapped       {format_seconds(c.overlapped_s)}  (communication exposed {format_seconds(c.exposed_comm_s)}, hidden under compute {format_seconds(hidden)})")
     print(f"  communication    {format_bytes(c.comm_bytes)} sent per device in {len(plan.collectives)} collective(s)")
     print(f"  memory           {format_bytes(c.peak_memory_bytes)} peak per device{budget}")
