@@ -216,6 +216,9 @@ class SolveState:
         return cost_ns - self.lp.bound <= self.options.rounding_gap * cost_ns
 
 
+#: branch and bound presolves programs up to this many variables (`lp_branch`)
+PRESOLVE_MAX_VARIABLES = 100_000
+
 #: one rung: a result, or None to go on
 Step = Callable[[SolveState], "SolveResult | None"]
 
@@ -287,10 +290,12 @@ def lp_branch(s: SolveState) -> SolveResult | None:
                 start[xs[k]] = 1.0
         h.setSolution(len(ints), ints, start[ints])
     h.setOptionValue("mip_rel_gap", s.options.rounding_gap)
-    # presolve on, measured: Llama's remat tries under 520000 bytes on 4
-    # (tests/test_remat.py) are proven at the root in 2.2-2.9 s each, against
-    # 3.9-10 s without; the README's budget takes 5.6-5.9 s, against 4.3 s
-    h.setOptionValue("presolve", "on")
+    # presolve on small programs only, measured: Llama's remat tries under
+    # 520000 bytes on 4 (tests/test_remat.py, 12-13k variables) are proven at
+    # the root in 2.2-3.9 s each with it, against 3.9-10 s without (the
+    # README's budget, 16.6k: 5.6 s against 4.3 s); on the 2-layer 8B under
+    # 26 GiB (218k) presolve alone ran out the time (62 s in all, 40 s without)
+    h.setOptionValue("presolve", "on" if n <= PRESOLVE_MAX_VARIABLES else "off")
     h.setOptionValue("time_limit", max(0.5, 0.75 * s.options.time_limit_s - s.elapsed()))
     h.run()
     info, status = h.getInfo(), h.getModelStatus()
