@@ -194,8 +194,9 @@ def single_device_training(
 
 
 #: captures shared by the items one group of ranks runs (`run_many`), by
-#: model file, options, train and precision (the recomputation is applied on
-#: top): the capture is most of an item's time on a small model
+#: model file, options, train and precision, or by the bytes shipped (the
+#: recomputation is applied on top): the capture is most of an item's time
+#: on a small model
 _CAPTURES: dict | None = None
 
 
@@ -203,13 +204,15 @@ def _capture(mf, *, train: bool, precision: Precision, remat=None, shipped: Capt
     """The capture a plan runs: the one shipped from the parent (with the
     plan's recomputation applied when it was shipped without), else traced
     here, once per group of ranks (`_CAPTURES`)."""
+    if isinstance(shipped, bytes):  # a capture several items share arrives once, and is read once per group
+        cache = _CAPTURES if _CAPTURES is not None else {}
+        if shipped not in cache:
+            cache[shipped] = from_bytes(shipped)
+        shipped = cache[shipped]
     if shipped is not None:
-        captured = from_bytes(shipped) if isinstance(shipped, bytes) else shipped
-        if captured.train != train or captured.precision != precision:
-            raise ValueError(f"the shipped capture is for train={captured.train}, {captured.precision}; the plan needs train={train}, {precision}")
-        if remat is not None and captured.remat != remat:
-            return apply_remat(captured, remat)
-        return captured
+        if shipped.train != train or shipped.precision != precision:
+            raise ValueError(f"the shipped capture is for train={shipped.train}, {shipped.precision}; the plan needs train={train}, {precision}")
+        return apply_remat(shipped, remat) if remat is not None and shipped.remat != remat else shipped
     key = (str(mf.path), tuple(sorted(mf.options.items())), train, tuple(sorted(precision.to_json().items())))
     if _CAPTURES is None:
         return capture_model_file(mf, train=train, precision=precision, remat=remat)
@@ -240,10 +243,13 @@ def run_many(items: list[tuple], *, steps: int = 0, captured: Sequence[Captured 
         raise ValueError(f"run_many needs plans for one mesh, got {sorted(meshes)}")
     if captured is not None and len(captured) != len(items):
         raise ValueError(f"run_many got {len(captured)} captures for {len(items)} items")
-    payload = []
+    payload, packed = [], {}  # a capture several items share is packed (and pickled) once
     for i, (path, plan, opts, check, *own) in enumerate(items):
         n = (own[0] if own else steps) if plan.model.train else 0
-        shipped = {"captured": to_bytes(captured[i])} if captured is not None and captured[i] is not None else {}
+        c = captured[i] if captured is not None else None
+        if c is not None and id(c) not in packed:
+            packed[id(c)] = to_bytes(c)
+        shipped = {"captured": packed[id(c)]} if c is not None else {}
         payload.append(dict(path=str(path), options=dict(opts), plan_json=plan.to_json(), check=check, **({"steps": n} if n else {}), **shipped))
     return spawn(functools.partial(_many, items=payload), items[0][1].mesh)
 

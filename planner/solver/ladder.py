@@ -170,8 +170,8 @@ class SolveState:
     lp: LP | None = None
     #: the LP solution rounded per group
     rounded: dict[str, int] | None = None
-    #: the best proven lower bound (ns) past the LP's (branch and bound's)
-    bound: int | None = None
+    #: branch and bound's proven lower bound (ns), when it ran
+    branch_bound: int | None = None
     candidate: Candidate | None = None
 
     @classmethod
@@ -210,6 +210,10 @@ class SolveState:
 
     def fits(self, peak: int) -> bool:
         return self.memory_budget is None or peak <= self.memory_budget
+
+    def proven_bound(self) -> int:
+        """The best lower bound proven so far (ns): the LP's or branch and bound's."""
+        return max(self.lp.bound if self.lp is not None else 0, self.branch_bound or 0)
 
     def within_gap(self, cost_ns: int) -> bool:
         assert self.lp is not None
@@ -303,7 +307,7 @@ def lp_branch(s: SolveState) -> SolveResult | None:
     if status == highspy.HighsModelStatus.kInfeasible and s.memory_budget is not None:
         raise MemoryBudgetError(s.memory_budget, *least_memory(s.graph, s.space, s.pricer, s.options))
     if np.isfinite(info.mip_dual_bound):
-        s.bound = max(s.bound or 0, int(np.floor(info.mip_dual_bound)) + m.const_ns)
+        s.branch_bound = int(np.floor(info.mip_dual_bound)) + m.const_ns
     if info.primal_solution_status != 2:  # kSolutionStatusFeasible: no plan found
         return None
     choice, integral = m.choice(np.asarray(h.getSolution().col_value).__getitem__)
@@ -312,9 +316,9 @@ def lp_branch(s: SolveState) -> SolveResult | None:
         return None
     if s.candidate is None or cost_ns < s.candidate.objective:
         s.candidate = Candidate(choice, cost_ns, "lp-branch")
-    best = s.candidate
-    if best.objective - s.bound <= s.options.rounding_gap * best.objective:  # proven by branching, whichever step found the plan
-        return s.result(best.choice, "OPTIMAL" if best.objective <= s.bound else "FEASIBLE", best.objective, min(s.bound, best.objective), "lp-branch")
+    best, bound = s.candidate, s.proven_bound()
+    if best.objective - bound <= s.options.rounding_gap * best.objective:  # proven by branching, whichever step found the plan
+        return s.result(best.choice, "OPTIMAL" if best.objective <= bound else "FEASIBLE", best.objective, min(bound, best.objective), "lp-branch")
     return None
 
 
@@ -357,7 +361,7 @@ def cp_sat(s: SolveState) -> SolveResult | None:
         if first is None:
             raise RuntimeError(f"the solver found no plan: status {name} after {wall:.1f}s")
         return None
-    bound = max(-(-int(round(solver.BestObjectiveBound())) // scale), s.bound or 0)
+    bound = max(-(-int(round(solver.BestObjectiveBound())) // scale), s.branch_bound or 0)
     objective = int(round(solver.ObjectiveValue())) // scale
     if first is not None and first.objective < objective:
         return s.candidate_result(bound, wall)
@@ -389,7 +393,7 @@ def solve(
             return result
     if s.candidate is None:
         raise RuntimeError("the solver found no plan")
-    return s.candidate_result(max(s.lp.bound if s.lp is not None else 0, s.bound or 0))
+    return s.candidate_result(s.proven_bound())
 
 
 def least_memory(graph: Graph, space: StrategySpace, pricer: Pricer, options: SolverOptions) -> tuple[int, bool]:
@@ -472,16 +476,16 @@ def _dive(model: PlacementProgram, h: highspy.Highs, deadline: float) -> Callabl
         if not frac:
             return values.__getitem__
         frac.sort(key=lambda f: -f[0])
-        clear = [f for f in frac if f[0] > 0.5 + 1e-6]
-        top = frac[0]
-        alternatives = [[(top[0], x, top[2], top[3])] for _, x in sorted(zip(-top[3], top[2]))]  # the heaviest group, on each strategy
+        clear = [x for weight, x, _, _ in frac if weight > 0.5 + 1e-6]
+        _, _, xs, vals = frac[0]
+        alternatives = [[xs[k]] for k in np.argsort(-vals, kind="stable")]  # the heaviest group, on each strategy
         for batch in ([clear[: max(1, len(clear) // 4)]] if len(clear) > 1 else []) + alternatives:
-            for f in batch:
-                h.changeColBounds(f[1], 1.0, 1.0)
+            for x in batch:
+                h.changeColBounds(x, 1.0, 1.0)
             if _solve_lazily(model, h)[0] == highspy.HighsModelStatus.kOptimal:
                 break
-            for f in batch:
-                h.changeColBounds(f[1], 0.0, 1.0)
+            for x in batch:
+                h.changeColBounds(x, 0.0, 1.0)
         else:
             return None
     return None
