@@ -8,8 +8,10 @@ cores run slower), with each input split on dim 0 over the mesh
 (data arriving per rank). Then runs the lowered programs on that many gloo
 ranks, one thread each, all rows in one group per mesh: each rank times
 its module (forward, or forward + backward for a training step; the
-optimizer is not in the module), ranks starting each step together, and
-the row's measured step is the slowest rank's median after warm-up. Prints
+optimizer is not in the module), ranks starting each step together, the
+rows taking turns a few steps at a time (`--rounds`: this machine's speed
+drifts over seconds), and the row's measured step is the slowest rank's
+median after warm-up. Prints
 predicted (the overlapped step, `cost.overlapped_s`), measured and their
 ratio per row, then the median and worst |predicted / measured - 1|.
 
@@ -52,7 +54,7 @@ MODES = (
 )
 
 
-def _time_rank(rank: int, mesh, *, items: list[dict], steps: int, warmup: int) -> list[dict]:
+def _time_rank(rank: int, mesh, *, items: list[dict], steps: int, warmup: int, rounds: int = 5) -> list[dict]:
     import torch
 
     from dtplan.ir.modelfile import load_model_file
@@ -62,7 +64,8 @@ def _time_rank(rank: int, mesh, *, items: list[dict], steps: int, warmup: int) -
     from dtplan.runtime.train import sharded_trainer
 
     torch.set_num_threads(1)
-    out = []
+    cuda = mesh.device_type == "cuda"
+    runs = []
     for item in items:
         mf = load_model_file(item["path"], item["options"])
         plan = Plan.from_json(item["plan_json"])
@@ -73,26 +76,37 @@ def _time_rank(rank: int, mesh, *, items: list[dict], steps: int, warmup: int) -
             program = sharded_trainer(model, captured, plan, mesh, optimizer=plan.model.optimizer or "adamw").program
         else:
             program = sharded_program(model, captured, plan, mesh)
-        local = program.shard_inputs(*inputs)
-        times = []
-        cuda = mesh.device_type == "cuda"
+        runs.append((program.graph_module, program.shard_inputs(*inputs)))
+
+    def step(module, local) -> float:
+        if mesh.size() > 1:
+            torch.distributed.barrier()
         if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        with torch.no_grad():
-            for i in range(warmup + steps):
-                if mesh.size() > 1:
-                    torch.distributed.barrier()
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        module(*local)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    # the rows take turns, a few steps each round: this machine's speed
+    # drifts over seconds, and a row measured in one stretch would carry
+    # whatever stretch it fell in
+    times: list[list[float]] = [[] for _ in runs]
+    peaks = [0] * len(runs)
+    with torch.no_grad():
+        for k, (module, local) in enumerate(runs):
+            for _ in range(warmup):
+                step(module, local)
+        for r in range(rounds):
+            for k, (module, local) in enumerate(runs):
                 if cuda:
-                    torch.cuda.synchronize()
-                t = time.perf_counter()
-                program.graph_module(*local)
+                    torch.cuda.reset_peak_memory_stats()
+                for _ in range(steps * (r + 1) // rounds - steps * r // rounds):
+                    times[k].append(step(module, local))
                 if cuda:
-                    torch.cuda.synchronize()
-                if i >= warmup:
-                    times.append(time.perf_counter() - t)
-        out.append({"median_s": statistics.median(times), "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None})
-        del program, model
-    return out
+                    peaks[k] = max(peaks[k], torch.cuda.max_memory_allocated())
+    return [{"median_s": statistics.median(ts), "peak_bytes": peaks[k] if cuda else None} for k, ts in enumerate(times)]
 
 
 def _plans(args, profile, mesh) -> list[tuple[str, str, object]]:
@@ -125,6 +139,7 @@ def main() -> None:
     p.add_argument("--models", nargs="*", help=f"a subset of {[m for m, _ in MODELS]}")
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5, help="turns the rows take, the steps split among them (default 5)")
     args = p.parse_args()
 
     from dtplan.planner.cost.device import load_profile
@@ -147,7 +162,7 @@ def main() -> None:
         rows = _plans(args, profile, mesh)
         items = [dict(path=path, options=options, plan_json=plan.to_json()) for _, path, options, plan in rows]
         print(f"mesh {mesh_text}: planned {len(rows)} rows, running them on {mesh.size} rank(s), one thread each ...", flush=True)
-        per_rank = spawn(functools.partial(_time_rank, items=items, steps=args.steps, warmup=args.warmup), mesh)
+        per_rank = spawn(functools.partial(_time_rank, items=items, steps=args.steps, warmup=args.warmup, rounds=args.rounds), mesh)
         print(f"{'row':<24} {'predicted ms':>12} {'measured ms':>11} {'pred/meas':>9} {'comm ms':>8} {'exposed':>8} {'vs 1 device':>11}")
         for k, (label, _, _, plan) in enumerate(rows):
             measured = max(r[k]["median_s"] for r in per_rank)

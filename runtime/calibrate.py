@@ -62,9 +62,16 @@ class Sizes:
     collective_bytes: tuple[int, ...] = (2**12, 2**15, 2**18, 2**20, 2**22, 2**24)
     #: head dimensions at which fused attention is measured (batch 4, 8 heads, sequence 128)
     attention_head_dims: tuple[int, ...] = (8, 16, 32, 64, 128)
+    #: channels (in and out) of the 3x3 convolutions measured (batch 8, 32x32)
+    conv_channels: tuple[int, ...] = (8, 16, 32, 64, 128)
+    #: passes over the compute figures, each figure their median
+    rounds: int = 3
 
     def every_other(self) -> Sizes:
-        return Sizes(*(getattr(self, f.name)[::2] for f in fields(self)))
+        """Every other size, one pass (the tests: the same figures, coarser)."""
+        return Sizes(*(getattr(self, f.name)[::2] for f in fields(self) if f.name != "rounds"), rounds=1)
+#: timed calls of each collective at each size
+COLLECTIVE_CALLS = 24
 #: ring steps per (p - 1) of each collective (the pricer's model)
 _STEPS = {"all_reduce": 2, "all_gather": 1, "reduce_scatter": 1, "all_to_all": 1}
 
@@ -107,7 +114,7 @@ def _launch_s(device: str) -> float:
     return _seconds(lambda: gm(one), device) / 200
 
 
-def _compute(device: str, dtypes: tuple[torch.dtype, ...], sizes: Sizes, say: Callable[[str], None]) -> dict:
+def _compute(device: str, dtypes: tuple[torch.dtype, ...], sizes: Sizes) -> dict:
     flops_curve: dict[str, list[list[float]]] = {}
     bandwidth: dict[str, list[list[float]]] = {}
     for dtype in dtypes:
@@ -122,43 +129,107 @@ def _compute(device: str, dtypes: tuple[torch.dtype, ...], sizes: Sizes, say: Ca
             flops = 2.0 * n**3
             pts.append([flops, flops / s])  # launch included: the model takes the larger
         flops_curve[name] = pts
-        say(f"  matmul {name}: " + ", ".join(f"{n}: {p[1] / 1e9:.1f}" for n, p in zip(sizes.matmul, pts, strict=True)) + " GFLOP/s")
-        fwd, bwd = _attention(device, dtype, sizes.attention_head_dims)
-        flops_curve[f"attention/{name}"], flops_curve[f"attention_backward/{name}"] = fwd, bwd
-        say(f"  attention {name}: " + ", ".join(f"d {f[0]:.0f}: {f[1] / 1e9:.1f}/{b[1] / 1e9:.1f}" for f, b in zip(fwd, bwd, strict=True)) + " GFLOP/s (forward/backward)")
-        bandwidth[name] = bw = _bandwidth(device, dtype, torch.add, 3, sizes.add)
+        for kind, pts in _attention(device, dtype, sizes.attention_head_dims).items():
+            flops_curve[f"{kind}/{name}"] = pts
+        flops_curve[f"convolution/{name}"], flops_curve[f"convolution_backward/{name}"] = _convolution(device, dtype, sizes.conv_channels)
+        bandwidth[name] = _bandwidth(device, dtype, torch.add, 3, sizes.add)
         gelu = _bandwidth(device, dtype, lambda a, _b: torch.nn.functional.gelu(a), 2, sizes.add)
         softmax = _bandwidth(device, dtype, lambda a, _b: torch.log_softmax(a.view(-1, 256), -1), 2, sizes.add)
         bandwidth[f"transcendental/{name}"] = [[g[0], (g[1] + s[1]) / 2] for g, s in zip(gelu, softmax, strict=True)]
-        say(f"  add bandwidth {name}: " + ", ".join(f"{p[0] / 2**10:.0f} KiB: {p[1] / 1e9:.1f}" for p in bw) + " GB/s")
-        say(f"  gelu/log_softmax bandwidth {name}: " + ", ".join(f"{p[1] / 1e9:.1f}" for p in bandwidth[f"transcendental/{name}"]) + " GB/s")
+        # a cast into this dtype (from the other one measured; float32's from bfloat16)
+        source = torch.float32 if dtype != torch.float32 else torch.bfloat16
+        itemsizes = source.itemsize + dtype.itemsize  # read one, write the other: in units of the source's
+        bandwidth[f"cast/{name}"] = _bandwidth(device, source, lambda a, _b, dtype=dtype: a.to(dtype), itemsizes / source.itemsize, sizes.add)
     return {"flops_curve": flops_curve, "bandwidth_curve": bandwidth}
 
 
-def _attention(device: str, dtype: torch.dtype, head_dims: tuple[int, ...]) -> tuple[list[list[float]], list[list[float]]]:
-    """FLOP/s of fused attention forward, and of its backward (torch's FLOP
-    formulas: backward 2.5x forward), by head dimension."""
+def _say_compute(figures: dict, dtypes: tuple[str, ...], sizes: Sizes, say: Callable[[str], None]) -> None:
+    flops, bandwidth = figures["flops_curve"], figures["bandwidth_curve"]
+    g = lambda pts: ", ".join(f"{p[1] / 1e9:.1f}" for p in pts)  # noqa: E731
+    for name in dtypes:
+        say(f"  matmul {name}: " + ", ".join(f"{n}: {p[1] / 1e9:.1f}" for n, p in zip(sizes.matmul, flops[name], strict=True)) + " GFLOP/s")
+        rows = zip(flops[f"attention/{name}"], flops[f"attention_backward/{name}"], flops[f"attention_rows/{name}"], flops[f"attention_backward_rows/{name}"], strict=True)
+        say(
+            f"  attention {name} (forward/backward): "
+            + ", ".join(f"d {f[0]:.0f}: {f[1] / 1e9:.1f}/{b[1] / 1e9:.1f} GFLOP/s + {1e9 / fr[1]:.0f}/{1e9 / br[1]:.0f} ns per row" for f, b, fr, br in rows)
+        )
+        conv = zip(sizes.conv_channels, flops[f"convolution/{name}"], flops[f"convolution_backward/{name}"], strict=True)
+        say(f"  convolution {name} (forward/backward): " + ", ".join(f"{c}: {f[1] / 1e9:.1f}/{b[1] / 1e9:.1f}" for c, f, b in conv) + " GFLOP/s")
+        say(f"  add bandwidth {name}: " + ", ".join(f"{p[0] / 2**10:.0f} KiB: {p[1] / 1e9:.1f}" for p in bandwidth[name]) + " GB/s")
+        say(f"  cast bandwidth {name}: {g(bandwidth[f'cast/{name}'])} GB/s")
+        say(f"  gelu/log_softmax bandwidth {name}: {g(bandwidth[f'transcendental/{name}'])} GB/s")
+
+
+def _median_curves(passes: list[dict]) -> dict:
+    """Per point, the median rate over the passes (the sizes are the same in each)."""
+    return {
+        section: {
+            key: [[pt[0], statistics.median(p[section][key][i][1] for p in passes)] for i, pt in enumerate(curve)]
+            for key, curve in passes[0][section].items()
+        }
+        for section in passes[0]
+    }
+
+
+def _attention(device: str, dtype: torch.dtype, head_dims: tuple[int, ...]) -> dict[str, list[list[float]]]:
+    """Fused attention, forward and backward (torch's FLOP formulas: backward
+    2.5x forward), by head dimension: FLOP/s, and query rows per second apart
+    from the FLOPs. Two shapes per head dimension with the same rows and
+    FLOPs 2:1 (batch 4, sequence 128; batch 8, sequence 64; 8 heads) split
+    each time into rows x a + FLOPs / rate: CPU kernels spend per-row work
+    that FLOP/s measured at one sequence length miss at another (bfloat16's
+    backward on this kind of machine is mostly that)."""
     from dtplan.ir.flops import sdpa_flops
 
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    forward, backward = [], []
+    out: dict[str, list[list[float]]] = {k: [] for k in ("attention", "attention_backward", "attention_rows", "attention_backward_rows")}
     for d in head_dims:
-        q, k, v = (torch.randn(4, 8, 128, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
-        flops = float(sdpa_flops(q.shape, k.shape, v.shape))
-        with torch.no_grad():
-            fwd = _seconds(lambda q=q, k=k, v=v: sdpa(q, k, v, is_causal=True), device)
+        times: dict[str, list[float]] = {"attention": [], "attention_backward": []}
+        for shape in ((4, 8, 128, d), (8, 8, 64, d)):
+            q, k, v = (torch.randn(*shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+            with torch.no_grad():
+                fwd = _seconds(lambda q=q, k=k, v=v: sdpa(q, k, v, is_causal=True), device)
 
-        def step(q=q, k=k, v=v):
-            out = sdpa(q, k, v, is_causal=True)
-            torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+            def step(q=q, k=k, v=v):
+                o = sdpa(q, k, v, is_causal=True)
+                torch.autograd.grad(o, (q, k, v), torch.ones_like(o))
 
-        both = _seconds(step, device)
-        forward.append([float(d), flops / fwd])
-        backward.append([float(d), 2.5 * flops / max(both - fwd, fwd * 0.5)])
+            times["attention"].append(fwd)
+            times["attention_backward"].append(max(_seconds(step, device) - fwd, fwd * 0.5))
+        rows = 4 * 8 * 128
+        flops = float(sdpa_flops((8, 8, 64, d), (8, 8, 64, d), (8, 8, 64, d)))  # the short shape's
+        for kind, scale in (("attention", 1.0), ("attention_backward", 2.5)):
+            long_, short = times[kind]
+            # rows·a + 2F/r = long, rows·a + F/r = short: the per-row share of the short shape
+            share = min(0.9, max(0.0, (2 * short - long_) / short))
+            out[kind].append([float(d), scale * flops / ((1 - share) * short)])
+            out[f"{kind}_rows"].append([float(d), rows / max(share * short, 1e-12)])
+    return out
+
+
+def _convolution(device: str, dtype: torch.dtype, channels: tuple[int, ...]) -> tuple[list[list[float]], list[list[float]]]:
+    """FLOP/s of a 3x3 convolution (batch 8, 32x32, `channels` in and out),
+    forward and backward (input and weight gradients), by FLOPs as torch's
+    formulas count them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    aten = torch.ops.aten
+    forward, backward = [], []
+    for c in channels:
+        x = torch.randn(8, c, 32, 32, device=device, dtype=dtype)
+        w = torch.randn(c, c, 3, 3, device=device, dtype=dtype)
+        g = torch.randn(8, c, 32, 32, device=device, dtype=dtype)
+        fwd = lambda x=x, w=w: aten.convolution(x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1)  # noqa: E731
+        bwd = lambda x=x, w=w, g=g: aten.convolution_backward(g, x, w, [0], [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False])  # noqa: E731
+        for fn, pts in ((fwd, forward), (bwd, backward)):
+            with FlopCounterMode(display=False) as counter:
+                fn()
+            flops = float(counter.get_total_flops())
+            pts.append([flops, flops / _seconds(fn, device)])
     return forward, backward
 
 
-def _bandwidth(device: str, dtype: torch.dtype, op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], tensors: int, counts: tuple[int, ...]) -> list[list[float]]:
+def _bandwidth(device: str, dtype: torch.dtype, op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], tensors: float, counts: tuple[int, ...]) -> list[list[float]]:
     """Bytes `op` moves per second (`tensors` of the element count, inputs
     and output), by size, over a pool of buffers larger than the caches (as
     a program's fresh tensors are)."""
@@ -200,15 +271,18 @@ def _collectives(mesh, device: str, sizes: tuple[int, ...]) -> dict:
                 splits = [numel // p] * p
                 fn = lambda x=x, s=splits: f.wait_tensor(f.all_to_all_single(x, s, s, name))  # noqa: E731
             # every rank makes the same calls: a fixed count, each one timed
-            # from a barrier (the ranks enter together, as a planned step's do)
+            # from a barrier (the ranks enter together, as a planned step's
+            # do); their mean, not their median: on a shared machine a few
+            # calls wait a scheduler tick for their threads, and a step pays
+            # its collectives' sum, the mean's worth each
             fn()
             times = []
-            for _ in range(9):
+            for _ in range(COLLECTIVE_CALLS):
                 torch.distributed.barrier(group)
                 t = time.perf_counter()
                 fn()
                 times.append(time.perf_counter() - t)
-            pts.append([float(nbytes), statistics.median(times)])
+            pts.append([float(nbytes), statistics.fmean(times)])
         out[kind] = pts
     return {"collective_seconds": out, "group_size": p, "backend": backend}
 
@@ -277,7 +351,16 @@ def _measure(rank: int, mesh, *, dtypes: tuple[str, ...], verbose: bool, sizes: 
     launch = _launch_s(device)
     say(f"  op launch: {launch * 1e6:.2f} us")
     out = {"op_launch_s": launch, "threads": torch.get_num_threads()}
-    out.update(_compute(device, tuple(getattr(torch, d) for d in dtypes), sizes, say))
+    # compute figures: each the median of `sizes.rounds` passes over them all,
+    # seconds apart, so that no figure rests on one stretch of a machine
+    # whose speed drifts (a shared VM's does, by 10-20% over seconds)
+    passes = []
+    for r in range(sizes.rounds):
+        say(f"  compute, pass {r + 1} of {sizes.rounds} ...")
+        passes.append(_compute(device, tuple(getattr(torch, d) for d in dtypes), sizes))
+    figures = _median_curves(passes)
+    _say_compute(figures, dtypes, sizes, say)
+    out.update(figures)
     say("  collectives ...")
     out.update(_collectives(mesh, device, sizes.collective_bytes))
     out["overlap_slowdown"] = _slowdown(mesh, device)

@@ -15,8 +15,13 @@ def _measured(**extra) -> DeviceProfile:
     cpu = load_profile("cpu").to_json()
     cpu.update(
         op_launch_s=3e-6,
-        flops_curve={"float32": [[1e6, 1e10], [1e8, 1e11]], "attention/float32": [[8, 1e10], [64, 6e10]]},
-        bandwidth_curve={"float32": [[1e4, 1e10], [1e8, 3e10]], "transcendental/float32": [[1e4, 1e9], [1e8, 1e10]]},
+        flops_curve={
+            "float32": [[1e6, 1e10], [1e8, 1e11]],
+            "attention/float32": [[8, 1e10], [64, 6e10]],
+            "attention_backward_rows/float32": [[8, 1e6], [64, 1e6]],
+            "convolution/float32": [[1e6, 2e9], [1e8, 2e10]],
+        },
+        bandwidth_curve={"float32": [[1e4, 1e10], [1e8, 3e10]], "transcendental/float32": [[1e4, 1e9], [1e8, 1e10]], "cast/float32": [[1e4, 1e9], [1e8, 1e9]]},
         collectives={"2": {"all_gather": {"bandwidth": 1e9, "latency": 3e-4}}},
         collective_curves={"2": {"all_reduce": [[1e3, 1e-4], [1e5, 1e-3]]}},
         overlap_slowdown=0.25,
@@ -51,6 +56,37 @@ def test_compute_time_uses_the_curves_and_the_floor():
     assert compute_time(10, 40, p, "float32") == 3e-6  # the launch floor
     assert compute_time(0, 0, p, "float32") == 0.0  # a view does no work
     assert compute_time(1e8, 1e8, p, "float32", "transcendental") == pytest.approx(1e-2)
+    assert compute_time(1e8, 0, p, "float32", "convolution") == pytest.approx(1e8 / 2e10)  # its own curve
+    assert compute_time(1e8, 0, p, "float32", "convolution_backward") == pytest.approx(1e8 / 1e11)  # none: matmul's
+    assert compute_time(1, 1e8, p, "float32", "cast") == pytest.approx(1e8 / 1e9)
+    # attention's per-row work adds to its FLOPs' time where measured (backward here, not forward)
+    assert compute_time(6e8, 0, p, "float32", "attention_backward", size=64, rows=2000) == pytest.approx(6e8 / 1e11 + 2000 / 1e6)
+    assert compute_time(6e8, 0, p, "float32", "attention", size=64, rows=2000) == pytest.approx(6e8 / 6e10)
+
+
+def test_the_pricer_prices_convolutions_casts_and_attention_rows_by_their_curves():
+    """An op's kind picks its curve; a sharded attention's rows are its shard's."""
+    import torch
+
+    from dtplan.ir.capture import capture
+    from dtplan.planner.cost.pricing import Pricer
+    from dtplan.planner.space.strategies import Strategy
+    from torch.distributed.tensor import Replicate, Shard
+
+    class M(torch.nn.Module):
+        def forward(self, x, w):
+            return torch.nn.functional.conv2d(x, w).to(torch.float64)
+
+    p = _measured()
+    graph = capture(M(), (torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3))).graph
+    conv = next(n for n in graph if "convolution" in n.op_name)
+    cast = next(n for n in graph if "_to_copy" in n.op_name)
+    pricer = Pricer((2,), p)
+    whole = Strategy(inputs=((Replicate(),), (Replicate(),)), output=(Replicate(),))
+    split = Strategy(inputs=((Shard(0),), (Replicate(),)), output=(Shard(0),))
+    assert pricer.compute_s(conv, whole) == compute_time(conv.flops, conv.bytes, p, "float32", "convolution")
+    assert pricer.compute_s(conv, split) == compute_time(conv.flops / 2, conv.bytes / 2, p, "float32", "convolution")
+    assert pricer.compute_s(cast, whole) == compute_time(cast.flops, cast.bytes, p, "float64", "cast")
 
 
 def test_a_measured_link_replaces_the_profile_link_for_its_kind_and_group_size():
@@ -102,9 +138,12 @@ def test_calibrate_measures_this_machine_into_a_profile_the_planner_takes(tmp_pa
 
     p = calibrate(2, dtypes=("float32",), say=None, quick=True)
     curves = dict(p.flops_curve)
-    assert set(curves) == {"float32", "attention/float32", "attention_backward/float32"}
+    assert set(curves) == {
+        "float32", "attention/float32", "attention_backward/float32", "attention_rows/float32", "attention_backward_rows/float32",
+        "convolution/float32", "convolution_backward/float32",
+    }
     assert all(rate > 0 for _, rate in curves["float32"]) and p.flops_per_s("float32") == max(r for _, r in curves["float32"])
-    assert {k for k, _ in p.bandwidth_curve} == {"float32", "transcendental/float32"}
+    assert {k for k, _ in p.bandwidth_curve} == {"float32", "transcendental/float32", "cast/float32"}
     assert p.op_launch_s > 0 and p.overlap_slowdown >= 0
     links = dict(dict(p.collectives)[2])
     assert set(links) == {"all_reduce", "all_gather", "reduce_scatter", "all_to_all"}

@@ -89,8 +89,11 @@ class DeviceProfile:
     rank_skew: float = 0.0
     #: measured (`dtplan calibrate`), all optional: the least time an op that
     #: does work takes (dispatch, kernel launch); FLOP/s by dtype and by an op's
-    #: FLOPs (keys "float32", ...: matmuls; "attention/float32", ...: fused
-    #: attention, forward and backward, by head dimension), and memory bandwidth by dtype and by
+    #: FLOPs (keys "float32", ...: matmuls; "convolution/float32",
+    #: "convolution_backward/float32": convolutions; "attention/float32", ...: fused
+    #: attention, forward and backward, by head dimension, with
+    #: "attention_rows/float32", ...: its query rows per second besides its
+    #: FLOPs), and memory bandwidth by dtype and by
     #: the bytes an op moves, as sorted (size, rate) points interpolated in
     #: log-log (clamped at the ends; `peak_flops` and `memory_bandwidth` where
     #: absent); each collective's link by group size ("2": {"all_gather":
@@ -138,7 +141,8 @@ class DeviceProfile:
 
     def flops_at(self, dtype_name: str, flops: float, kind: str = "matmul", size: float | None = None) -> float:
         """FLOP/s of an op of `flops` FLOPs: the measured curve for its kind
-        and dtype, else the matmul curve, else the peak. Matmul curves are by
+        and dtype, else the matmul curve, else the peak. Matmul and
+        convolution curves ("convolution", "convolution_backward") are by
         FLOPs; "attention" curves by `size`, the head dimension (what sets a
         fused attention kernel's efficiency)."""
         if not self.flops_curve:
@@ -146,13 +150,24 @@ class DeviceProfile:
         curves, dtype = dict(self.flops_curve), _canonical_dtype(dtype_name)
         if kind.startswith("attention") and f"{kind}/{dtype}" in curves and size is not None:
             return _interpolate(curves[f"{kind}/{dtype}"], size)
+        if kind.startswith("convolution") and f"{kind}/{dtype}" in curves:
+            return _interpolate(curves[f"{kind}/{dtype}"], flops)
         curve = curves.get(dtype)
         return _interpolate(curve, flops) if curve else self.flops_per_s(dtype_name)
+
+    def rows_at(self, dtype_name: str, kind: str, size: float) -> float | None:
+        """Query rows per second a fused attention kernel spends apart from its
+        FLOPs ("attention_rows/<dtype>", "attention_backward_rows/<dtype>", by
+        head dimension: CPU kernels' per-row work, which FLOP/s measured at one
+        sequence length miss at another), or None where not measured."""
+        curve = dict(self.flops_curve).get(f"{kind}_rows/{_canonical_dtype(dtype_name)}")
+        return _interpolate(curve, size) if curve else None
 
     def bandwidth_at(self, nbytes: float, dtype_name: str = "float32", kind: str = "") -> float:
         """Memory bandwidth for an op moving `nbytes` of a dtype: the measured
         curve for its kind ("transcendental": ops costing many instructions
-        per element) and dtype, else the dtype's, else float32's, else the peak."""
+        per element; "cast": a cast into the dtype) and dtype, else the
+        dtype's, else float32's, else the peak."""
         if not self.bandwidth_curve:
             return self.memory_bandwidth
         curves, dtype = dict(self.bandwidth_curve), _canonical_dtype(dtype_name)
@@ -471,10 +486,13 @@ def bytes_sent_per_rank(kind: str, n: float, p: int) -> float:
     return factor * (p - 1) / p * n
 
 
-def compute_time(flops: float, bytes_moved: float, profile: DeviceProfile, dtype_name: str, kind: str = "matmul", size: float | None = None) -> float:
+def compute_time(
+    flops: float, bytes_moved: float, profile: DeviceProfile, dtype_name: str, kind: str = "matmul", size: float | None = None, rows: float = 0.0
+) -> float:
     """Roofline time: max(flops / FLOP/s for dtype, bytes_moved / memory bandwidth),
-    the rates at this op's size (and kind: "matmul", "attention" and
-    "attention_backward" with `size` its head dimension, "transcendental")
+    the rates at this op's size (and kind: "matmul", "convolution",
+    "convolution_backward", "attention" and "attention_backward" with `size`
+    its head dimension and `rows` its query rows, "transcendental", "cast")
     where the profile has measured curves, and no less than the profile's floor per op
     (0 in the datasheet profiles)."""
     _require_number("flops", flops, positive=False)
@@ -482,8 +500,11 @@ def compute_time(flops: float, bytes_moved: float, profile: DeviceProfile, dtype
     if flops == 0 and bytes_moved == 0:
         return 0.0
     rate = profile.flops_at(dtype_name, flops, kind, size) if flops else 1.0
+    work = flops / rate
+    if rows and size is not None and (per_s := profile.rows_at(dtype_name, kind, size)):
+        work += rows / per_s
     bandwidth = profile.bandwidth_at(bytes_moved, dtype_name, kind) if bytes_moved else 1.0
-    return max(profile.op_launch_s, flops / rate, bytes_moved / bandwidth)
+    return max(profile.op_launch_s, work, bytes_moved / bandwidth)
 
 
 def to_ns(seconds: float) -> int:

@@ -87,13 +87,19 @@ class Pricer:
         meta = next((m for m in metas if m is not None), None)
         dt = dtype_name(meta.dtype) if meta is not None else "float32"
         op = getattr(getattr(node.target, "overloadpacket", None), "__name__", "")
-        kind, size = "matmul", None
+        kind, size, rows = "matmul", None, 0.0
         if "attention" in op and meta is not None and meta.shape:
-            # fused attention: its efficiency follows the head dimension, the output's last
+            # fused attention: its efficiency follows the head dimension, the
+            # output's last; its per-row work the output's rows (queries)
             kind, size = ("attention_backward" if "backward" in op else "attention"), meta.shape[-1]
+            rows = _numel(meta.shape) / max(1, meta.shape[-1]) / f
+        elif op in ("convolution", "convolution_backward"):
+            kind = op
         elif op in _TRANSCENDENTAL:
             kind = "transcendental"
-        return compute_time(node.flops / f, node.bytes / f, self.profile, dt, kind, size)
+        elif op == "_to_copy":
+            kind = "cast"
+        return compute_time(node.flops / f, node.bytes / f, self.profile, dt, kind, size, rows)
 
     def redistribute(self, meta: TensorMeta, src: Placements, dst: Placements) -> tuple[Collective, ...]:
         """The collectives taking a tensor from `src` to `dst` placements
