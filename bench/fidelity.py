@@ -71,12 +71,18 @@ def _time_rank(rank: int, mesh, *, items: list[dict], steps: int, warmup: int, r
         plan = Plan.from_json(item["plan_json"])
         train = plan.model.train
         model, inputs = mf.build(meta=False, train=train)
-        captured = _capture(mf, train=train, precision=plan.precision, remat=plan.remat if train else None)
+        # the capture the row was planned from, shipped: the ranks do not trace again
+        captured = _capture(mf, train=train, precision=plan.precision, remat=plan.remat if train else None, shipped=item["captured"])
+        before = torch.cuda.memory_allocated() if cuda else 0
         if train:
             program = sharded_trainer(model, captured, plan, mesh, optimizer=plan.model.optimizer or "adamw").program
         else:
             program = sharded_program(model, captured, plan, mesh)
-        runs.append((program.graph_module, program.shard_inputs(*inputs)))
+        local = program.shard_inputs(*inputs)
+        # what the row keeps on the device while the others run: its peak is
+        # measured over the others' (every row's module stays built)
+        resident = torch.cuda.memory_allocated() - before if cuda else 0
+        runs.append((program.graph_module, local, resident))
 
     def step(module, local) -> float:
         if mesh.size() > 1:
@@ -95,22 +101,24 @@ def _time_rank(rank: int, mesh, *, items: list[dict], steps: int, warmup: int, r
     times: list[list[float]] = [[] for _ in runs]
     peaks = [0] * len(runs)
     with torch.no_grad():
-        for k, (module, local) in enumerate(runs):
+        for module, local, _ in runs:
             for _ in range(warmup):
                 step(module, local)
         for r in range(rounds):
-            for k, (module, local) in enumerate(runs):
+            for k, (module, local, resident) in enumerate(runs):
                 if cuda:
                     torch.cuda.reset_peak_memory_stats()
+                    others = torch.cuda.memory_allocated() - resident
                 for _ in range(steps * (r + 1) // rounds - steps * r // rounds):
                     times[k].append(step(module, local))
                 if cuda:
-                    peaks[k] = max(peaks[k], torch.cuda.max_memory_allocated())
+                    peaks[k] = max(peaks[k], torch.cuda.max_memory_allocated() - others)
     return [{"median_s": statistics.median(ts), "peak_bytes": peaks[k] if cuda else None} for k, ts in enumerate(times)]
 
 
-def _plans(args, profile, mesh) -> list[tuple[str, str, object]]:
+def _plans(args, profile, mesh) -> list[tuple[str, str, dict, object, bytes]]:
     from dtplan import load_model_file, plan_program
+    from dtplan.ir.capture import to_bytes
     from dtplan.ir.modelfile import capture_model_file
     from dtplan.planner.solver import SolverOptions
 
@@ -127,7 +135,7 @@ def _plans(args, profile, mesh) -> list[tuple[str, str, object]]:
             plan = plan_program(
                 captured, mesh=mesh, profile=profile, input_placements=["S(0)"] * mesh.ndim, remat=remat, solver=SolverOptions(time_limit_s=20)
             )
-            rows.append((f"{name} {label}", path, options, plan))
+            rows.append((f"{name} {label}", path, options, plan, to_bytes(captured)))
     return rows
 
 
@@ -160,11 +168,11 @@ def main() -> None:
             print(f"calibrated on {ranks} ranks: {profiles[ranks].description}", flush=True)
         profile = given or profiles[ranks]
         rows = _plans(args, profile, mesh)
-        items = [dict(path=path, options=options, plan_json=plan.to_json()) for _, path, options, plan in rows]
+        items = [dict(path=path, options=options, plan_json=plan.to_json(), captured=captured) for _, path, options, plan, captured in rows]
         print(f"mesh {mesh_text}: planned {len(rows)} rows, running them on {mesh.size} rank(s), one thread each ...", flush=True)
         per_rank = spawn(functools.partial(_time_rank, items=items, steps=args.steps, warmup=args.warmup, rounds=args.rounds), mesh)
         print(f"{'row':<24} {'predicted ms':>12} {'measured ms':>11} {'pred/meas':>9} {'comm ms':>8} {'exposed':>8} {'vs 1 device':>11}")
-        for k, (label, _, _, plan) in enumerate(rows):
+        for k, (label, _, _, plan, _) in enumerate(rows):
             measured = max(r[k]["median_s"] for r in per_rank)
             predicted = plan.cost.overlapped_s
             ratio = predicted / measured

@@ -9,13 +9,15 @@ once, so they share memory bandwidth and cores as a run does):
   the floor of every op's time;
 - `flops_curve`: matmul FLOP/s per dtype at several sizes (an efficiency
   curve, not one peak), as called, launch included (the model takes the
-  larger of the launch floor and the roofline), and fused attention's,
-  forward and backward, by head dimension; `peak_flops` is the best matmul;
+  larger of the launch floor and the roofline), 3x3 convolutions', forward
+  and backward, by FLOPs, and fused attention's, forward and backward, by
+  head dimension, with its query rows per second apart from its FLOPs;
+  `peak_flops` is the best matmul;
 - `bandwidth_curve`: bytes an elementwise add moves per second, per dtype,
   at several sizes, over a pool of buffers larger than the caches (as a
-  program's fresh tensors are), and ops costing many instructions per
-  element (gelu, log-softmax: "transcendental/<dtype>");
-  `memory_bandwidth` is float32's largest;
+  program's fresh tensors are), ops costing many instructions per element
+  (gelu, log-softmax: "transcendental/<dtype>") and casts into the dtype
+  ("cast/<dtype>"); `memory_bandwidth` is float32's largest;
 - `collective_curves` and `collectives`: each collective's seconds over
   the world group at several sizes (the pricer interpolates them), and its
   latency and bandwidth fitted to the ring model (`cost.device`) by least
@@ -29,7 +31,8 @@ once, so they share memory bandwidth and cores as a run does):
   apart, the more so the longer they computed).
 
 Ranks measure the same things at the same time; compute figures are the
-ranks' mean, collective times their slowest (a collective ends when its
+ranks' mean of each rank's median over `Sizes.rounds` passes, collective
+times (each the mean of `COLLECTIVE_CALLS` calls) their slowest (a collective ends when its
 slowest rank does). `sources` in the profile says which figures are
 measured, where and when.
 """
@@ -38,6 +41,7 @@ from __future__ import annotations
 import datetime
 import functools
 import json
+import math
 import os
 import platform
 import statistics
@@ -60,7 +64,7 @@ class Sizes:
     matmul: tuple[int, ...] = (32, 64, 128, 256, 512, 1024)
     add: tuple[int, ...] = (2**10, 2**13, 2**16, 2**19, 2**22)
     collective_bytes: tuple[int, ...] = (2**12, 2**15, 2**18, 2**20, 2**22, 2**24)
-    #: head dimensions at which fused attention is measured (batch 4, 8 heads, sequence 128)
+    #: head dimensions at which fused attention is measured (8 heads; batch 4, sequence 128 and batch 8, sequence 64)
     attention_head_dims: tuple[int, ...] = (8, 16, 32, 64, 128)
     #: channels (in and out) of the 3x3 convolutions measured (batch 8, 32x32)
     conv_channels: tuple[int, ...] = (8, 16, 32, 64, 128)
@@ -70,6 +74,8 @@ class Sizes:
     def every_other(self) -> Sizes:
         """Every other size, one pass (the tests: the same figures, coarser)."""
         return Sizes(*(getattr(self, f.name)[::2] for f in fields(self) if f.name != "rounds"), rounds=1)
+
+
 #: timed calls of each collective at each size
 COLLECTIVE_CALLS = 24
 #: ring steps per (p - 1) of each collective (the pricer's model)
@@ -185,7 +191,8 @@ def _attention(device: str, dtype: torch.dtype, head_dims: tuple[int, ...]) -> d
     out: dict[str, list[list[float]]] = {k: [] for k in ("attention", "attention_backward", "attention_rows", "attention_backward_rows")}
     for d in head_dims:
         times: dict[str, list[float]] = {"attention": [], "attention_backward": []}
-        for shape in ((4, 8, 128, d), (8, 8, 64, d)):
+        long_shape, short_shape = (4, 8, 128, d), (8, 8, 64, d)
+        for shape in (long_shape, short_shape):
             q, k, v = (torch.randn(*shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
             with torch.no_grad():
                 fwd = _seconds(lambda q=q, k=k, v=v: sdpa(q, k, v, is_causal=True), device)
@@ -196,8 +203,8 @@ def _attention(device: str, dtype: torch.dtype, head_dims: tuple[int, ...]) -> d
 
             times["attention"].append(fwd)
             times["attention_backward"].append(max(_seconds(step, device) - fwd, fwd * 0.5))
-        rows = 4 * 8 * 128
-        flops = float(sdpa_flops((8, 8, 64, d), (8, 8, 64, d), (8, 8, 64, d)))  # the short shape's
+        rows = math.prod(short_shape[:-1])  # the long shape's too
+        flops = float(sdpa_flops(short_shape, short_shape, short_shape))
         for kind, scale in (("attention", 1.0), ("attention_backward", 2.5)):
             long_, short = times[kind]
             # rows·a + 2F/r = long, rows·a + F/r = short: the per-row share of the short shape
