@@ -6,14 +6,21 @@ side by side on real gloo ranks of this machine, one thread each.
     .venv/bin/python bench/overlap.py                       # gpt, FSDP plan, mesh 2
     .venv/bin/python bench/overlap.py --mesh 4 --steps 30 --model-arg dim=256
 
-Each rank builds both modules from one plan, warms them up, then times them
-alternately (so machine noise hits both alike) and reports each one's median
-step; the benchmark prints the medians per rank and their ratio
-(serialized / overlapped: above 1 means overlap helps).
+A third module is lowered from the same plan with its gradient buckets
+taken apart (`PlannedCollective.bucket` cleared: one collective per
+gradient, still overlapped), so the same run measures what bucketing gives.
+
+Each rank builds the modules from one plan, warms them up, then times them
+alternately (so machine noise hits all alike) and reports each one's median
+step; the benchmark prints the medians per rank and their ratios
+(serialized / overlapped and unbucketed / overlapped: above 1 means overlap,
+or bucketing, helps). `--plan dp` takes the data-parallel plan (parameters
+replicated: all-reduce buckets) instead of FSDP (reduce-scatter buckets).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -35,11 +42,12 @@ def work(rank: int, mesh, *, path: str, options: dict, plan_json: dict, steps: i
     torch.set_num_threads(1)
     mf = load_model_file(path, options)
     plan = Plan.from_json(plan_json)
+    apart = dataclasses.replace(plan, collectives=tuple(dataclasses.replace(c, bucket=None) for c in plan.collectives))
     captured = capture_model_file(mf, train=True)
     trainers = {}
-    for name in ("overlapped", "serialized"):
+    for name, p in (("overlapped", plan), ("serialized", plan), ("unbucketed", apart)):
         model, inputs = mf.build(meta=False, train=True)
-        trainers[name] = sharded_trainer(model, captured, plan, mesh, optimizer="sgd", lr=1e-3)
+        trainers[name] = sharded_trainer(model, captured, p, mesh, optimizer="sgd", lr=1e-3)
     serialize(trainers["serialized"].program.graph_module)
     gm = trainers["overlapped"].program.graph_module
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -61,6 +69,7 @@ def main() -> None:
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--mesh", default="2")
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--plan", choices=("fsdp", "dp"), default="fsdp", help="FSDP (default) or data parallel")
     args = p.parse_args()
     import functools
 
@@ -74,14 +83,23 @@ def main() -> None:
     mf = load_model_file(args.model, options)
     captured = capture_model_file(mf, train=True)
     mesh = parse_mesh(args.mesh)
-    pins = classic_pins(captured, mesh)["FSDP"]
+    name = {"fsdp": "FSDP", "dp": "data parallel"}[args.plan]
+    pins = classic_pins(captured, mesh)[name]
     plan = plan_program(captured, mesh=mesh, parameter_placements=pins, input_placements=["S(0)"] + ["R"] * (mesh.ndim - 1))
     kinds = sorted({c.kind for c in plan.collectives})
-    print(f"{Path(args.model).name} {options} on mesh {args.mesh}, FSDP plan: {len(plan.collectives)} collectives ({', '.join(kinds)}), {args.steps} timed steps", flush=True)
+    bucketed = [c for c in plan.collectives if c.bucket is not None]
+    print(
+        f"{Path(args.model).name} {options} on mesh {args.mesh}, {name} plan: {len(plan.collectives)} collectives ({', '.join(kinds)}), "
+        f"{len(bucketed)} of them in {len({c.bucket for c in bucketed})} gradient bucket(s), {args.steps} timed steps",
+        flush=True,
+    )
     rows = spawn(functools.partial(work, path=args.model, options=options, plan_json=plan.to_json(), steps=args.steps), mesh)
-    print(f"{'rank':>4} {'waits moved':>11} {'overlapped ms':>13} {'serialized ms':>13} {'serialized/overlapped':>21}")
+    print(f"{'rank':>4} {'waits moved':>11} {'overlapped ms':>13} {'serialized ms':>13} {'unbucketed ms':>13} {'serialized/overlapped':>21} {'unbucketed/overlapped':>21}")
     for r in rows:
-        print(f"{r['rank']:>4} {r['waits_moved']:>5} of {r['collectives']:<3} {r['overlapped'] * 1e3:13.2f} {r['serialized'] * 1e3:13.2f} {r['serialized'] / r['overlapped']:21.3f}")
+        print(
+            f"{r['rank']:>4} {r['waits_moved']:>5} of {r['collectives']:<3} {r['overlapped'] * 1e3:13.2f} {r['serialized'] * 1e3:13.2f} "
+            f"{r['unbucketed'] * 1e3:13.2f} {r['serialized'] / r['overlapped']:21.3f} {r['unbucketed'] / r['overlapped']:21.3f}"
+        )
 
 
 if __name__ == "__main__":

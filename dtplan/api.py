@@ -28,7 +28,7 @@ from dtplan.planner.solver import MemoryBudgetError, SolveResult, SolverOptions,
 from dtplan.planner.mesh import MeshSpec, parse_mesh, parse_size
 from dtplan.planner.evaluate import Evaluation, evaluate
 from dtplan.planner.output.plan import PLAN_VERSION, CostSummary, ModelInfo, Plan, SolverSummary, parameter_table
-from dtplan.planner.cost.pricing import Pricer, optimizer_state_factor
+from dtplan.planner.cost.pricing import BUCKET_BYTES, Pricer, optimizer_state_factor
 from dtplan.planner.reduce.fold import FoldResult, fold_layers
 from dtplan.planner.reduce.hubs import add_hubs
 from dtplan.planner.reduce.followers import merge_followers
@@ -140,7 +140,7 @@ def plan_program(
     stages["strategies"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    pricer = Pricer(tuple(planned.shape), prof, optimizer_state_factor(optimizer if captured.train else None))
+    pricer = Pricer(tuple(planned.shape), prof, optimizer_state_factor(optimizer if captured.train else None), _bucket_bytes(captured))
     space = merge_followers(graph, space, pricer)
     folded = fold_layers(graph, space) if fold else None
     space = folded.space if folded else space
@@ -158,7 +158,7 @@ def plan_program(
     choice = result.choice
     if planned is not mesh:  # the chosen strategies, widened to every axis of the real mesh
         space, choice, wants = widen_choice(space, result.choice, wants, mesh)
-        pricer = Pricer(tuple(mesh.shape), prof, pricer.state_factor)
+        pricer = Pricer(tuple(mesh.shape), prof, pricer.state_factor, pricer.bucket_bytes)
         ins = {k: widen(v, mesh) for k, v in ins.items()}
     ev = evaluate(graph, space, pricer, mesh, choice, wants)
     ev, reranked = _rerank_replicated(graph, space, pricer, mesh, choice, wants, ev, budget)
@@ -279,6 +279,17 @@ def _model_info(captured: Captured, optimizer: str, given: Mapping[str, object] 
     return ModelInfo(
         **{"num_nodes": len(graph), "graph_signature": graph.signature, "train": captured.train, "precision": captured.precision.to_json(), "remat": captured.remat.to_json(), **trained, **(given or {})}
     )
+
+
+def _bucket_bytes(captured: Captured) -> int:
+    """The bucket a gradient reduction is priced in (`Pricer.bucket_bytes`):
+    full, or all the gradients where they fill less (a small model's
+    reductions all travel in one bucket)."""
+    if not captured.train:
+        return 0
+    graph = captured.graph
+    total = sum(graph[g].tensor_meta.nbytes for g in captured.gradients)
+    return min(BUCKET_BYTES, total)
 
 
 def _cost_summary(captured: Captured, ev: Evaluation, pricer: Pricer) -> CostSummary:

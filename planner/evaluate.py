@@ -10,20 +10,21 @@ collectives, which the plan records and the runtime must issue.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from dtplan.ir.graph import Graph
 from dtplan.planner.cost.device import bytes_sent_per_rank
 from dtplan.planner.cost.memory import peak_bytes, stored_values
 from dtplan.planner.cost.overlap import Overlap, simulate
-from dtplan.planner.cost.pricing import Pricer
+from dtplan.planner.cost.pricing import BUCKET_BYTES, Pricer, bucket_key
 from dtplan.planner.mesh import MeshSpec
 from dtplan.planner.reduce.hubs import reads_via_hub
 from dtplan.planner.space._dtensor import Placements
 from dtplan.planner.space.strategies import Source, Strategy, StrategySpace, hub_name
 
-__all__ = ["HUB", "OUTPUT", "Edge", "Evaluation", "NodePlan", "PlannedCollective", "edges", "evaluate"]
+__all__ = ["HUB", "OUTPUT", "Edge", "Evaluation", "NodePlan", "PlannedCollective", "buckets", "edges", "evaluate", "issued"]
 
 #: the consumer of an edge into a value's hub, and of a graph output
 HUB, OUTPUT = "hub", "output"
@@ -78,6 +79,9 @@ class PlannedCollective:
     producer: str
     node: str
     module: str
+    #: the gradient bucket it travels in (`buckets`): one collective issues
+    #: every member's bytes at once; None: issued alone
+    bucket: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,17 +121,28 @@ def evaluate(
     colls: list[PlannedCollective] = []
 
     hubs = {u: space.hubs[u][choice[hub_name(u)]] for u in space.hubs}
+    grads: dict[int, tuple] = {}  # collective index -> (output index, bucket key)
     for e in edges(graph, space):
         u = e.producer
+        price = pricer.redistribute
         if e.consumer == HUB:
             src, want, module = chosen[u].output, hubs[u], graph[u].module
         elif e.consumer == OUTPUT:
             w = output_placements[e.index]
             src, want, module = hubs.get(u, chosen[u].output), (chosen[w].output if isinstance(w, str) else w), graph[u].module
+            if isinstance(w, str):  # a gradient, to its parameter's placements
+                price = pricer.gradient_collectives
+                key = bucket_key(pricer.mesh_shape, graph[u].tensor_meta, src, want) if pricer.bucket_bytes else None
+                if key is not None:
+                    grads[len(colls)] = (e.index, key)
         else:
             src, want, module = (hubs[u] if e.via_hub else chosen[u].output), chosen[e.consumer].inputs[e.index], graph[e.consumer].module
-        for c in pricer.redistribute(graph[u].tensor_meta, src, want):
+        for c in price(graph[u].tensor_meta, src, want):
             colls.append(PlannedCollective(c.kind, mesh.axis_names[c.axis], c.bytes, c.time_s, u, e.consumer, module))
+    order = {n.name: i for i, n in enumerate(graph)}
+    for b, members in enumerate(buckets([(k, order[colls[k].producer], colls[k].bytes, key) for k, (_, key) in grads.items()], BUCKET_BYTES)):
+        for k in members:
+            colls[k] = dataclasses.replace(colls[k], bucket=b)
     per_node = {n.name: pricer.bytes_per_device(n.tensor_meta, chosen[n.name].output) for n in graph if n.tensor_meta is not None}
     stored_names = stored_values(graph)
     stored = sum(per_node[name] for name in stored_names)
@@ -143,17 +158,69 @@ def evaluate(
         parameter_bytes=stored,
         optimizer_bytes=resident - stored,
         peak_memory_bytes=peak,
-        overlap=overlapped(graph, nodes, colls, slowdown=pricer.profile.overlap_slowdown, skew=pricer.profile.rank_skew),
+        overlap=overlapped(graph, nodes, colls, pricer, mesh, slowdown=pricer.profile.overlap_slowdown, skew=pricer.profile.rank_skew),
     )
 
 
+def buckets(members: Sequence[tuple[int, int, int, tuple]], cap: int = BUCKET_BYTES) -> list[list[int]]:
+    """Gradient reductions grouped into buckets, in the order they are issued.
+
+    `members`: (id, position of the producer in the graph, bytes, bucket
+    key). Reductions sharing a key (kind, mesh axis, dtype, reduce op) are
+    taken in the order their gradients are produced (ties by id) and filled
+    into buckets of at most `cap` bytes (a larger one is a bucket alone), as
+    DDP fills its buckets in the order backward produces gradients. Buckets
+    are issued in the order they are ready (their last gradient produced),
+    so the first ones run under the rest of backward. Returns each bucket's
+    ids; a bucket of one is issued in its place as its own collective."""
+    by_key: dict[tuple, list[tuple[int, int, int]]] = {}
+    for k, pos, nbytes, key in members:
+        by_key.setdefault(key, []).append((pos, k, nbytes))
+    out: list[tuple[int, int, list[int]]] = []
+    for key_index, group in enumerate(by_key.values()):
+        current: list[int] = []
+        size = ready = 0
+        for pos, k, nbytes in sorted(group):
+            if current and size + nbytes > cap:
+                out.append((ready, key_index, current))
+                current, size = [], 0
+            current.append(k)
+            size += nbytes
+            ready = pos
+        if current:
+            out.append((ready, key_index, current))
+    out.sort(key=lambda r: (r[0], r[1]))
+    return [ids for _, _, ids in out]
+
+
+def issued(colls: Sequence[PlannedCollective]) -> list[tuple[str, str, int, tuple[PlannedCollective, ...]]]:
+    """The collectives as a run issues them: (kind, axis, bytes, members),
+    a bucket once (its members' bytes summed, at the place of its first
+    member in the plan's list), every other collective alone."""
+    out: list[tuple[str, str, int, tuple[PlannedCollective, ...]]] = []
+    seen: dict[int, int] = {}
+    for c in colls:
+        if c.bucket is None:
+            out.append((c.kind, c.axis, c.bytes, (c,)))
+        elif c.bucket in seen:
+            kind, axis, nbytes, members = out[seen[c.bucket]]
+            out[seen[c.bucket]] = (kind, axis, nbytes + c.bytes, (*members, c))
+        else:
+            seen[c.bucket] = len(out)
+            out.append((c.kind, c.axis, c.bytes, (c,)))
+    return out
+
+
 def overlapped(
-    graph: Graph, nodes: Mapping[str, NodePlan], colls: list[PlannedCollective], *, slowdown: float = 0.0, skew: float = 0.0
+    graph: Graph, nodes: Mapping[str, NodePlan], colls: list[PlannedCollective], pricer: Pricer, mesh: MeshSpec, *, slowdown: float = 0.0, skew: float = 0.0
 ) -> Overlap:
     """The step simulated with communication overlapped (`cost.overlap`): each
     collective waits where lowering puts it, before the node reading the
     redistributed value (a hub's conversion: before the value's first
-    reader; a graph output's: at the end)."""
+    reader; a graph output's: at the end). A gradient bucket is one
+    collective of its members' bytes (timed whole, `Pricer.bucket_s`),
+    issued once its last gradient is produced, after the outputs that are
+    not bucketed, buckets in their order (as lowering issues them)."""
     order = [n.name for n in graph]
     index = {name: i for i, name in enumerate(order)}
     first_reader: dict[str, int] = {}
@@ -169,10 +236,21 @@ def overlapped(
             return first_reader.get(c.producer, end)
         return index[c.node]
 
+    plain = [(c.kind, c.producer, position(c), c.time_s) for c in colls if c.bucket is None]
+    grouped: dict[int, list[PlannedCollective]] = {}
+    for c in colls:
+        if c.bucket is not None:
+            grouped.setdefault(c.bucket, []).append(c)
+    for b in sorted(grouped):
+        members = grouped[b]
+        last = max(members, key=lambda c: index[c.producer]).producer
+        first = members[0]
+        secs = pricer.bucket_s(first.kind, mesh.axis_index(first.axis), sum(c.bytes for c in members))
+        plain.append((first.kind, last, end, secs))
     return simulate(
         order,
         {name: p.compute_s for name, p in nodes.items()},
-        [(c.kind, c.producer, position(c), c.time_s) for c in colls],
+        plain,
         slowdown=slowdown,
         skew=skew,
     )

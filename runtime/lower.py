@@ -32,14 +32,15 @@ from torch.distributed.tensor import DTensor
 
 from dtplan.ir.capture import Captured
 from dtplan.ir.graph import Role, TensorMeta
-from dtplan.planner.cost.pricing import local_shape
+from dtplan.planner.cost.pricing import bucket_key, local_shape
+from dtplan.planner.evaluate import OUTPUT
 from dtplan.planner.output.plan import NodePlan, Plan
 from dtplan.planner.space import rules
 from dtplan.planner.space._dtensor import dtensor_spec, has_strided, per_output
 from dtplan.runtime import gloo, replay, watch
 from dtplan.runtime.overlap import overlap
 from dtplan.runtime.params import piece
-from dtplan.runtime.redistribute import RankMesh, redistribute_local
+from dtplan.runtime.redistribute import RankMesh, reduce_bucket, redistribute_local
 
 __all__ = ["LoweringError", "attr_name", "lower"]
 
@@ -177,10 +178,37 @@ class _PlanInterpreter(torch.fx.Interpreter):
         raise LoweringError(f"cannot lower node={n.format_node()}: {n.op} nodes are not interpreted")
 
     def _outputs(self) -> tuple[torch.Tensor, ...]:
-        outs = []
-        for name, want in zip(self.ir.outputs, self.plan.outputs, strict=True):
+        """The outputs in their planned placements: each redistributed in
+        turn, then the gradient buckets (`PlannedCollective.bucket`), one
+        collective each, in the plan's bucket order."""
+        slots: dict[str, list[int]] = {}  # output value -> its buckets, in output order
+        for c in self.plan.collectives:
+            if c.node == OUTPUT and c.bucket is not None:
+                slots.setdefault(c.producer, []).append(c.bucket)
+        outs: list[torch.Tensor | None] = []
+        pending: dict[int, list[tuple[int, torch.Tensor, TensorMeta, tuple, tuple]]] = {}
+        for i, (name, want) in enumerate(zip(self.ir.outputs, self.plan.outputs, strict=True)):
             src = self._hub(name) if name in self.plan.hubs else self.env[self.nodes[name]]
-            outs.append(self.fragments.real(self._to(src, want, self.ir[name].tensor_meta)))
+            meta = self.ir[name].tensor_meta
+            if slots.get(name):
+                local = self.fragments.real(replay.local_of(src))
+                pending.setdefault(slots[name].pop(0), []).append((i, local, meta, tuple(src.placements), tuple(want)))
+                outs.append(None)
+                continue
+            outs.append(self.fragments.real(self._to(src, want, meta)))
+        for b in sorted(pending):
+            members = pending[b]
+            if len(members) == 1:  # alone: its own collective, no flattening copy
+                i, local, meta, src, want = members[0]
+                outs[i] = redistribute_local(local, self.rank_mesh, meta, src, want)
+                continue
+            keys = {bucket_key(self.rank_mesh.shape, meta, src, want) for _, _, meta, src, want in members}
+            if len(keys) != 1 or None in keys:
+                raise LoweringError(f"gradient bucket {b} holds reductions that cannot travel together: {sorted(map(str, keys))}")
+            (kind, axis, _, op), = keys
+            reduced = reduce_bucket([local for _, local, _, _, _ in members], self.rank_mesh, kind, axis, op)
+            for (i, *_), value in zip(members, reduced, strict=True):
+                outs[i] = value
         return tuple(outs)
 
     def spec(self, placements, meta: TensorMeta, dtype: torch.dtype):

@@ -52,7 +52,13 @@ _VIEWS = {
     torch.ops.aten.permute.default,
 }
 #: producers a collective may take up with it: single-use, cheap, no side effects
-_MOVABLE = _VIEWS | {torch.ops.aten._to_copy.default, torch.ops.aten.clone.default, torch.ops.aten.contiguous.default}
+#: (a gradient bucket's buffer is the concatenation of its gradients' views)
+_MOVABLE = _VIEWS | {
+    torch.ops.aten._to_copy.default, torch.ops.aten.clone.default, torch.ops.aten.contiguous.default, torch.ops.aten.cat.default,
+}
+#: how far up a collective's inputs it takes its movable producers (a
+#: bucket: the buffer's view, the concatenation, each gradient's view and copy)
+_DEPTH = 5
 
 
 def collective_waits(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, torch.fx.Node | None]]:
@@ -88,7 +94,7 @@ def overlap(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
     def hoist(n: torch.fx.Node, floor: float, depth: int) -> None:
         for inp in n.all_input_nodes:
-            if depth < 3 and key[inp] > floor and inp.op == "call_function" and (inp.target in _VIEWS or len(inp.users) == 1 and inp.target in _MOVABLE):
+            if depth < _DEPTH and key[inp] > floor and inp.op == "call_function" and (inp.target in _VIEWS or len(inp.users) == 1 and inp.target in _MOVABLE):
                 hoist(inp, floor, depth + 1)
         ready = max((key[i] for i in n.all_input_nodes), default=first_free)
         new = max(ready, floor) + next(tick) * 1e-7
@@ -97,14 +103,21 @@ def overlap(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
     group = _groups(pairs, nodes)
     last_of = {g: orig[c] for (c, _), g in zip(pairs, group, strict=True)}  # each group's last collective
-    first_of: dict[int, torch.fx.Node] = {}
+    output = next(n for n in reversed(nodes) if n.op == "output")
+    returned = {c for c, w in pairs if w is not None and _only_returned(w, orig, output)}
+    first_of: dict[int, torch.fx.Node] = {}  # each group's first collective that keeps the order
     for (c, _), g in zip(pairs, group, strict=True):
-        first_of.setdefault(g, c)
-    prev = first_free
+        if c not in returned:
+            first_of.setdefault(g, c)
+    prev = {False: first_free, True: first_free}
     for (c, _), g in zip(pairs, group, strict=True):
-        floor = last_of[g - 1] + 0.5 if g else first_free
-        hoist(c, max(floor, first_free, prev), 0)  # after the previous one: the order every rank issues
-        prev = key[c]
+        # a collective whose result is only returned (a gradient, a bucket of
+        # them) goes as early as its input is ready: it is held to the end
+        # anyway; the others no earlier than the previous group was issued
+        floor = first_free if c in returned or not g else last_of[g - 1] + 0.5
+        back = c in returned
+        hoist(c, max(floor, first_free, prev[back]), 0)  # after the previous one: the order every rank issues
+        prev[back] = key[c]
         mark = _mark(c)
         if mark is not None:
             key[mark] = key[c] - 1e-8
@@ -136,7 +149,7 @@ def overlap(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 
 #: what lowering does to a collective's result before the op that reads it
-_RELAYOUT = _MOVABLE | {torch.ops.aten.cat.default, torch.ops.aten.split.Tensor, torch.ops.aten.chunk.default}
+_RELAYOUT = _MOVABLE | {torch.ops.aten.split.Tensor, torch.ops.aten.split_with_sizes.default, torch.ops.aten.chunk.default}
 
 
 def _relayout_closure(w: torch.fx.Node, order: dict[torch.fx.Node, float]) -> list[torch.fx.Node]:
@@ -157,6 +170,14 @@ def _relayout_closure(w: torch.fx.Node, order: dict[torch.fx.Node, float]) -> li
             for u in n.users:
                 heapq.heappush(heap, (order[u], id(u), u))
     return list(seen)
+
+
+def _only_returned(w: torch.fx.Node, order: dict[torch.fx.Node, float], output: torch.fx.Node) -> bool:
+    """Whether the value `w` waits for is read by the graph's output only
+    (through its local re-layout)."""
+    closure = set(_relayout_closure(w, order))
+    readers = [u for n in (w, *closure) for u in n.users if u not in closure]
+    return bool(readers) and all(u is output for u in readers)
 
 
 def keep_alive(*tensors: object) -> None:

@@ -19,7 +19,7 @@ from torch.distributed.tensor import Partial, Replicate, Shard
 from dtplan.ir.graph import TensorMeta
 from dtplan.planner.space._dtensor import Placements, is_strided, transform_steps
 
-__all__ = ["RankMesh", "redistribute_local"]
+__all__ = ["RankMesh", "reduce_bucket", "redistribute_local"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +57,13 @@ def _apply(x: torch.Tensor, mesh: RankMesh, axis: int, src, dst) -> torch.Tensor
     if p == 1:
         return x  # one rank on the axis: its shard, its sum and its copy are the value
     if isinstance(src, Partial):
+        if isinstance(dst, Partial):
+            # a local rescale: the p pieces of an average are each 1/p of a sum's
+            scale = {("avg", "sum"): 1 / p, ("sum", "avg"): float(p)}.get((src.reduce_op, dst.reduce_op))
+            if src.reduce_op == dst.reduce_op:
+                return x
+            if scale is not None:
+                return x * scale
         if isinstance(dst, Replicate):
             return _sync(funcol.all_reduce(x.contiguous(), src.reduce_op, group))
         if isinstance(dst, Shard):
@@ -95,3 +102,27 @@ def _all_to_all(x: torch.Tensor, gather_dim: int, shard_dim: int, p: int, group)
     recv = _sync(funcol.all_to_all_single(send, None, None, group))
     pieces = recv.reshape(p, *chunks[0].shape).unbind(0)
     return torch.cat(pieces, gather_dim)
+
+
+def reduce_bucket(locals_: list[torch.Tensor], mesh: RankMesh, kind: str, axis: int, reduce_op: str) -> list[torch.Tensor]:
+    """One collective for several reductions on mesh axis `axis` (a gradient
+    bucket, `dtplan.planner.evaluate.buckets`): the local values flattened
+    into one buffer, reduced at once, and each result a view of its piece.
+
+    all_reduce: the buffer is the values end to end. reduce_scatter (to a
+    shard of dim 0): rank k's piece of every value is its k-th block of
+    rows, so the buffer is, rank by rank, each value's block for that rank
+    (`[x.view(p, -1) ...]` side by side); what comes back is this rank's
+    blocks end to end. Same values as one collective per tensor."""
+    group, p = mesh.group_names[axis], mesh.shape[axis]
+    if kind == "all_reduce":
+        flat = torch.cat([x.reshape(-1) for x in locals_])
+        out = _sync(funcol.all_reduce(flat, reduce_op, group))
+        pieces = out.split([x.numel() for x in locals_])
+        return [piece.view(x.shape) for piece, x in zip(pieces, locals_, strict=True)]
+    if kind == "reduce_scatter":
+        flat = torch.cat([x.reshape(p, -1) for x in locals_], 1).reshape(-1)
+        out = _sync(funcol.reduce_scatter_tensor(flat, reduce_op, 0, group))
+        pieces = out.split([x.numel() // p for x in locals_])
+        return [piece.view(x.shape[0] // p, *x.shape[1:]) for piece, x in zip(pieces, locals_, strict=True)]
+    raise ValueError(f"cannot bucket {kind}")

@@ -9,6 +9,7 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from dtplan.planner.evaluate import issued
 from dtplan.planner.output.plan import Plan
 from dtplan.runtime.watch import KINDS as _KINDS
 
@@ -39,7 +40,9 @@ class CollectiveRecorder(TorchDispatchMode):
 
 
 def expected_collectives(plan: Plan) -> Counter:
-    return Counter((c.kind, c.axis, c.bytes) for c in plan.collectives)
+    """The collectives a run of the plan issues, as (kind, axis, bytes): a
+    gradient bucket once, with its members' bytes."""
+    return Counter((kind, axis, nbytes) for kind, axis, nbytes, _ in issued(plan.collectives))
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from dtplan.planner.evaluate import PlannedCollective
+from dtplan.planner.evaluate import PlannedCollective, issued
 from dtplan.runtime import gloo
 
 __all__ = ["entering", "last_entered", "mark_collectives"]
@@ -46,6 +46,7 @@ def mark_collectives(gm: torch.fx.GraphModule, axes: Mapping[str, tuple[str, int
     """Insert `entering(...)` before each collective of `gm`; `axes` maps a
     process group's name to its mesh axis (name, size). Returns how many."""
     calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in KINDS]
+    runs = issued(planned)  # as issued: a gradient bucket once
     for i, node in enumerate(calls):
         kind = KINDS[node.target]
         group = node.args[-1] if isinstance(node.args[-1], str) else node.kwargs.get("group_name")
@@ -53,11 +54,13 @@ def mark_collectives(gm: torch.fx.GraphModule, axes: Mapping[str, tuple[str, int
         val = node.args[0].meta.get("val")
         nbytes = 0 if val is None else val.numel() * val.element_size() * (size if kind == "all_gather" else 1)
         text = f"{kind} on mesh axis {axis!r}, {nbytes} bytes (collective {i + 1} of {len(calls)} in the step"
-        match = [c for c in planned if (c.kind, c.axis, c.bytes) == (kind, axis, nbytes)]
+        match = [members for k, a, b, members in runs if (k, a, b) == (kind, axis, nbytes)]
+        first = match[0][0] if match else None
+        bucket = f"the gradient bucket of {len(match[0])}, e.g. " if match and len(match[0]) > 1 else ""
         if len(match) == 1:
-            text += f"; {match[0].producer} read by {match[0].node}"
+            text += f"; {bucket}{first.producer} read by {first.node}"
         elif match:
-            text += f"; one of {len(match)} planned alike, e.g. {match[0].producer} read by {match[0].node}"
+            text += f"; one of {len(match)} planned alike, e.g. {bucket}{first.producer} read by {first.node}"
         with gm.graph.inserting_before(node):
             gm.graph.call_function(entering, (text + ")",))
     gm.recompile()

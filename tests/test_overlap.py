@@ -45,10 +45,17 @@ def test_parameter_gathers_start_before_the_compute_before_their_use_and_wait_at
     plain = lower_abstract(captured, plan, rank=0, overlap=False)  # as traced: every wait at once
     plain_nodes = list(plain.graph.nodes)
     plain_pairs = ov.collective_waits(plain)
-    group = ov._groups(plain_pairs, plain_nodes)  # the pass groups collectives as lowered
+    group_as_lowered = ov._groups(plain_pairs, plain_nodes)  # the pass groups collectives as lowered
+    group_of = {c.name: g for (c, _), g in zip(plain_pairs, group_as_lowered)}
+    group = [group_of[c.name] for c, _ in pairs]
+    output = nodes[-1]
+    # gradients (read by the output only) issue when ready and are waited for at the end
+    returned = {c for c, w in pairs if ov._only_returned(w, at, output)}
+    assert sum(KINDS[c.target] == "reduce_scatter" for c in returned) >= 2  # the gradient buckets (and the loss's all-reduce)
     first_of = {}
     for (c, _), g in zip(pairs, group):
-        first_of.setdefault(g, c)
+        if c not in returned:
+            first_of.setdefault(g, c)
     for (c, w), g in zip(pairs, group):
         closure = set(ov._relayout_closure(w, at))
         readers = [u for u in w.users if u not in closure] + [u for n in closure for u in n.users if u not in closure]
@@ -62,15 +69,19 @@ def test_parameter_gathers_start_before_the_compute_before_their_use_and_wait_at
             assert not any(ov.does_work(n) for n in between), (w, [n.name for n in between if ov.does_work(n)])
         if (c, w) in gathers and any(ov.does_work(n) for n in nodes[: at[first]]):
             assert any(ov.does_work(n) for n in nodes[at[c] + 1 : at[first]]), (c, first)
-    # collectives keep their order (every rank issues the same sequence), one ahead at most
-    as_lowered = [(KINDS[c.target], c.args[0].name) for c, _ in ov.collective_waits(plain)]
-    assert [(KINDS[c.target], c.args[0].name) for c, _ in pairs] == as_lowered
+    # collectives keep their order (every rank issues the same sequence), one
+    # ahead at most; the returned ones keep theirs, issued under backward
+    for keep in (lambda c: c not in returned, lambda c: c in returned):
+        as_lowered = [(KINDS[c.target], c.args[0].name) for c, _ in plain_pairs if keep(next(x for x, _ in pairs if x.name == c.name))]
+        assert [(KINDS[c.target], c.args[0].name) for c, _ in pairs if keep(c)] == as_lowered
+    work_at = [i for i, n in enumerate(nodes) if ov.does_work(n)]
+    assert min(at[c] for c in returned) < work_at[-1]  # the first gradient bucket runs under the rest of backward
     plain_at = {n.name: i for i, n in enumerate(plain_nodes)}
     assert all(plain_at[w.name] == plain_at[c.name] + 1 for c, w in plain_pairs)  # lowering waits at once
-    for k in range(len(pairs)):
-        if group[k]:  # issued no earlier than the previous group was, counted in work done before it
-            prev = max(j for j in range(k) if group[j] == group[k] - 1)
-            done = sum(1 for n in nodes[: at[pairs[k][0]]] if ov.does_work(n))
+    for k, (c, _) in enumerate(pairs):
+        if group[k] and c not in returned:  # issued no earlier than the previous group was, counted in work done before it
+            prev = max(j for j in range(len(plain_pairs)) if group_as_lowered[j] == group[k] - 1)
+            done = sum(1 for n in nodes[: at[c]] if ov.does_work(n))
             assert done >= sum(1 for n in plain_nodes[: plain_at[plain_pairs[prev][0].name]] if ov.does_work(n))
 
 

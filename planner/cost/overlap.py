@@ -92,8 +92,21 @@ def simulate(
     last_pos: dict[int, int] = {}
     for (_, c), gk in zip(colls, group, strict=True):
         last_pos[gk] = c[2]
-    # each collective's earliest index: past its producer and past the previous group's spot
-    gate = [max(last_pos[gk - 1] if gk else 0, index[c[1]] + 1 if c[1] in index else 0) for (_, c), gk in zip(colls, group, strict=True)]
+    # each collective's earliest index: past its producer and past the previous
+    # group's spot, and no earlier than the one before it (they keep their
+    # order); one whose value is only returned (waited for at the end: a
+    # graph output, a gradient bucket) past its producer and the returned one
+    # before it: its result is held to the end anyway, so issuing it early
+    # holds nothing longer (`dtplan.runtime.overlap`)
+    gate, floor = [], {False: 0, True: 0}
+    for (_, c), gk in zip(colls, group, strict=True):
+        returned = c[2] == n
+        g = max(floor[returned], index[c[1]] + 1 if c[1] in index else 0, 0 if returned or not gk else last_pos[gk - 1])
+        floor[returned] = g
+        gate.append(g)
+    # issued in the order the gates are reached (returned ones after the others at a tie)
+    colls = [kc for _, _, _, kc in sorted((gate[k], colls[k][1][2] == n, k, kc) for k, kc in enumerate(colls))]
+    gate.sort()
     start_at = [0.0] * (n + 1)  # compute stream time when node i may start (before waits)
     finish = [0.0] * n
     done_at: dict[int, float] = {}  # collective k (sorted) -> its finish

@@ -15,7 +15,16 @@ from dtplan.planner.space._dtensor import Placements, is_sharded, per_output, tr
 from dtplan.planner.cost.device import DeviceProfile, compute_time
 from dtplan.planner.space.strategies import Strategy, shard_factor
 
-__all__ = ["Collective", "Pricer", "local_shape", "optimizer_state_factor", "primary_output"]
+__all__ = ["BUCKET_BYTES", "BUCKETED", "Collective", "Pricer", "bucket_key", "local_shape", "optimizer_state_factor", "primary_output"]
+
+#: the most bytes one gradient bucket holds (`dtplan.planner.evaluate`
+#: buckets the gradients' reductions): DDP's first bucket is 1 MiB and the
+#: rest 25 MiB; a few MiB amortise a collective's latency (a gloo all-reduce
+#: of 4 KiB costs a quarter of one of 4 MiB) while the first buckets still
+#: start under the rest of backward. A larger gradient is a bucket alone.
+BUCKET_BYTES = 4 << 20
+#: the collectives a bucket can merge: their buffers concatenate
+BUCKETED = frozenset({"all_reduce", "reduce_scatter"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +80,9 @@ class Pricer:
     #: optimizer state bytes per parameter byte, sharded as the parameter
     #: (AdamW: two fp32 moments; plain SGD: none)
     state_factor: float = 0.0
+    #: the bucket size whose per-byte rate a bucketed gradient reduction is
+    #: charged (`output_collectives`); 0: no bucketing
+    bucket_bytes: int = 0
     _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @functools.cached_property
@@ -147,6 +159,29 @@ class Pricer:
     def redistribute_s(self, meta: TensorMeta, src: Placements, dst: Placements) -> float:
         return sum(c.time_s for c in self.redistribute(meta, src, dst))
 
+    def gradient_collectives(self, meta: TensorMeta, src: Placements, dst: Placements) -> tuple[Collective, ...]:
+        """The collectives a gradient output takes to its parameter's
+        placements. Where that is one bucketable reduction (`bucket_key`),
+        it travels in a bucket with others (`dtplan.planner.evaluate.buckets`)
+        and is charged its bytes at the per-byte rate of a bucket of
+        `bucket_bytes`: its share of the bucket's time, the bucket's latency
+        spread over its members (one larger than that: its own time). The integer program prices gradients so, and
+        the overlap simulation times each bucket whole."""
+        colls = self.redistribute(meta, src, dst)
+        if not self.bucket_bytes or bucket_key(self.mesh_shape, meta, src, dst) is None:
+            return colls
+        (c,) = colls
+        size = max(self.bucket_bytes, c.bytes)  # one larger than a bucket travels alone
+        full = self.profile.collective_seconds(c.kind, size, self.mesh_shape[c.axis], self.links[c.axis])
+        return (Collective(c.kind, c.axis, c.bytes, full * c.bytes / size),)
+
+    def gradient_s(self, meta: TensorMeta, src: Placements, dst: Placements) -> float:
+        return sum(c.time_s for c in self.gradient_collectives(meta, src, dst))
+
+    def bucket_s(self, kind: str, axis: int, nbytes: int) -> float:
+        """Seconds of one bucket's collective of `nbytes` on mesh axis `axis`."""
+        return self.profile.collective_seconds(kind, nbytes, self.mesh_shape[axis], self.links[axis])
+
     def bytes_per_device(self, meta: TensorMeta, placements: Placements) -> int:
         """Bytes one device holds of a tensor with these placements."""
         return meta.nbytes // _storage_factor(placements, self.mesh_shape)
@@ -156,6 +191,21 @@ class Pricer:
         shard, plus the optimizer state of a trained parameter."""
         own = self.bytes_per_device(node.tensor_meta, placements)
         return own + int(own * self.state_factor) if node.role is Role.PARAM else own
+
+
+def bucket_key(mesh_shape: tuple[int, ...], meta: TensorMeta, src: Placements, dst: Placements) -> tuple | None:
+    """What a redistribution shares with those it may be bucketed with, or
+    None where it cannot be: it must be one step, a reduction on one mesh
+    axis (all-reduce to Replicate, or reduce-scatter to a shard of dim 0,
+    whose pieces concatenate rank by rank). Key: (kind, axis, dtype, reduce op)."""
+    steps = [s for s in transform_steps(mesh_shape, meta, src, dst)]
+    if len(steps) != 1 or mesh_shape[steps[0].axis] == 1:
+        return None
+    step = steps[0]
+    kind = step.kind
+    if kind not in BUCKETED or kind == "reduce_scatter" and step.dst.dim != 0:
+        return None
+    return (kind, step.axis, dtype_name(meta.dtype), step.src.reduce_op)
 
 
 def optimizer_state_factor(optimizer: str | None, dtype_itemsize: int = 4) -> float:

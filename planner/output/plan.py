@@ -469,6 +469,7 @@ def _collective_json(c: PlannedCollective) -> dict:
         "producer": c.producer,
         "node": c.node,
         "module": c.module,
+        **({"bucket": c.bucket} if c.bucket is not None else {}),
     }
 
 

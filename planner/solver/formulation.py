@@ -172,8 +172,8 @@ class PlacementProgram:
         links: dict[tuple, list] = {}
         diagonal: dict[tuple, list] = {}
 
-        def link(label: str, meta, outs: dict, wants: dict) -> None:
-            slot = links.setdefault((meta, id(outs), id(wants)), [label, meta, outs, wants, 0])
+        def link(label: str, meta, outs: dict, wants: dict, gradient: bool = False) -> None:
+            slot = links.setdefault((meta, id(outs), id(wants), gradient), [label, meta, outs, wants, 0, gradient])
             slot[4] += 1
 
         walk = list(edges(self.graph, self.space))
@@ -196,25 +196,27 @@ class PlacementProgram:
         for e in (e for e in walk if e.consumer == OUTPUT):
             u, want = e.producer, output_placements[e.index]
             wants = self._by_placement(want, None) if isinstance(want, str) else {want: [ONE]}
-            link(f"{u}->output", self.graph[u].tensor_meta, self._source(u), wants)
+            link(f"{u}->output", self.graph[u].tensor_meta, self._source(u), wants, isinstance(want, str))
 
         for u, v, i, count in diagonal.values():
             meta = self.graph[u].tensor_meta
             for k, s in enumerate(self.space.nodes[v].options):
                 src = self.space.nodes[u].options[k].output
                 self._term(count * to_ns(self.pricer.redistribute_s(meta, src, s.inputs[i])), self.xs(v)[k])
-        for label, meta, outs, wants, count in links.values():
-            self._link(label, meta, outs, wants, count)
+        for label, meta, outs, wants, count, gradient in links.values():
+            self._link(label, meta, outs, wants, count, gradient)
 
-    def _pair_costs(self, meta, outs: dict, wants: dict) -> list[list[int]]:
+    def _pair_costs(self, meta, outs: dict, wants: dict, gradient: bool = False) -> list[list[int]]:
         """Redistribution time (ns) from each output placement (rows, in
-        `outs` order) to each wanted one (columns). Placements are interned
+        `outs` order) to each wanted one (columns); a gradient's priced as
+        it is bucketed (`Pricer.gradient_s`). Placements are interned
         to ints once per distinct set and everything after works on indices:
         hashing a placement tuple runs Python code per element, and a deep
         model asks for the same pairs over and over."""
-        m = self._intern(("meta", meta))
+        m = self._intern(("meta", meta, gradient))
         oids, rids = self._ids(outs), self._ids(wants)
         memo = self._pair_memo
+        price = self.pricer.gradient_s if gradient else self.pricer.redistribute_s
         rows = []
         for o, oid in zip(outs, oids, strict=True):
             row = []
@@ -222,7 +224,7 @@ class PlacementProgram:
                 key = (m, oid, rid)
                 c = memo.get(key)
                 if c is None:
-                    c = memo[key] = to_ns(self.pricer.redistribute_s(meta, o, r))
+                    c = memo[key] = to_ns(price(meta, o, r))
                 row.append(c)
             rows.append(row)
         return rows
@@ -236,8 +238,8 @@ class PlacementProgram:
             self._memo[key] = [self._intern(p) for p in placements]
         return self._memo[key]  # type: ignore[return-value]
 
-    def _link(self, label: str, meta, outs: dict, wants: dict, count: int) -> None:
-        cost = self._pair_costs(meta, outs, wants)
+    def _link(self, label: str, meta, outs: dict, wants: dict, count: int, gradient: bool = False) -> None:
+        cost = self._pair_costs(meta, outs, wants, gradient)
         if not any(any(row) for row in cost):
             return
         out_xs, want_xs = list(outs.values()), list(wants.values())

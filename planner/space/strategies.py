@@ -329,6 +329,11 @@ def _filter(node: Node, raw, mesh_shape, metas, candidates) -> tuple[Strategy, .
             continue
         if not _output_valid(outp, node.meta, mesh_shape):
             continue
+        if isinstance(node.meta, tuple):
+            # an output the op does not make (convolution_backward's masked
+            # grad_input) has no placements, on any axis: rules combined per
+            # axis can give it some on one axis and None on another
+            outp = tuple(None if m is None else o for o, m in zip(outp, node.meta, strict=True))
         keep[Strategy(tuple(ins), outp)] = None
     return tuple(keep)
 
@@ -349,7 +354,7 @@ def _output_valid(outp, meta, mesh_shape) -> bool:
     if isinstance(meta, tuple):
         if not isinstance(outp, tuple) or len(outp) != len(meta) or (outp and not isinstance(outp[0], (tuple, type(None)))):
             return False
-        return all(valid_on(p, m, mesh_shape) for p, m in zip(outp, meta, strict=True))
+        return all(m is None or p is None or None not in p and valid_on(p, m, mesh_shape) for p, m in zip(outp, meta, strict=True))
     if not isinstance(outp, tuple) or len(outp) != len(mesh_shape) or any(isinstance(p, tuple) or p is None for p in outp):
         return False  # a rule's output of another arity than the node's
     return valid_on(outp, meta, mesh_shape)
