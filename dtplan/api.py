@@ -140,7 +140,11 @@ def plan_program(
     stages["strategies"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    pricer = Pricer(tuple(planned.shape), prof, optimizer_state_factor(optimizer if captured.train else None), _bucket_bytes(captured))
+    # on a merged mesh a gradient's reduction over the merged axis is one step
+    # there but one per real axis after widening, which buckets do not take:
+    # the merged program prices gradients unbucketed
+    bucket = _bucket_bytes(captured)
+    pricer = Pricer(tuple(planned.shape), prof, optimizer_state_factor(optimizer if captured.train else None), bucket if planned is mesh else 0)
     space = merge_followers(graph, space, pricer)
     folded = fold_layers(graph, space) if fold else None
     space = folded.space if folded else space
@@ -158,7 +162,7 @@ def plan_program(
     choice = result.choice
     if planned is not mesh:  # the chosen strategies, widened to every axis of the real mesh
         space, choice, wants = widen_choice(space, result.choice, wants, mesh)
-        pricer = Pricer(tuple(mesh.shape), prof, pricer.state_factor, pricer.bucket_bytes)
+        pricer = Pricer(tuple(mesh.shape), prof, pricer.state_factor, bucket)
         ins = {k: widen(v, mesh) for k, v in ins.items()}
     ev = evaluate(graph, space, pricer, mesh, choice, wants)
     ev, reranked = _rerank_replicated(graph, space, pricer, mesh, choice, wants, ev, budget)

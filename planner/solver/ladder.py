@@ -10,13 +10,14 @@ result.
    integer optimum.
 2. `lp_rounding`: the LP solution rounded per group, when it fits the memory
    budget and is within `SolverOptions.rounding_gap` of the LP bound (status
-   FEASIBLE, the bound and gap reported).
+   FEASIBLE, the bound and gap reported); when it only fits, the candidate.
 3. `lp_dive`: LP diving (`_dive`) towards an integer plan near the LP bound;
    its plan is returned when it fits and is within the same gap, else kept as
-   the candidate when it fits.
-4. `lp_branch`: branch and bound on the LP (HiGHS's MIP solver) from
-   diving's plan, until a plan is proven within the same gap or three
-   quarters of the time limit have passed; its plan when proven, else the
+   the candidate when it fits and is cheaper.
+4. `lp_branch`: branch and bound on the LP (HiGHS's MIP solver) from the
+   candidate (the cheaper of the rounding and diving's plan), until a plan
+   is proven within the same gap or three quarters of the time limit have
+   passed; its plan when proven, else the
    cheaper of it and the candidate is the candidate, and its bound is kept.
    A budget binding at a few large tensors leaves the LP bound several
    percent under the best plan (5.6% on the README's budget): only
@@ -245,8 +246,12 @@ def lp_rounding(s: SolveState) -> SolveResult | None:
     if s.lp is None:
         return None
     cost_ns, peak = s.price(s.rounded)
-    if s.fits(peak) and s.within_gap(cost_ns):
+    log.debug("LP rounding: %d ns (LP bound %d), peak %d", cost_ns, s.lp.bound, peak)
+    if not s.fits(peak):
+        return None
+    if s.within_gap(cost_ns):
         return s.result(s.rounded, "FEASIBLE", cost_ns, min(s.lp.bound, cost_ns), "lp-rounding", size=s.built)
+    s.candidate = Candidate(s.rounded, cost_ns, "lp-rounding")
     return None
 
 
@@ -263,7 +268,8 @@ def lp_dive(s: SolveState) -> SolveResult | None:
     log.debug("LP dive: %d ns (LP bound %d), peak %d, %.2fs", cost_ns, s.lp.bound, peak, s.elapsed())
     if not s.fits(peak):
         return None
-    s.candidate = Candidate(choice, cost_ns, "lp-dive")
+    if s.candidate is None or cost_ns < s.candidate.objective:
+        s.candidate = Candidate(choice, cost_ns, "lp-dive")
     if s.within_gap(cost_ns):
         return s.result(choice, "FEASIBLE", cost_ns, min(s.lp.bound, cost_ns), "lp-dive")
     return None
@@ -271,8 +277,9 @@ def lp_dive(s: SolveState) -> SolveResult | None:
 
 def lp_branch(s: SolveState) -> SolveResult | None:
     """Branch and bound on the LP (HiGHS's MIP solver: its cuts, presolve
-    and search), from diving's plan, until a plan is proven within the gap or
-    three quarters of the time limit have passed. Its plan when proven
+    and search), from the candidate (the cheaper of the rounding and
+    diving's plan), until a plan is proven within the gap or three quarters
+    of the time limit have passed. Its plan when proven
     within the gap; else its plan becomes the candidate when cheaper, and its
     proven bound is kept for the answer."""
     if s.lp is None:
