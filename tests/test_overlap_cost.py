@@ -96,3 +96,28 @@ def test_not_sharding_wins_where_the_profile_charges_what_the_integer_program_ca
     sharded = plan_program(captured, mesh="2", input_placements=["S(0)"], profile=str(drifting), parameter_placements={"fc1.weight": ["S(0)"]})
     assert plan.cost.overlapped_s < sharded.cost.overlapped_s
     lower_abstract(captured, plan, rank=1)
+
+
+def test_the_data_parallel_layout_wins_where_it_simulates_faster_under_a_calibrated_profile():
+    """A profile `dtplan calibrate` wrote on this 2-core VM (tests/data,
+    2026-11-28: rank skew and overlap slowdown measured): cnn's training step
+    on mesh 2. The integer program's plan simulates slower overlapped than
+    the data-parallel layout (every parameter replicated, gradients reduced
+    in buckets under backward), which the planner then returns."""
+    from pathlib import Path
+
+    from dtplan import load_model_file, plan_program
+    from dtplan.ir.modelfile import capture_model_file
+    from dtplan.runtime.abstract import lower_abstract
+
+    profile = str(Path(__file__).parent / "data" / "calibrated_vm.json")
+    captured = capture_model_file(load_model_file(example_path("cnn"), {"batch": "32", "size": "32"}), train=True)
+    plan = plan_program(captured, mesh="2", input_placements=["S(0)"], profile=profile)
+    assert "data-parallel layout (faster overlapped than" in plan.solver.method
+    assert all(p.is_replicate() for pl in plan.parameters.values() for p in pl)
+    pinned = plan_program(captured, mesh="2", input_placements=["S(0)"], profile=profile, parameter_placements={f: ["R"] for f in plan.parameters})
+    assert plan.cost.overlapped_s == pinned.cost.overlapped_s
+    fsdp = plan_program(captured, mesh="2", input_placements=["S(0)"], profile=profile, parameter_placements={"conv2.weight": ["S(0)"]})
+    assert plan.cost.overlapped_s <= fsdp.cost.overlapped_s
+    assert all(c.bucket is not None for c in plan.collectives if c.node == "output" and c.kind == "all_reduce" and c.bytes > 4)
+    lower_abstract(captured, plan, rank=1)
