@@ -189,11 +189,11 @@ def plan_program(
         solver=_solver_summary(result, folded, planned, reranked),
         stage_seconds=stages,
     )
+    # the same program with parameters pinned: the data-parallel layout, the classic plans
+    same = dict(profile=prof, input_placements=input_placements, output_placements=output_placements, solver=solver, optimizer=optimizer, fold=fold, coarsen=coarsen)
     if captured.train and not pins and planned is mesh and mesh.size > 1 and (prof.rank_skew or prof.overlap_slowdown):
-        same = dict(profile=prof, input_placements=input_placements, output_placements=output_placements, solver=solver, optimizer=optimizer, fold=fold, coarsen=coarsen)
         plan = _rerank_data_parallel(plan, captured, budget, same, say)
     if compare:
-        same = dict(profile=prof, input_placements=input_placements, output_placements=output_placements, solver=solver, optimizer=optimizer, fold=fold, coarsen=coarsen)
         plan = _with_comparison(plan, captured, same, say)
     return plan
 

@@ -18,7 +18,7 @@ from dtplan.ir.graph import Graph
 from dtplan.planner.cost.device import bytes_sent_per_rank
 from dtplan.planner.cost.memory import peak_bytes, stored_values
 from dtplan.planner.cost.overlap import Overlap, simulate
-from dtplan.planner.cost.pricing import BUCKET_BYTES, Pricer, bucket_key
+from dtplan.planner.cost.pricing import BUCKET_BYTES, Pricer
 from dtplan.planner.mesh import MeshSpec
 from dtplan.planner.reduce.hubs import reads_via_hub
 from dtplan.planner.space._dtensor import Placements
@@ -121,7 +121,7 @@ def evaluate(
     colls: list[PlannedCollective] = []
 
     hubs = {u: space.hubs[u][choice[hub_name(u)]] for u in space.hubs}
-    grads: dict[int, tuple] = {}  # collective index -> (output index, bucket key)
+    grads: dict[int, tuple] = {}  # collective index -> its bucket key
     for e in edges(graph, space):
         u = e.producer
         price = pricer.redistribute
@@ -131,16 +131,16 @@ def evaluate(
             w = output_placements[e.index]
             src, want, module = hubs.get(u, chosen[u].output), (chosen[w].output if isinstance(w, str) else w), graph[u].module
             if isinstance(w, str):  # a gradient, to its parameter's placements
-                price = pricer.gradient_collectives
-                key = bucket_key(pricer.mesh_shape, graph[u].tensor_meta, src, want) if pricer.bucket_bytes else None
+                key = pricer.gradient_key(graph[u].tensor_meta, src, want)
                 if key is not None:
-                    grads[len(colls)] = (e.index, key)
+                    price = pricer.gradient_collectives
+                    grads[len(colls)] = key
         else:
             src, want, module = (hubs[u] if e.via_hub else chosen[u].output), chosen[e.consumer].inputs[e.index], graph[e.consumer].module
         for c in price(graph[u].tensor_meta, src, want):
             colls.append(PlannedCollective(c.kind, mesh.axis_names[c.axis], c.bytes, c.time_s, u, e.consumer, module))
     order = {n.name: i for i, n in enumerate(graph)}
-    for b, members in enumerate(buckets([(k, order[colls[k].producer], colls[k].bytes, key) for k, (_, key) in grads.items()], BUCKET_BYTES)):
+    for b, members in enumerate(buckets([(k, order[colls[k].producer], colls[k].bytes, key) for k, key in grads.items()], BUCKET_BYTES)):
         for k in members:
             colls[k] = dataclasses.replace(colls[k], bucket=b)
     per_node = {n.name: pricer.bytes_per_device(n.tensor_meta, chosen[n.name].output) for n in graph if n.tensor_meta is not None}
@@ -158,7 +158,7 @@ def evaluate(
         parameter_bytes=stored,
         optimizer_bytes=resident - stored,
         peak_memory_bytes=peak,
-        overlap=overlapped(graph, nodes, colls, pricer, mesh, slowdown=pricer.profile.overlap_slowdown, skew=pricer.profile.rank_skew),
+        overlap=overlapped(graph, nodes, colls, pricer, mesh),
     )
 
 
@@ -212,7 +212,7 @@ def issued(colls: Sequence[PlannedCollective]) -> list[tuple[str, str, int, tupl
 
 
 def overlapped(
-    graph: Graph, nodes: Mapping[str, NodePlan], colls: list[PlannedCollective], pricer: Pricer, mesh: MeshSpec, *, slowdown: float = 0.0, skew: float = 0.0
+    graph: Graph, nodes: Mapping[str, NodePlan], colls: list[PlannedCollective], pricer: Pricer, mesh: MeshSpec
 ) -> Overlap:
     """The step simulated with communication overlapped (`cost.overlap`): each
     collective waits where lowering puts it, before the node reading the
@@ -220,7 +220,8 @@ def overlapped(
     reader; a graph output's: at the end). A gradient bucket is one
     collective of its members' bytes (timed whole, `Pricer.bucket_s`),
     issued once its last gradient is produced, after the outputs that are
-    not bucketed, buckets in their order (as lowering issues them)."""
+    not bucketed, buckets in their order (as lowering issues them). The
+    profile's overlap slowdown and rank skew apply (`simulate`)."""
     order = [n.name for n in graph]
     index = {name: i for i, name in enumerate(order)}
     first_reader: dict[str, int] = {}
@@ -251,6 +252,6 @@ def overlapped(
         order,
         {name: p.compute_s for name, p in nodes.items()},
         plain,
-        slowdown=slowdown,
-        skew=skew,
+        slowdown=pricer.profile.overlap_slowdown,
+        skew=pricer.profile.rank_skew,
     )

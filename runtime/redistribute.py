@@ -58,10 +58,10 @@ def _apply(x: torch.Tensor, mesh: RankMesh, axis: int, src, dst) -> torch.Tensor
         return x  # one rank on the axis: its shard, its sum and its copy are the value
     if isinstance(src, Partial):
         if isinstance(dst, Partial):
-            # a local rescale: the p pieces of an average are each 1/p of a sum's
-            scale = {("avg", "sum"): 1 / p, ("sum", "avg"): float(p)}.get((src.reduce_op, dst.reduce_op))
             if src.reduce_op == dst.reduce_op:
                 return x
+            # a local rescale: the p pieces of an average are each 1/p of a sum's
+            scale = {("avg", "sum"): 1 / p, ("sum", "avg"): float(p)}.get((src.reduce_op, dst.reduce_op))
             if scale is not None:
                 return x * scale
         if isinstance(dst, Replicate):

@@ -98,14 +98,14 @@ def simulate(
     # graph output, a gradient bucket) past its producer and the returned one
     # before it: its result is held to the end anyway, so issuing it early
     # holds nothing longer (`dtplan.runtime.overlap`)
+    returned = [c[2] == n for _, c in colls]
     gate, floor = [], {False: 0, True: 0}
-    for (_, c), gk in zip(colls, group, strict=True):
-        returned = c[2] == n
-        g = max(floor[returned], index[c[1]] + 1 if c[1] in index else 0, 0 if returned or not gk else last_pos[gk - 1])
-        floor[returned] = g
+    for (_, c), gk, back in zip(colls, group, returned, strict=True):
+        g = max(floor[back], index[c[1]] + 1 if c[1] in index else 0, 0 if back or not gk else last_pos[gk - 1])
+        floor[back] = g
         gate.append(g)
     # issued in the order the gates are reached (returned ones after the others at a tie)
-    colls = [kc for _, _, _, kc in sorted((gate[k], colls[k][1][2] == n, k, kc) for k, kc in enumerate(colls))]
+    colls = [kc for _, _, _, kc in sorted((gate[k], returned[k], k, kc) for k, kc in enumerate(colls))]
     gate.sort()
     start_at = [0.0] * (n + 1)  # compute stream time when node i may start (before waits)
     finish = [0.0] * n

@@ -81,7 +81,7 @@ class Pricer:
     #: (AdamW: two fp32 moments; plain SGD: none)
     state_factor: float = 0.0
     #: the bucket size whose per-byte rate a bucketed gradient reduction is
-    #: charged (`output_collectives`); 0: no bucketing
+    #: charged (`gradient_collectives`); 0: no bucketing
     bucket_bytes: int = 0
     _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -161,19 +161,24 @@ class Pricer:
 
     def gradient_collectives(self, meta: TensorMeta, src: Placements, dst: Placements) -> tuple[Collective, ...]:
         """The collectives a gradient output takes to its parameter's
-        placements. Where that is one bucketable reduction (`bucket_key`),
+        placements. Where that is one bucketable reduction (`gradient_key`),
         it travels in a bucket with others (`dtplan.planner.evaluate.buckets`)
         and is charged its bytes at the per-byte rate of a bucket of
         `bucket_bytes`: its share of the bucket's time, the bucket's latency
-        spread over its members (one larger than that: its own time). The integer program prices gradients so, and
-        the overlap simulation times each bucket whole."""
+        spread over its members (one larger than that: its own time). The
+        integer program prices gradients so, and the overlap simulation
+        times each bucket whole."""
         colls = self.redistribute(meta, src, dst)
-        if not self.bucket_bytes or bucket_key(self.mesh_shape, meta, src, dst) is None:
-            return colls
-        (c,) = colls
+        return colls if self.gradient_key(meta, src, dst) is None else tuple(map(self._bucket_share, colls))
+
+    def gradient_key(self, meta: TensorMeta, src: Placements, dst: Placements) -> tuple | None:
+        """The gradient's `bucket_key`; None where it is not bucketable or
+        this pricer does not bucket."""
+        return bucket_key(self.mesh_shape, meta, src, dst) if self.bucket_bytes else None
+
+    def _bucket_share(self, c: Collective) -> Collective:
         size = max(self.bucket_bytes, c.bytes)  # one larger than a bucket travels alone
-        full = self.profile.collective_seconds(c.kind, size, self.mesh_shape[c.axis], self.links[c.axis])
-        return (Collective(c.kind, c.axis, c.bytes, full * c.bytes / size),)
+        return Collective(c.kind, c.axis, c.bytes, self.bucket_s(c.kind, c.axis, size) * c.bytes / size)
 
     def gradient_s(self, meta: TensorMeta, src: Placements, dst: Placements) -> float:
         return sum(c.time_s for c in self.gradient_collectives(meta, src, dst))
@@ -198,7 +203,7 @@ def bucket_key(mesh_shape: tuple[int, ...], meta: TensorMeta, src: Placements, d
     None where it cannot be: it must be one step, a reduction on one mesh
     axis (all-reduce to Replicate, or reduce-scatter to a shard of dim 0,
     whose pieces concatenate rank by rank). Key: (kind, axis, dtype, reduce op)."""
-    steps = [s for s in transform_steps(mesh_shape, meta, src, dst)]
+    steps = transform_steps(mesh_shape, meta, src, dst)
     if len(steps) != 1 or mesh_shape[steps[0].axis] == 1:
         return None
     step = steps[0]
