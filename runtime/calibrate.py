@@ -1,12 +1,14 @@
 """Measure the machine this runs on: a device profile (`dtplan calibrate`).
 
 Every figure is measured on ranks spawned as a run spawns them (the same
-process group backend, the same threads per rank, all ranks working at
-once, so they share memory bandwidth and cores as a run does):
+process group backend, the same threads per rank, the same allocator
+settings (`launch.keep_freed_memory`), all ranks working at once, so they
+share memory bandwidth and cores as a run does):
 
 - `op_launch_s`: the time of an op that does almost nothing (a one-element
   add), called from generated fx code as a lowered module calls its ops:
-  the floor of every op's time;
+  the floor of every op's time, and on a CPU (`dispatch_serial`) the time
+  of an op that only makes a view;
 - `flops_curve`: matmul FLOP/s per dtype at several sizes (an efficiency
   curve, not one peak), as called, launch included (the model takes the
   larger of the launch floor and the roofline), 3x3 convolutions', forward
@@ -361,15 +363,18 @@ def _measure(rank: int, mesh, *, dtypes: tuple[str, ...], verbose: bool, sizes: 
     # compute figures: each the median of `sizes.rounds` passes over them all,
     # seconds apart, so that no figure rests on one stretch of a machine
     # whose speed drifts (a shared VM's does, by 10-20% over seconds)
-    passes = []
+    # and so are the collectives': gloo's time for one size varies 2x
+    # between passes a minute apart
+    passes, collectives = [], []
     for r in range(sizes.rounds):
-        say(f"  compute, pass {r + 1} of {sizes.rounds} ...")
+        say(f"  compute and collectives, pass {r + 1} of {sizes.rounds} ...")
         passes.append(_compute(device, tuple(getattr(torch, d) for d in dtypes), sizes))
+        collectives.append(_collectives(mesh, device, sizes.collective_bytes))
     figures = _median_curves(passes)
     _say_compute(figures, dtypes, sizes, say)
     out.update(figures)
-    say("  collectives ...")
-    out.update(_collectives(mesh, device, sizes.collective_bytes))
+    out.update(collectives[0])
+    out["collective_seconds"] = _median_curves([{"c": c["collective_seconds"]} for c in collectives])["c"]
     out["overlap_slowdown"] = _slowdown(mesh, device)
     say(f"  compute under communication: {out['overlap_slowdown']:.1%} slower")
     out["rank_skew"] = _skew(mesh, device)
@@ -471,6 +476,7 @@ def _profile(results: list[dict], base: DeviceProfile, *, ranks: int, device: st
         collectives={p: links},
         collective_curves={p: curves_by_kind},
         sources=sources,
+        dispatch_serial=device == "cpu",
     )
 
 

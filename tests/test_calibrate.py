@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from dtplan.planner.cost.device import DeviceProfile, Link, collective_time, compute_time, load_profile
 from dtplan.runtime.calibrate import fit_link
@@ -89,6 +90,53 @@ def test_the_pricer_prices_convolutions_casts_and_attention_rows_by_their_curves
     assert pricer.compute_s(cast, whole) == compute_time(cast.flops, cast.bytes, p, "float64", "cast")
 
 
+def test_a_serially_dispatching_host_charges_a_view_its_dispatch():
+    """On a CPU the op that only makes a view still costs the dispatch; on a
+    GPU (or a datasheet profile) the host runs ahead and it costs nothing."""
+    from dtplan.ir.capture import capture
+    from dtplan.planner.cost.pricing import Pricer
+    from dtplan.planner.space.strategies import Strategy
+    from torch.distributed.tensor import Replicate
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return (x + 1).t()
+
+    graph = capture(M(), (torch.randn(4, 6),)).graph
+    view = next(n for n in graph if n.op_name.startswith("aten.t") or "permute" in n.op_name or "transpose" in n.op_name)
+    add = next(n for n in graph if "add" in n.op_name)
+    whole = Strategy(inputs=((Replicate(),),), output=(Replicate(),))
+    serial = _measured(dispatch_serial=True)
+    assert Pricer((2,), serial).compute_s(view, whole) == serial.op_launch_s == 3e-6
+    assert Pricer((2,), _measured()).compute_s(view, whole) == 0.0
+    assert Pricer((2,), serial).compute_s(add, whole) == Pricer((2,), _measured()).compute_s(add, whole) > 0
+    assert DeviceProfile.from_json(serial.to_json()) == serial and serial.to_json()["dispatch_serial"] is True
+    with pytest.raises(ValueError, match="dispatch_serial"):
+        DeviceProfile.from_json({**serial.to_json(), "dispatch_serial": "yes"})
+
+
+def test_ranks_keep_freed_memory_for_the_next_step():
+    """A spawned CPU rank's allocator keeps what a step frees: freeing a 64 MiB
+    tensor leaves the process's resident memory where it was (glibc, by
+    default, hands it back and faults it in again on the next step)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import torch, sys\n"
+        "from dtplan.runtime.launch import keep_freed_memory\n"
+        "def rss():\n"
+        "    return int(open('/proc/self/statm').read().split()[1]) * 4096\n"
+        "if sys.argv[1] == 'keep':\n"
+        "    assert keep_freed_memory()\n"
+        "x = torch.ones(16 << 20)\n"
+        "before = rss(); del x\n"
+        "print((before - rss()) / 2**20)\n"
+    )
+    freed = {mode: float(subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True, check=True).stdout) for mode in ("keep", "default")}
+    assert freed["keep"] < 1 and freed["default"] > 60, freed
+
+
 def test_a_measured_link_replaces_the_profile_link_for_its_kind_and_group_size():
     p = _measured()
     assert p.collective_link("all_gather", 2, p.intra_node) == Link(1e9, 3e-4)
@@ -145,6 +193,7 @@ def test_calibrate_measures_this_machine_into_a_profile_the_planner_takes(tmp_pa
     assert all(rate > 0 for _, rate in curves["float32"]) and p.flops_per_s("float32") == max(r for _, r in curves["float32"])
     assert {k for k, _ in p.bandwidth_curve} == {"float32", "transcendental/float32", "cast/float32"}
     assert p.op_launch_s > 0 and p.overlap_slowdown >= 0
+    assert p.dispatch_serial  # a CPU: the host dispatches on the computing thread
     links = dict(dict(p.collectives)[2])
     assert set(links) == {"all_reduce", "all_gather", "reduce_scatter", "all_to_all"}
     assert p.intra_node == links["all_gather"]

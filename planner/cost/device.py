@@ -109,6 +109,11 @@ class DeviceProfile:
     collective_curves: tuple[tuple[int, tuple[tuple[str, tuple[tuple[float, float], ...]], ...]], ...] = ()
     #: where each figure comes from (field -> "datasheet", "measured by ...")
     sources: tuple[tuple[str, str], ...] = ()
+    #: the host dispatches each op on the thread that computes it (a CPU; set
+    #: by `dtplan calibrate` there): an op that only makes a view (no FLOPs,
+    #: no bytes) still costs `op_launch_s`. On a GPU the host runs ahead of
+    #: the kernels and such ops cost the step nothing.
+    dispatch_serial: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "peak_flops", _normalise_flops(self.peak_flops))
@@ -239,6 +244,7 @@ class DeviceProfile:
                 else {}
             ),
             **({"sources": dict(self.sources)} if self.sources else {}),
+            **({"dispatch_serial": True} if self.dispatch_serial else {}),
         }
 
     @classmethod
@@ -264,6 +270,7 @@ class DeviceProfile:
             intra_node=_link_from_json("intra_node", d["intra_node"]),
             inter_node=_link_from_json("inter_node", d["inter_node"]),
             **{k: d[k] for k in ("overlap_slowdown", "rank_skew", "op_launch_s") if k in d},
+            dispatch_serial=_flag("dispatch_serial", d.get("dispatch_serial", False)),
             flops_curve=_mapping_of(d, "flops_curve"),
             bandwidth_curve=_mapping_of(d, "bandwidth_curve"),
             collectives={
@@ -285,7 +292,15 @@ _PROFILE_KEYS = (
     "intra_node",
     "inter_node",
 )
-_OPTIONAL_KEYS = ("overlap_slowdown", "rank_skew", "op_launch_s", "flops_curve", "bandwidth_curve", "collectives", "collective_curves", "sources")
+_OPTIONAL_KEYS = (
+    "overlap_slowdown", "rank_skew", "op_launch_s", "flops_curve", "bandwidth_curve", "collectives", "collective_curves", "sources", "dispatch_serial",
+)
+
+
+def _flag(key: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError(f"profile key {key!r} must be true or false, got {v!r}")
+    return v
 
 
 def _mapping_of(d: dict, key: str) -> dict:

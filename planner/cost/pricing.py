@@ -90,9 +90,11 @@ class Pricer:
         return self.profile.axis_links(self.mesh_shape)
 
     def compute_s(self, node: Node, strategy: Strategy) -> float:
-        """Roofline time of the node's local share of work."""
+        """Roofline time of the node's local share of work (an op without
+        work: its dispatch where the profile's host dispatches serially)."""
         if node.flops == 0 and node.bytes == 0:
-            return 0.0
+            serial = self.profile.dispatch_serial and node.target is not None and not node.is_getitem
+            return self.profile.op_launch_s if serial else 0.0
         first = primary_output(strategy)
         f = shard_factor(first, self.mesh_shape) if first is not None else 1
         metas = node.meta if isinstance(node.meta, tuple) else (node.meta,)
