@@ -24,7 +24,7 @@ from dtplan.planner.space._dtensor import Placements, parse_placement
 from dtplan.planner.output.classic import compare_classic
 from dtplan.planner.reduce.coarsen import coarse_mesh, narrow_all, widen, widen_choice
 from dtplan.planner.cost.device import DeviceProfile, load_profile
-from dtplan.planner.solver import MemoryBudgetError, SolveResult, SolverOptions, solve
+from dtplan.planner.solver import MemoryBudgetError, SolveResult, SolverOptions, solve, solve_pinned
 from dtplan.planner.mesh import MeshSpec, parse_mesh, parse_size
 from dtplan.planner.evaluate import Evaluation, evaluate
 from dtplan.planner.output.plan import PLAN_VERSION, CostSummary, ModelInfo, Plan, SolverSummary, parameter_table
@@ -194,8 +194,40 @@ def plan_program(
     if captured.train and not pins and planned is mesh and mesh.size > 1 and (prof.rank_skew or prof.overlap_slowdown):
         plan = _rerank_data_parallel(plan, captured, budget, same, say)
     if compare:
-        plan = _with_comparison(plan, captured, same, say)
+        built = _Built(captured, space, pricer, mesh, wants, result.state) if planned is mesh and result.state is not None else None
+        plan = _with_comparison(plan, captured, same, say, built)
     return plan
+
+
+@dataclasses.dataclass(frozen=True)
+class _Built:
+    """The free plan's program, built and solved: a classic plan is that
+    program with its parameters' choices pinned (`solve_pinned`), solved from
+    the free plan's LP basis, instead of a program built again."""
+
+    captured: Captured
+    space: object
+    pricer: Pricer
+    mesh: MeshSpec
+    wants: tuple
+    state: object
+
+    def cost(self, pins: Mapping[str, PlacementSpec]) -> CostSummary | None:
+        """The pinned plan's cost, None where the program cannot take the pins
+        (a placement the free plan's space lacks, twins pinned apart)."""
+        nodes = self.space.nodes
+        allowed = {}
+        for name, want in _pinned(self.captured, pins, self.mesh).items():
+            ks = frozenset(k for k, st in enumerate(nodes[name].options) if tuple(st.output) == tuple(want))
+            if not ks:
+                return None
+            allowed[name] = ks
+        result = solve_pinned(self.state, allowed)
+        if result is None:
+            return None
+        log.debug("pinned plan: %s in %.2fs, %d ns (bound %d)", result.method, result.wall_s, result.objective_ns, result.bound_ns)
+        ev = evaluate(self.captured.graph, self.space, self.pricer, self.mesh, result.choice, self.wants)
+        return _cost_summary(self.captured, ev, self.pricer)
 
 
 def _rerank_data_parallel(plan: Plan, captured: Captured, budget: int | None, same: Mapping[str, object], say: Progress) -> Plan:
@@ -285,19 +317,22 @@ def _plan_remat_auto(captured: Captured, *, memory, compare: bool, progress: Pro
     return best
 
 
-def _with_comparison(plan: Plan, captured: Captured, same: Mapping[str, object], say: Progress) -> Plan:
+def _with_comparison(plan: Plan, captured: Captured, same: Mapping[str, object], say: Progress, built: _Built | None = None) -> Plan:
     """The plan with the classic plans of the same program beside it."""
     t = time.perf_counter()
     say("evaluating the classic plans for comparison")
-    comparison = _classic_comparison(captured, plan.mesh, plan.memory_budget_bytes, same)
+    comparison = _classic_comparison(captured, plan.mesh, plan.memory_budget_bytes, same, built)
     return dataclasses.replace(plan, comparison=comparison, stage_seconds={**plan.stage_seconds, "compare": time.perf_counter() - t})
 
 
-def _classic_comparison(captured: Captured, mesh: MeshSpec, budget: int | None, same: Mapping[str, object]) -> tuple[dict, ...]:
-    """The classic plans, each the same program with its parameters pinned."""
+def _classic_comparison(captured: Captured, mesh: MeshSpec, budget: int | None, same: Mapping[str, object], built: _Built | None = None) -> tuple[dict, ...]:
+    """The classic plans, each the same program with its parameters pinned:
+    the free plan's program with bounds (`_Built`) where there is one that
+    takes the pins, else planned again."""
 
-    def plan_pinned(pins: Mapping[str, PlacementSpec]) -> Plan:
-        return plan_program(captured, mesh=mesh, parameter_placements=pins, memory=None, **same)
+    def plan_pinned(pins: Mapping[str, PlacementSpec]) -> Plan | CostSummary:
+        cost = built.cost(pins) if built is not None else None
+        return cost if cost is not None else plan_program(captured, mesh=mesh, parameter_placements=pins, memory=None, **same)
 
     return tuple(r.to_json() for r in compare_classic(captured, mesh=mesh, budget=budget, plan_pinned=plan_pinned))
 

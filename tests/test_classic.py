@@ -180,3 +180,70 @@ def test_torchtitan_recipes_are_named_and_say_whether_they_ran_as_published():
     assert again.comparison[4]["recipe"]["as_published"] is True
     page = render_report(build_report_data(again.to_json()))
     assert "recipe as published (bf16, selective AC)" in page and "layout only: the recipe trains with bf16 and full AC" in page
+
+
+# ---------------------------------------------------------------------- pinned as bounds
+
+
+def _recording(monkeypatch):
+    """Record `api.solve`'s and `api.solve_pinned`'s calls (and what they return)."""
+    import dtplan.api as api
+
+    solves, pinned = [], []
+    real_solve, real_pinned = api.solve, api.solve_pinned
+
+    def solve(*args, **kwargs):
+        solves.append(args)
+        return real_solve(*args, **kwargs)
+
+    def solve_pinned(state, allowed):
+        result = real_pinned(state, allowed)
+        pinned.append((state, allowed, result))
+        return result
+
+    monkeypatch.setattr(api, "solve", solve)
+    monkeypatch.setattr(api, "solve_pinned", solve_pinned)
+    return solves, pinned
+
+
+def test_classic_plans_solve_the_free_program_again_with_their_pins_as_bounds(monkeypatch):
+    """Issue 14: the comparison builds no program of its own. Each classic
+    layout is the free plan's program with its parameters' choices pinned,
+    re-solved from its LP: one `solve` in all, every pinned parameter placed as
+    pinned, each answer's objective what `evaluate` prices it (no budget)."""
+    mf = load_model_file(example_path("llama"), {})
+    step = capture_model_file(mf, train=True)
+    solves, pinned = _recording(monkeypatch)
+    plan = plan_program(step, mesh="2x2", compare=True)
+    layouts = {repr(sorted((k, list(v)) for k, v in r["parameters"].items())) for r in plan.comparison}
+    assert len(solves) == 1 and len(pinned) == len(layouts) >= 4
+    for state, allowed, result in pinned:
+        assert result is not None and result.method.startswith("pinned-lp")
+        assert all(result.choice[name] in ks for name, ks in allowed.items())
+        ns = dataclasses.replace(state, memory_budget=None).price(result.choice)[0]
+        if result.method == "pinned-lp":  # the program's objective: each term rounded to whole ns
+            assert abs(result.objective_ns - ns) <= len(state.graph) + len(result.choice)
+        else:  # rounding or diving: priced by evaluate
+            assert result.objective_ns == ns
+        assert result.bound_ns <= result.objective_ns
+
+
+def test_a_pinned_solve_drops_the_budget_and_matches_the_plan_built_again(monkeypatch):
+    """Under a budget that binds (the free plan's program has peak rows), a
+    classic layout that does not fit is still priced without the budget, and
+    every classic plan costs what the same pins cost in a program built again
+    (to the 1% gap either solve proves)."""
+    options = {"batch": "8", "d": "1024", "hidden": "4096"}
+    captured = captured_example("mlp", **options)
+    solves, pinned = _recording(monkeypatch)
+    plan = plan_program(captured, mesh="4", memory="16MiB", compare=True)
+    assert len(solves) == 1 and pinned and all(r is not None for _, _, r in pinned)
+    assert pinned[0][0].model.peak_rows, "the budget never bound: nothing to relax"
+    monkeypatch.undo()
+    by_name = {r["name"]: r for r in plan.comparison}
+    assert not by_name["data parallel"]["fits"]
+    for row in plan.comparison:
+        again = plan_program(captured, mesh="4", parameter_placements=row["parameters"])
+        assert again.cost.total_s * 0.99 <= row["cost"]["total_s"] <= again.cost.total_s * 1.01, row["name"]
+        if row["name"] == "data parallel":  # every weight whole: the same peak, over the budget
+            assert row["cost"]["peak_memory_bytes"] == again.cost.peak_memory_bytes > 16 << 20

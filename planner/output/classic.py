@@ -266,16 +266,18 @@ def _torchtitan_tp(fqn: str, shape: tuple[int, ...], tp: int) -> str:
 def compare_classic(captured: Captured, *, mesh: MeshSpec, budget: int | None, plan_pinned: Callable[[Mapping[str, Sequence[str]]], Any]) -> tuple[ClassicResult, ...]:
     """Plan each classic layout under the same cost model (no budget), and say
     whether it fits the budget. `plan_pinned(pins)` plans the captured
-    program with its parameters pinned (by FQN) and no budget (the API
-    passes `plan_program` with the free plan's arguments)."""
+    program with its parameters pinned (by FQN) and no budget, and returns
+    the Plan or its CostSummary (the API solves the free plan's program again
+    with the pins as bounds, else `plan_program` with the free plan's arguments)."""
     results = []
     costs: dict[str, dict | None] = {}  # by pins: a layout two plans share is planned once
     for name, pins in classic_pins(captured, mesh).items():
         key = repr(sorted((k, list(v)) for k, v in pins.items()))
         if key not in costs:
             try:
-                plan = plan_pinned(pins)
-                costs[key] = {k: getattr(plan.cost, k) for k in ("total_s", "compute_s", "comm_s", "comm_bytes", "peak_memory_bytes", "overlapped_s", "exposed_comm_s")}
+                planned = plan_pinned(pins)
+                summary = getattr(planned, "cost", planned)  # a Plan, or its cost alone
+                costs[key] = {k: getattr(summary, k) for k in ("total_s", "compute_s", "comm_s", "comm_bytes", "peak_memory_bytes", "overlapped_s", "exposed_comm_s")}
             except Exception as e:  # noqa: BLE001 - a layout this model cannot take is left out, logged
                 log.info("classic plan %s skipped: %s", name, e)
                 costs[key] = None

@@ -92,6 +92,10 @@ class PlacementProgram:
         #: the first row that reads the variable: bytes-sized coefficients
         #: in rows no peak needs slow the simplex down
         self.definitions: dict[int, dict[int, int]] = {}
+        #: the peak rows in the program (indices into `program.rows`) and the
+        #: stored-bytes variable: what a solve without the budget relaxes
+        self.peak_rows: list[int] = []
+        self.stored_var: int | None = None
 
     def build(self, output_placements, budget: int | None) -> None:
         """The whole program; with a budget, its peak rows pending."""
@@ -319,7 +323,7 @@ class PlacementProgram:
         unit = max(1, budget >> 20)
         stored_terms, rows = self.memory_terms(unit)
         budget = budget // unit
-        stored = self.program.var("stored_bytes", upper=budget)
+        stored = self.stored_var = self.program.var("stored_bytes", upper=budget)
         self.definitions[stored] = _minus({stored: 1}, [], stored_terms)
         self.budget = budget
         self.pending_rows = [{**row, stored: row.get(stored, 0) + 1} for row in rows]
@@ -358,7 +362,7 @@ class PlacementProgram:
                 d = self.definitions.pop(v, None)
                 if d is not None:
                     self._add_definition(d)
-            self.program.row(row, -(1 << 62), self.budget)
+            self.peak_rows.append(self.program.row(row, -(1 << 62), self.budget))
 
     def _add_definition(self, d: dict[int, int]) -> None:
         for v in d:

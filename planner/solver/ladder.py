@@ -57,7 +57,7 @@ from dtplan.planner.cost.pricing import Pricer
 from dtplan.planner.evaluate import evaluate
 from dtplan.planner.mesh import MeshSpec, format_bytes
 from dtplan.planner.solver.formulation import PlacementProgram
-from dtplan.planner.solver.program import add_highs_rows
+from dtplan.planner.solver.program import ONE, add_highs_rows
 from dtplan.planner.space._dtensor import Placements
 from dtplan.planner.space.strategies import StrategySpace
 
@@ -76,6 +76,7 @@ __all__ = [
     "lp_relaxation",
     "lp_rounding",
     "solve",
+    "solve_pinned",
 ]
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,9 @@ class SolveResult:
     constraints: int
     #: seconds spent building the program (included in wall_s)
     build_s: float = 0.0
+    #: the solve's state (the built program, the LP): what `solve_pinned`
+    #: solves again with some choices fixed
+    state: SolveState | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def gap(self) -> float:
@@ -193,7 +197,7 @@ class SolveState:
         """A result; its size the program's now unless given."""
         size = self.model.program.size if size is None else size
         wall = self.elapsed() if wall is None else wall
-        return SolveResult(choice, status, objective, bound, wall, method, **size, build_s=self.build_s)
+        return SolveResult(choice, status, objective, bound, wall, method, **size, build_s=self.build_s, state=self)
 
     def candidate_result(self, bound: int, wall: float | None = None) -> SolveResult:
         """The candidate as the answer, against `bound`."""
@@ -403,6 +407,75 @@ def solve(
     return s.candidate_result(s.proven_bound())
 
 
+def solve_pinned(s: SolveState, allowed: Mapping[str, frozenset[int]]) -> SolveResult | None:
+    """The program `s` built and solved, solved again with each named node's
+    choice limited to the `allowed` strategy indices and without its memory
+    budget: a classic plan's parameters pinned, as bounds on the same program
+    rather than a program built again. The LP re-solves from the free plan's
+    basis; an integral optimum is the answer, else the better of its rounding
+    and diving's plan (method "pinned-lp", "pinned-lp-rounding",
+    "pinned-lp-dive"), against the pinned LP's bound. None when the pins
+    conflict (nodes sharing one choice, a folded layer's twins, pinned apart)
+    or the program has no LP to start from."""
+    if s.lp is None:
+        return None
+    t0 = time.perf_counter()
+    m, h = s.model, s.lp.highs
+    upper = np.asarray(m.program.upper, dtype=float)
+    by_group: dict[int, tuple[list[int], frozenset[int]]] = {}
+    for name, ks in allowed.items():
+        xs = m.xs(name)
+        both = ks if id(xs) not in by_group else by_group[id(xs)][1] & ks
+        if not both:
+            return None
+        by_group[id(xs)] = (xs, both)
+    pinned = upper.copy()
+    for xs, ks in by_group.values():
+        for k, x in enumerate(xs):
+            if x != ONE and k not in ks:
+                pinned[x] = 0.0
+    if m.stored_var is not None:
+        pinned[m.stored_var] = highspy.kHighsInf
+    groups, n = len(m.program.groups), len(upper)
+    if h.getNumRow() < groups + len(m.program.rows):  # rows CP-SAT's step added to the program only
+        add_highs_rows(h, m.program.rows[h.getNumRow() - groups :])
+    peaks = np.asarray([groups + r for r in m.peak_rows], dtype=np.int32)
+    cols = np.arange(n, dtype=np.int32)
+    h.changeColsIntegrality(n, cols, np.full(n, highspy.HighsVarType.kContinuous, dtype=np.uint8))
+    h.changeColsBounds(n, cols, np.zeros(n), pinned)
+    if len(peaks):
+        h.changeRowsBounds(len(peaks), peaks, np.full(len(peaks), -highspy.kHighsInf), np.full(len(peaks), highspy.kHighsInf))
+    pending, m.pending_rows = m.pending_rows, []  # no budget: no peak row is added either
+    try:
+        h.setOptionValue("presolve", "off")
+        h.setOptionValue("time_limit", float(s.options.time_limit_s))
+        h.run()
+        if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
+            return None
+        bound = int(round(h.getInfo().objective_function_value)) + m.const_ns
+        values = np.asarray(h.getSolution().col_value)
+        choice, integral = m.choice(values.__getitem__)
+        if integral:  # the LP optimum is the plan, its objective the program's (as lp-relaxation's)
+            return SolveResult(choice, "OPTIMAL", bound, bound, time.perf_counter() - t0, "pinned-lp", **m.program.size)
+        free = dataclasses.replace(s, memory_budget=None)
+        cost, _ = free.price(choice)
+        method = "pinned-lp-rounding"
+        if cost - bound > s.options.rounding_gap * cost:
+            dive = _dive(m, h, time.perf_counter() + s.options.time_limit_s / 2, pinned)
+            if dive is not None:
+                dived, _ = m.choice(dive)
+                dived_cost, _ = free.price(dived)
+                if dived_cost < cost:
+                    choice, cost, method = dived, dived_cost, "pinned-lp-dive"
+        status = "OPTIMAL" if cost <= bound else "FEASIBLE"
+        return SolveResult(choice, status, cost, min(bound, cost), time.perf_counter() - t0, method, **m.program.size)
+    finally:
+        m.pending_rows = pending
+        h.changeColsBounds(n, cols, np.zeros(n), upper)
+        if len(peaks):
+            h.changeRowsBounds(len(peaks), peaks, np.full(len(peaks), -float(1 << 62)), np.full(len(peaks), float(m.budget)))
+
+
 def least_memory(graph: Graph, space: StrategySpace, pricer: Pricer, options: SolverOptions) -> tuple[int, bool]:
     """The smallest per-device peak any plan reaches (for error messages),
     and whether it is exact (else a lower bound: the search ran out of time)."""
@@ -458,7 +531,7 @@ def _solve_lazily(model: PlacementProgram, h: highspy.Highs) -> tuple:
         add_highs_rows(h, model.program.rows[first:])
 
 
-def _dive(model: PlacementProgram, h: highspy.Highs, deadline: float) -> Callable[[int], float] | None:
+def _dive(model: PlacementProgram, h: highspy.Highs, deadline: float, upper: np.ndarray | None = None) -> Callable[[int], float] | None:
     """LP diving: fix fractional groups to their heaviest strategy and
     re-solve from the last basis, until the LP is integral. Groups the LP
     leans on (heaviest strategy over half) go a quarter of them at a time;
@@ -470,7 +543,9 @@ def _dive(model: PlacementProgram, h: highspy.Highs, deadline: float) -> Callabl
     leaves the LP without an optimum is undone and the heaviest group alone
     is tried, on each of its strategies in the LP's order; when none has an
     optimum, or at `deadline`, diving gives up (None). Gives an integer plan
-    whose cost stays near the LP bound where a memory budget binds."""
+    whose cost stays near the LP bound where a memory budget binds.
+    `upper`: the columns' upper bounds where some are pinned to 0 (a
+    strategy pinned out is never tried, and undoing a fix restores it)."""
     leaders = model.leaders()
     while time.perf_counter() < deadline:
         values = np.asarray(h.getSolution().col_value)
@@ -485,14 +560,15 @@ def _dive(model: PlacementProgram, h: highspy.Highs, deadline: float) -> Callabl
         frac.sort(key=lambda f: -f[0])
         clear = [x for weight, x, _, _ in frac if weight > 0.5 + 1e-6]
         _, _, xs, vals = frac[0]
-        alternatives = [[xs[k]] for k in np.argsort(-vals, kind="stable")]  # the heaviest group, on each strategy
+        # the heaviest group, on each strategy not pinned out
+        alternatives = [[xs[k]] for k in np.argsort(-vals, kind="stable") if upper is None or upper[xs[k]] > 0]
         for batch in ([clear[: max(1, len(clear) // 4)]] if len(clear) > 1 else []) + alternatives:
             for x in batch:
                 h.changeColBounds(x, 1.0, 1.0)
             if _solve_lazily(model, h)[0] == highspy.HighsModelStatus.kOptimal:
                 break
             for x in batch:
-                h.changeColBounds(x, 0.0, 1.0)
+                h.changeColBounds(x, 0.0, 1.0 if upper is None else float(upper[x]))
         else:
             return None
     return None
