@@ -28,7 +28,8 @@ from collections.abc import Mapping
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.fx.operator_schemas import normalize_function
 
 from dtplan.ir.capture import Captured
 from dtplan.ir.graph import Role, TensorMeta
@@ -347,8 +348,40 @@ def _dropout(interp: _PlanInterpreter, fx_node, np: NodePlan, x: torch.Tensor, p
     return x.mul(mask).mul_(scale), mask
 
 
+#: attention ops, and which input is the queries
+_ATTENTION_Q = {
+    torch.ops.aten.scaled_dot_product_attention.default: 0,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default: 0,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default: 1,
+}
+
+
+def _attention(interp: _PlanInterpreter, fx_node, np: NodePlan, *args, **kwargs):
+    """Attention on local shards; with the queries split on the sequence
+    (context parallel: `planner.space.rules._sequence`) a causal op attends
+    by its rows' global positions: `is_causal` (which aligns a rank's rows
+    with the first keys) becomes an additive mask of -inf where a key comes
+    after the row, as one device masks that row."""
+    target = fx_node.target
+    qi = _ATTENTION_Q[target]
+    split = tuple(Shard(0) if isinstance(p, Shard) and p.dim == 2 else Replicate() for p in np.inputs[qi])
+    normalized = normalize_function(target, args, kwargs, normalize_to_only_use_kwargs=True)
+    if not any(isinstance(p, Shard) for p in split) or normalized is None or not normalized.kwargs.get("is_causal"):
+        return target(*args, **kwargs)
+    kw = dict(normalized.kwargs)
+    if kw.get("attn_mask") is not None:
+        raise LoweringError(f"causal attention with a mask, its queries split on the sequence: {fx_node.format_node()}")
+    q, k = kw["query"], kw["key"]
+    rows = interp.ir[interp.ir[fx_node.name].refs()[qi]].tensor_meta.shape[2]
+    positions = piece(torch.arange(rows, device=q.device), interp.rank_mesh.shape, interp.rank_mesh.coords, split)
+    keys = torch.arange(k.shape[2], device=q.device)
+    kw["attn_mask"] = torch.zeros(len(positions), k.shape[2], dtype=q.dtype, device=q.device).masked_fill(keys[None, :] > positions[:, None], float("-inf"))
+    kw["is_causal"] = False
+    return target(**kw)
+
+
 #: ops run by our own local implementation (see each function)
-_LOCAL = {torch.ops.aten.native_dropout.default: _dropout}
+_LOCAL = {torch.ops.aten.native_dropout.default: _dropout, **{op: _attention for op in _ATTENTION_Q}}
 
 
 def _replicated(output) -> bool:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch.distributed.tensor import Partial, Replicate, Shard
 
-from dtplan.ir.graph import Node, TensorMeta
+from dtplan.ir.graph import Node, Ref, TensorMeta
 from dtplan.planner.space._dtensor import dtensor_rule_kind
 
 __all__ = ["RULES", "is_elementwise", "is_random", "lookup", "pointwise_rule", "register_rule"]
@@ -74,15 +74,37 @@ def _mask_placement(mask: TensorMeta, dim_from_end: int):
     return Shard(d) if d >= 0 and mask.shape[d] > 1 else Replicate()
 
 
+def _dropout_p(node: Node, position: int) -> float:
+    """An attention op's dropout probability (positional or keyword)."""
+    if len(node.args) > position and not isinstance(node.args[position], Ref):
+        return float(node.args[position] or 0.0)
+    return float(dict(node.kwargs).get("dropout_p", 0.0) or 0.0)
+
+
+def _sequence(node: Node, masks: list[TensorMeta], dropout_at: int) -> list:
+    """Context parallelism's placements for the inputs q, k, v (and masks):
+    the queries split on the sequence (dim 2), keys and values whole (an
+    all-gather of K and V), a mask split with the queries where it has their
+    dimension in full. Each query row attends to every key as on one device;
+    a causal op runs with the mask of its rows' global offsets
+    (`dtplan.runtime.lower`). Not with dropout: the draws would differ."""
+    if _dropout_p(node, dropout_at):
+        return []
+    return [Shard(2), Replicate(), Replicate()] + [_mask_placement(m, 2) for m in masks]
+
+
 @register_rule(aten.scaled_dot_product_attention.default)
 def sdpa_rule(node: Node, metas: dict[str, TensorMeta]) -> list[list]:
-    """Attention over (B, H, S, D) is independent per batch row and per head."""
+    """Attention over (B, H, S, D) is independent per batch row and per head,
+    and per query row given every key (context parallel, `_sequence`)."""
     refs = node.refs()
     masks = [metas[r] for r in refs[3:]]
     rules = []
     for dim in (0, 1):  # batch, heads
         s = Shard(dim)
         rules.append([s, s, s, s] + [_mask_placement(m, 4 - dim) for m in masks])
+    if seq := _sequence(node, masks, 4):
+        rules.append([Shard(2), *seq])
     return rules
 
 
@@ -97,6 +119,8 @@ def sdpa_cpu_flash_rule(node: Node, metas: dict[str, TensorMeta]) -> list[list]:
     for dim in (0, 1):
         s = Shard(dim)
         rules.append([s, s, s, s, s] + [_mask_placement(m, 4 - dim) for m in masks])
+    if seq := _sequence(node, masks, 3):
+        rules.append([Shard(2), Shard(2), *seq])
     return rules
 
 
@@ -120,6 +144,12 @@ def sdpa_cpu_flash_backward_rule(node: Node, metas: dict[str, TensorMeta]) -> li
     for dim in (0, 1):
         s = Shard(dim)
         rules.append([s] * 9 + [_mask_placement(m, 4 - dim) for m in masks])
+    if seq := _sequence(node, masks, 6):
+        # context parallel: a rank's query rows give their own grad_q and a
+        # partial sum of grad_k and grad_v over every key
+        q, k, v, *mask = seq
+        s = Shard(2)
+        rules.append([s, Partial("sum"), Partial("sum"), s, q, k, v, s, s, *mask])
     return rules
 
 
