@@ -238,7 +238,14 @@ def test_a_pinned_solve_drops_the_budget_and_matches_the_plan_built_again(monkey
     solves, pinned = _recording(monkeypatch)
     plan = plan_program(captured, mesh="4", memory="16MiB", compare=True)
     assert len(solves) == 1 and pinned and all(r is not None for _, _, r in pinned)
-    assert pinned[0][0].model.peak_rows, "the budget never bound: nothing to relax"
+    state = pinned[0][0]
+    assert state.model.peak_rows, "the budget never bound: nothing to relax"
+    # each pinned solve leaves the free program's LP as it found it: its bounds and its budget rows
+    lp, groups = state.lp.highs.getLp(), len(state.model.program.groups)
+    assert list(lp.col_upper_) == [float(u) for u in state.model.program.upper] and not any(lp.col_lower_)
+    for r in state.model.peak_rows:
+        _, _, lo, hi = state.model.program.rows[r]
+        assert (lp.row_lower_[groups + r], lp.row_upper_[groups + r]) == (lo, hi)
     monkeypatch.undo()
     by_name = {r["name"]: r for r in plan.comparison}
     assert not by_name["data parallel"]["fits"]

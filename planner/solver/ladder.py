@@ -472,8 +472,9 @@ def solve_pinned(s: SolveState, allowed: Mapping[str, frozenset[int]]) -> SolveR
     finally:
         m.pending_rows = pending
         h.changeColsBounds(n, cols, np.zeros(n), upper)
-        if len(peaks):
-            h.changeRowsBounds(len(peaks), peaks, np.full(len(peaks), -float(1 << 62)), np.full(len(peaks), float(m.budget)))
+        if len(peaks):  # the rows' own bounds (a row's constant term moved into them)
+            rows = [m.program.rows[r] for r in m.peak_rows]
+            h.changeRowsBounds(len(peaks), peaks, np.asarray([r[2] for r in rows], dtype=float), np.asarray([r[3] for r in rows], dtype=float))
 
 
 def least_memory(graph: Graph, space: StrategySpace, pricer: Pricer, options: SolverOptions) -> tuple[int, bool]:
