@@ -2,7 +2,7 @@
 
 Every figure is measured on ranks spawned as a run spawns them (the same
 process group backend, the same threads per rank, the same allocator
-settings (`launch.keep_freed_memory`), all ranks working at once, so they
+settings (`host.keep_freed_memory`), all ranks working at once, so they
 share memory bandwidth and cores as a run does):
 
 - `op_launch_s`: the time of an op that does almost nothing (a one-element

@@ -35,11 +35,13 @@ def examples_dir() -> Path:
     return EXAMPLES
 
 
-#: files that run for minutes: collected first, so that one worker starts on
-#: them at once while the other takes the rest (`--dist loadfile` hands out
-#: files in collection order; last, the longest started minutes late)
-LONGEST_FIRST = ("test_real_models.py",)
+#: files that run for a minute or more, longest first: collected first, so
+#: that the two workers start on them at once and the short files fill in at
+#: the end (`--dist loadfile` hands out files in collection order; the longest
+#: started late kept one worker busy for minutes after the other finished)
+LONGEST_FIRST = ("test_real_models.py", "test_training.py", "test_precision.py", "test_sequence.py", "test_remat.py", "test_scale.py", "test_faults.py")
 
 
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: Path(str(item.fspath)).name not in LONGEST_FIRST)  # stable: the rest keep their order
+    rank = {name: k for k, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(rank)))  # stable: the rest keep their order

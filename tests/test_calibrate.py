@@ -117,20 +117,26 @@ def test_a_serially_dispatching_host_charges_a_view_its_dispatch():
 
 def test_ranks_keep_freed_memory_for_the_next_step():
     """A spawned CPU rank's allocator keeps what a step frees: freeing a 64 MiB
-    tensor leaves the process's resident memory where it was (glibc, by
-    default, hands it back and faults it in again on the next step)."""
+    block (ATen's CPU tensors come from this malloc) leaves the process's
+    resident memory where it was (glibc, by default, hands it back and faults
+    it in again on the next step)."""
     import subprocess
     import sys
 
     probe = (
-        "import torch, sys\n"
-        "from dtplan.runtime.launch import keep_freed_memory\n"
+        "import ctypes, sys\n"
+        "from dtplan.runtime.host import keep_freed_memory\n"
+        "libc = ctypes.CDLL(None)\n"
+        "libc.malloc.restype = ctypes.c_void_p\n"
+        "libc.free.argtypes = [ctypes.c_void_p]\n"
         "def rss():\n"
         "    return int(open('/proc/self/statm').read().split()[1]) * 4096\n"
         "if sys.argv[1] == 'keep':\n"
         "    assert keep_freed_memory()\n"
-        "x = torch.ones(16 << 20)\n"
-        "before = rss(); del x\n"
+        "n = 64 << 20\n"
+        "block = libc.malloc(n)\n"
+        "ctypes.memset(block, 1, n)\n"
+        "before = rss(); libc.free(block)\n"
         "print((before - rss()) / 2**20)\n"
     )
     freed = {mode: float(subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True, check=True).stdout) for mode in ("keep", "default")}
