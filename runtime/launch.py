@@ -31,7 +31,7 @@ from dtplan.planner.mesh import MeshSpec
 from dtplan.runtime.host import keep_freed_memory
 from dtplan.runtime.watch import last_entered
 
-__all__ = ["Interrupted", "LaunchError", "Terminated", "check_rank_count", "device_type", "keep_freed_memory", "launched_by_torchrun", "process_group", "spawn"]
+__all__ = ["Interrupted", "LaunchError", "Terminated", "check_rank_count", "device_type", "launched_by_torchrun", "process_group", "spawn"]
 
 #: a rank's work: (rank, mesh) -> JSON-serialisable result
 Work = Callable[[int, DeviceMesh], object]

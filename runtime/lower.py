@@ -365,8 +365,8 @@ def _attention(interp: _PlanInterpreter, fx_node, np: NodePlan, *args, **kwargs)
     target = fx_node.target
     qi = _ATTENTION_Q[target]
     split = tuple(Shard(0) if isinstance(p, Shard) and p.dim == 2 else Replicate() for p in np.inputs[qi])
-    normalized = normalize_function(target, args, kwargs, normalize_to_only_use_kwargs=True)
-    if not any(isinstance(p, Shard) for p in split) or normalized is None or not normalized.kwargs.get("is_causal"):
+    normalized = normalize_function(target, args, kwargs, normalize_to_only_use_kwargs=True) if any(isinstance(p, Shard) for p in split) else None
+    if normalized is None or not normalized.kwargs.get("is_causal"):
         return target(*args, **kwargs)
     kw = dict(normalized.kwargs)
     if kw.get("attn_mask") is not None:

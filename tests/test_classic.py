@@ -220,7 +220,7 @@ def test_classic_plans_solve_the_free_program_again_with_their_pins_as_bounds(mo
     for state, allowed, result in pinned:
         assert result is not None and result.method.startswith("pinned-lp")
         assert all(result.choice[name] in ks for name, ks in allowed.items())
-        ns = dataclasses.replace(state, memory_budget=None).price(result.choice)[0]
+        ns = state.price(result.choice)[0]
         if result.method == "pinned-lp":  # the program's objective: each term rounded to whole ns
             assert abs(result.objective_ns - ns) <= len(state.graph) + len(result.choice)
         else:  # rounding or diving: priced by evaluate

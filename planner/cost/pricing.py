@@ -93,7 +93,7 @@ class Pricer:
         """Roofline time of the node's local share of work (an op without
         work: its dispatch where the profile's host dispatches serially)."""
         if node.flops == 0 and node.bytes == 0:
-            serial = self.profile.dispatch_serial and node.target is not None and not node.is_getitem
+            serial = self.profile.dispatch_serial and not node.is_placeholder and not node.is_getitem
             return self.profile.op_launch_s if serial else 0.0
         first = primary_output(strategy)
         f = shard_factor(first, self.mesh_shape) if first is not None else 1

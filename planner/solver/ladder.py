@@ -457,14 +457,13 @@ def solve_pinned(s: SolveState, allowed: Mapping[str, frozenset[int]]) -> SolveR
         choice, integral = m.choice(values.__getitem__)
         if integral:  # the LP optimum is the plan, its objective the program's (as lp-relaxation's)
             return SolveResult(choice, "OPTIMAL", bound, bound, time.perf_counter() - t0, "pinned-lp", **m.program.size)
-        free = dataclasses.replace(s, memory_budget=None)
-        cost, _ = free.price(choice)
+        cost, _ = s.price(choice)  # priced whatever the budget: the pinned plan has none
         method = "pinned-lp-rounding"
         if cost - bound > s.options.rounding_gap * cost:
             dive = _dive(m, h, time.perf_counter() + s.options.time_limit_s / 2, pinned)
             if dive is not None:
                 dived, _ = m.choice(dive)
-                dived_cost, _ = free.price(dived)
+                dived_cost, _ = s.price(dived)
                 if dived_cost < cost:
                     choice, cost, method = dived, dived_cost, "pinned-lp-dive"
         status = "OPTIMAL" if cost <= bound else "FEASIBLE"
