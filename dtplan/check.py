@@ -57,6 +57,7 @@ def check_model_files(
     shard_batch: bool = True,
     one_group: bool = True,
     time_limit_s: float | None = None,
+    gap: float | None = None,
     precision: str | None = None,
     remat: str | None = None,
     progress: Callable[[str], None] | None = None,
@@ -69,7 +70,9 @@ def check_model_files(
     `one_group` runs every model in one group of spawned ranks (a group's
     start-up costs seconds; a failure then fails the group); otherwise a
     group per model, so one model's failure is its own row. `time_limit_s`
-    bounds each solve (a plan then may be FEASIBLE rather than OPTIMAL).
+    bounds each solve (a plan then may be FEASIBLE rather than OPTIMAL);
+    `gap` is the relative gap to the LP bound at which a plan is accepted
+    (`SolverOptions.rounding_gap`), for checks that need a plan, not the best.
     `precision` (`bf16`, `fp16`) plans and runs under that mixed-precision
     policy, compared with one device under the same policy; `remat`
     (`full`, `selective`, `auto`) plans the training step with that
@@ -77,7 +80,8 @@ def check_model_files(
     say = progress or (lambda _m: None)
     spec = parse_mesh(mesh)
     inputs = ["S(0)"] * spec.ndim if shard_batch else None
-    solver = SolverOptions() if time_limit_s is None else SolverOptions(time_limit_s=time_limit_s)
+    given = {"time_limit_s": time_limit_s, "rounding_gap": gap}
+    solver = SolverOptions(**{k: v for k, v in given.items() if v is not None})
     planned: dict[str, list] = {}
     results: dict[str, ModelCheck] = {}
     for path in paths:

@@ -29,7 +29,11 @@ def test_the_zoo_covers_every_family():
 def test_every_family_plans_runs_and_trains_exactly_on_2x2():
     # one group of 4 ranks for all of them; batch split over both axes, so
     # every rank computes its own part and gradients are reduced
-    rows = check_model_files(FAMILIES, mesh="2x2", steps=2, time_limit_s=40)  # a feasible plan is enough: exactness is under test (hf_t5's LP, 432k variables, takes 5 s here alone and ran past 15 s beside other work)
+    # a feasible plan is enough: exactness is under test. So no branch and
+    # bound past a 5% gap (tv_mobilenet_v3's training step dives to 3.6% and
+    # then searched for 33 s), and a generous LP limit (hf_t5's LP, 432k
+    # variables, takes 5 s here alone and ran past 15 s beside other work)
+    rows = check_model_files(FAMILIES, mesh="2x2", steps=2, time_limit_s=40, gap=0.05)
     bad = {r.name: r.problem or (r.plans, r.runs_exactly, r.trains_exactly) for r in rows if not (r.plans and r.runs_exactly and r.trains_exactly)}
     assert not bad, bad
     for r in rows:
