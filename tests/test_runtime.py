@@ -9,9 +9,12 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
+from torch.distributed.tensor import Partial, Replicate, Shard
 from conftest import example_path
 
 from dtplan import plan_program
+from dtplan.ir.graph import TensorMeta
 from dtplan.ir.modelfile import capture_model_file, load_model_file
 from dtplan.planner.mesh import parse_mesh
 from dtplan.runtime.launch import spawn
@@ -68,6 +71,16 @@ CASES_2D = [
     (["S(0)", "S(1)"], ["S(1)", "S(0)"]),
 ]
 
+#: sums over both axes of a value of 1 MiB or more go hierarchically:
+#: reduce-scatter on the inner axis, all-reduce the shard on the outer one,
+#: all-gather (`_dtensor._hierarchical`)
+CASES_2D_LARGE = [
+    (["P(sum)", "P(sum)"], ["R", "R"]),
+    (["P(sum)", "P(sum)"], ["R", "S(0)"]),
+    (["P(sum)", "P(sum)"], ["S(1)", "R"]),  # dim 0 then takes the inner reduce-scatter
+    (["P(sum)", "P(sum)"], ["R", "S(0)"]),  # HSDP's gradient: scattered first, the shard summed
+]
+
 
 def _selfcheck_then_die_tearing_down(rank, mesh, **kwargs):
     # rank 0 aborts in teardown (after the barrier), as gloo now and then does
@@ -75,11 +88,23 @@ def _selfcheck_then_die_tearing_down(rank, mesh, **kwargs):
         import torch.distributed as dist
 
         dist.destroy_process_group = lambda *a, **k: os.abort()
-    return redistribution_selfcheck(rank, mesh, **kwargs)
+    return redistribution_selfcheck(rank, mesh, **kwargs) + redistribution_selfcheck(rank, mesh, shape=(512, 512), cases=CASES_2D_LARGE)
 
 
 def test_redistribution_steps_on_gloo():
     import functools
+
+    from dtplan.planner.space._dtensor import transform_steps
+
+    # the large sums' steps: three collectives, not two all-reduces of everything
+    meta = TensorMeta.of(torch.empty(512, 512))
+    kinds = [(s.kind, s.axis) for s in transform_steps((2, 2), meta, (Partial(), Partial()), (Replicate(), Replicate()))]
+    assert kinds == [("reduce_scatter", 1), ("all_reduce", 0), ("all_gather", 1)], kinds
+    small = TensorMeta.of(torch.empty(8, 12))
+    kinds = [s.kind for s in transform_steps((2, 2), small, (Partial(), Partial()), (Replicate(), Replicate()))]
+    assert kinds == ["all_reduce", "all_reduce"], kinds
+    kinds = [(s.kind, s.axis) for s in transform_steps((2, 2), small, (Partial(), Partial()), (Replicate(), Shard(0)))]
+    assert kinds == [("reduce_scatter", 1), ("all_reduce", 0)], kinds  # DTensor sums whole on axis 0 first
 
     # a rank that dies tearing down, its result written, does not lose the run
     work = functools.partial(_selfcheck_then_die_tearing_down, shape=(8, 12), cases=CASES_2D)

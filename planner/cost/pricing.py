@@ -11,7 +11,7 @@ import functools
 from dataclasses import dataclass, field
 
 from dtplan.ir.graph import Node, Role, TensorMeta, dtype_name
-from dtplan.planner.space._dtensor import Placements, is_sharded, per_output, transform_steps
+from dtplan.planner.space._dtensor import Placements, is_sharded, local_shape, per_output, transform_steps
 from dtplan.planner.cost.device import DeviceProfile, compute_time
 from dtplan.planner.space.strategies import Strategy, shard_factor
 
@@ -48,15 +48,6 @@ _TRANSCENDENTAL = frozenset(
         "tanh_backward", "sigmoid", "sigmoid_backward", "erf", "rsqrt", "sqrt", "pow", "sin", "cos",
     }
 )
-
-
-def local_shape(shape: tuple[int, ...], mesh_shape: tuple[int, ...], placements: Placements) -> tuple[int, ...]:
-    """The per-rank shape of an evenly sharded tensor."""
-    out = list(shape)
-    for p, n in zip(placements, mesh_shape, strict=True):
-        if is_sharded(p):
-            out[p.dim] //= n
-    return tuple(out)
 
 
 def primary_output(strategy: Strategy) -> Placements | None:
