@@ -316,7 +316,7 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--quiet", action="store_true", help="no progress messages")
         sp.add_argument(
             "--no-coarsen", dest="coarsen", action="store_false", default=None,
-            help="on a mesh of 3+ axes, plan every axis apart (default: outer axes merged; see docs/architecture.md)",
+            help="on a mesh of 3+ axes, plan every axis in one program (default: outer axes merged, then blocks of real axes; see docs/architecture.md)",
         )
 
     c = sub.add_parser("compile", help="plan a model and write plan.json and report.html")

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate
 
 from dtplan.ir.capture import Captured, capture
 from dtplan.ir.graph import Role
@@ -22,18 +24,18 @@ from dtplan.ir.remat import layers as remat_layers
 from dtplan.ir.remat import remat as apply_remat
 from dtplan.planner.space._dtensor import Placements, parse_placement
 from dtplan.planner.output.classic import compare_classic
-from dtplan.planner.reduce.coarsen import coarse_mesh, narrow_all, widen, widen_choice
+from dtplan.planner.reduce.coarsen import WidenedPricer, coarse_mesh, narrow_all, widen_choice
 from dtplan.planner.cost.device import DeviceProfile, load_profile
 from dtplan.planner.solver import MemoryBudgetError, SolveResult, SolverOptions, solve, solve_pinned
-from dtplan.planner.mesh import MeshSpec, parse_mesh, parse_size
+from dtplan.planner.mesh import MeshSpec, format_bytes, parse_mesh, parse_size
 from dtplan.planner.evaluate import Evaluation, evaluate
 from dtplan.planner.output.plan import PLAN_VERSION, CostSummary, ModelInfo, Plan, SolverSummary, parameter_table
 from dtplan.planner.cost.pricing import BUCKET_BYTES, Pricer, optimizer_state_factor
 from dtplan.planner.reduce.fold import FoldResult, fold_layers
 from dtplan.planner.reduce.hubs import add_hubs
 from dtplan.planner.reduce.followers import merge_followers
-from dtplan.planner.space._dtensor import per_output
-from dtplan.planner.space.strategies import build_strategies, hub_name
+from dtplan.planner.space._dtensor import is_multi_output, per_output
+from dtplan.planner.space.strategies import Strategy, unstrided, build_strategies, hub_name, strategies_around
 from dtplan.runtime.program import ShardedProgram, mesh_spec, sharded_program
 
 __all__ = ["PlacementSpec", "ShardedProgram", "compile", "plan_program", "shard", "sharded_program"]
@@ -100,8 +102,9 @@ def plan_program(
     the classic layouts (`dtplan.planner.output.classic`) and records them in the plan.
     `fold` shares repeated layers' choices (`dtplan.planner.reduce.fold`), so the program
     hardly grows with depth. `coarsen` (default: on meshes of three or more
-    axes) plans on the mesh with its outer axes merged into one and gives
-    every merged axis the merged axis's placement (`dtplan.planner.reduce.coarsen`).
+    axes) plans on the mesh with its outer axes merged into one, then plans
+    blocks of the real axes again around that plan (`_plan_outer_axes`,
+    `dtplan.planner.reduce.coarsen`); off, every axis is one program.
     `remat` (training steps) recomputes activations in the backward:
     `"full"`, `"selective"` or a `dtplan.ir.remat.Remat` for those layers, or
     `"auto"`: the fastest predicted of the policies `_plan_remat_auto` tries
@@ -130,6 +133,7 @@ def plan_program(
     stages: dict[str, float] = dict(captured_stage_seconds(captured))
     coarsen = mesh.ndim >= 3 if coarsen is None else coarsen
     planned = coarse_mesh(mesh) if coarsen and mesh.ndim >= 3 else mesh
+    real = (ins, outs, pins)
     if planned is not mesh:
         say(f"planning on {planned} (outer axes of {mesh} merged)")
         ins, outs, pins = (narrow_all(d, mesh) for d in (ins, outs, pins))
@@ -144,7 +148,8 @@ def plan_program(
     # there but one per real axis after widening, which buckets do not take:
     # the merged program prices gradients unbucketed
     bucket = _bucket_bytes(captured)
-    pricer = Pricer(tuple(planned.shape), prof, optimizer_state_factor(optimizer if captured.train else None), bucket if planned is mesh else 0)
+    state = optimizer_state_factor(optimizer if captured.train else None)
+    pricer = Pricer(tuple(planned.shape), prof, state, bucket) if planned is mesh else WidenedPricer(tuple(planned.shape), prof, state, 0, tuple(mesh.shape))
     space = merge_followers(graph, space, pricer)
     folded = fold_layers(graph, space) if fold else None
     space = folded.space if folded else space
@@ -154,17 +159,28 @@ def plan_program(
     wants = tuple(outs[n] for n in out_names) + tuple(captured.pinned_outputs[g] for g in graph.outputs[n_free:])
     space = add_hubs(graph, space, wants)
     say("solving the integer program")
-    result = solve(graph, space, pricer, output_placements=wants, memory_budget=budget, options=solver)
+    # a merged program is only the start of the real axes' blocks, which carry
+    # the budget: under one it can defeat the solvers (the 70b on 4x8x8x2 at
+    # 80 GiB: HiGHS gave up, CP-SAT called the model invalid)
+    result = solve(graph, space, pricer, output_placements=wants, memory_budget=budget if planned is mesh else None, options=solver)
     stages["build"] = result.build_s
     stages["solve"] = time.perf_counter() - t - result.build_s
 
-    t = time.perf_counter()
     choice = result.choice
-    if planned is not mesh:  # the chosen strategies, widened to every axis of the real mesh
-        space, choice, wants = widen_choice(space, result.choice, wants, mesh)
+    if planned is not mesh:  # every outer axis chosen again around the widened plan
+        t = time.perf_counter()
+        ins, outs, pins = real
+        wants = tuple(outs[n] for n in out_names) + wants[n_free:]
         pricer = Pricer(tuple(mesh.shape), prof, pricer.state_factor, bucket)
-        ins = {k: widen(v, mesh) for k, v in ins.items()}
+        space, choice, result, refolded = _plan_outer_axes(
+            graph, space, result, wants, mesh, {**ins, **pins}, pricer, budget, solver, fold, say
+        )
+        folded = refolded or folded
+        stages["outer_axes"] = time.perf_counter() - t
+    t = time.perf_counter()
     ev = evaluate(graph, space, pricer, mesh, choice, wants)
+    if planned is not mesh and budget is not None and ev.peak_memory_bytes > budget:
+        raise MemoryBudgetError(budget, ev.peak_memory_bytes, exact=False)  # no block of axes found a plan that fits
     ev, reranked = _rerank_replicated(graph, space, pricer, mesh, choice, wants, ev, budget)
     if reranked:
         say(f"not sharding is faster with communication overlapped ({ev.overlap.step_s * 1e3:.3g} ms): every op replicated")
@@ -197,6 +213,118 @@ def plan_program(
         built = _Built(captured, space, pricer, mesh, wants, result.state) if planned is mesh and result.state is not None else None
         plan = _with_comparison(plan, captured, same, say, built)
     return plan
+
+
+def _plan_outer_axes(
+    graph, space, coarse: SolveResult, wants: tuple, mesh: MeshSpec, fixed: Mapping[str, Placements], pricer: Pricer,
+    budget: int | None, solver: SolverOptions, fold: bool, say: Progress,
+) -> tuple[object, dict[str, int], SolveResult, FoldResult | None]:
+    """A plan on every axis of a mesh of three or more, improved one block
+    of axes at a time from two starts (`dtplan.planner.reduce.coarsen`).
+
+    A block is planned again with every other axis fixed: each node keeps
+    the strategies that agree with its current one off the block
+    (`strategies_around`), a program about the size of a
+    plan on the block's axes alone, priced on the real mesh. The current plan
+    is one of its solutions, and a block's plan is kept only where its
+    objective is lower. The blocks: each outer axis but the last two alone,
+    and the last two together.
+
+    - From the merged plan widened: every outer axis holds the merged axis's
+      placement (a parameter sharded over it is sharded over all: FSDP over
+      every data-parallel rank); each outer axis is then chosen again, so
+      one can keep a parameter replicated while the next shards it (HSDP).
+    - From data parallel over the outer axes (batch split, parameters
+      replicated: the placements of a one-axis plan with its parameters
+      pinned Replicate): the last two axes are planned for the data each of
+      them gets, as a plan of the inner two-axis mesh at the local batch
+      would be, then each outer axis is chosen again (its parameters may
+      become sharded where memory asks).
+
+    The lower objective of the two is the plan. What this gives up: choices
+    that pay only when two blocks change together, and starts other than
+    these two."""
+    wide_space, wide_choice, _ = widen_choice(space, coarse.choice, wants, mesh)
+    outer = [(a,) for a in range(mesh.ndim - 2)]
+    inner = tuple(range(mesh.ndim - 2, mesh.ndim))
+    merged = {n: ns.options[wide_choice[n]] for n, ns in wide_space.nodes.items()}
+    start = _data_parallel_outer(graph, mesh, fixed, wants, pricer, fold)
+    # unbudgeted first: where its plan fits, it is the budget's optimum too
+    # (and the budget's rows cost the blocks' solves much: 125 s against 12 s
+    # for the 70b's inner block on 4x8x8x2)
+    for b in (None, budget) if budget is not None else (None,):
+        runs = [_descend(graph, mesh, fixed, wants, pricer, b, solver, fold, say, merged, outer)]
+        if start is not None:
+            runs.append(_descend(graph, mesh, fixed, wants, pricer, b, solver, fold, say, start, [inner, *outer]))
+        found = [r for r in runs if r is not None]
+        if not found:
+            continue
+        best = min(found, key=lambda r: r[2].objective_ns)
+        if budget is None or evaluate(graph, best[0], pricer, mesh, best[1], wants).peak_memory_bytes <= budget:
+            break
+        say(f"the plan of the real axes needs more than {format_bytes(budget)}: planning them again under the budget")
+    if not found:
+        return wide_space, wide_choice, coarse, None
+    sp, choice, res, folded = best
+    method = f"{coarse.method} on the merged mesh, then {res.method} per block of axes"
+    return sp, choice, dataclasses.replace(res, method=method), folded
+
+
+def _descend(graph, mesh: MeshSpec, fixed, wants, pricer, budget, solver, fold, say, plan: dict, blocks) -> tuple | None:
+    """Each block of axes planned again around `plan` in turn (see
+    `_plan_outer_axes`); the last block's result that lowered the objective."""
+    best = None
+    for free in blocks:
+        names = ", ".join(mesh.axis_names[a] for a in free)
+        say(f"planning mesh axes {names} again around the plan of the others")
+        sp = strategies_around(graph, tuple(mesh.shape), fixed, plan, free)
+        sp = merge_followers(graph, sp, pricer)
+        folded = fold_layers(graph, sp) if fold else None
+        sp = add_hubs(graph, folded.space if folded else sp, wants)
+        try:
+            res = solve(graph, sp, pricer, output_placements=wants, memory_budget=budget, options=solver)
+        except MemoryBudgetError as e:
+            log.info("axes %s kept: %s", names, e)
+            continue
+        log.info("axes %s: %s, %d variables, objective %d ns, %.2fs", names, res.method, res.variables, res.objective_ns, res.wall_s)
+        if best is not None and res.objective_ns >= best[2].objective_ns:
+            continue
+        plan = {n: ns.options[res.choice[n]] for n, ns in sp.nodes.items()}
+        best = (sp, dict(res.choice), res, folded)
+    return best
+
+
+def _data_parallel_outer(graph, mesh: MeshSpec, fixed: Mapping[str, Placements], wants: tuple, pricer: Pricer, fold: bool) -> dict | None:
+    """Per node, a strategy that is data parallel over the outer axes (all
+    but the last two) and replicated on the last two: a one-axis plan over
+    the outer axes' ranks with every parameter pinned Replicate (inputs as
+    given on the first axis), widened. None where that plan has no solution."""
+    k = mesh.ndim - 2
+    ones = (math.prod(mesh.shape[:k]),)
+    params = {n.name for n in graph if n.role in (Role.PARAM, Role.BUFFER)}
+    pins = {**{n: (Replicate(),) for n in params}, **{n: (unstrided(pl[0]),) for n, pl in fixed.items()}}
+    one_wants = tuple(w if isinstance(w, str) else (w[0],) for w in wants)
+    small = Pricer(ones, pricer.profile, pricer.state_factor, pricer.bucket_bytes)
+    try:
+        sp = build_strategies(graph, ones, pins)
+        sp = merge_followers(graph, sp, small)
+        folded = fold_layers(graph, sp) if fold else None
+        sp = add_hubs(graph, folded.space if folded else sp, one_wants)
+        res = solve(graph, sp, small, output_placements=one_wants, memory_budget=None, options=SolverOptions(time_limit_s=30))
+    except (MemoryBudgetError, ValueError) as e:
+        log.info("no data-parallel start for the outer axes: %s", e)
+        return None
+    rest = (Replicate(),) * 2
+
+    def wide(pl):
+        return None if pl is None else (pl[0],) * k + rest
+
+    out = {}
+    for n, ns in sp.nodes.items():
+        st = ns.options[res.choice[n]]
+        o = tuple(wide(x) for x in st.output) if is_multi_output(st.output) else wide(st.output)
+        out[n] = Strategy(tuple(wide(i) for i in st.inputs), o)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)

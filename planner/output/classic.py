@@ -25,7 +25,11 @@ cheaper than those that fit.
   when dim 0 splits evenly over every axis sharding it (dp axes and, if it is
   ``S(0)`` there, tp), else the first dim that does, else ``R``. dtplan only
   expresses even shards, so a split torchtitan would make unevenly becomes
-  the fallback above (``R`` on tp). FSDP2 over a tp-sharded dim 0 shards
+  the fallback above (``R`` on tp). On meshes of three or more axes,
+  ``torchtitan HSDP+TP`` is the same with the outer axes but the last dp
+  one as torchtitan's ``dp_replicate`` (HSDP: parameters ``R`` there, FSDP2
+  over the one dp axis left, gradients reduce-scattered on it and summed
+  over the replicas). FSDP2 over a tp-sharded dim 0 shards
   each tp shard again on dp: a strided shard, ``_S(0, tp)`` on every dp axis
   (DTensor's ``_StridedShard``, `dtplan.planner.space._dtensor.strided`),
   so gathering the tp shard for compute is one dp all-gather of it, and the
@@ -81,6 +85,7 @@ __all__ = [
     "RECIPES",
     "TORCHTITAN",
     "TORCHTITAN_FSDP",
+    "TORCHTITAN_HSDP",
     "ClassicResult",
     "Recipe",
     "PlacementDiff",
@@ -102,6 +107,7 @@ ROW = re.compile(r"(^|\.)(o|wo|o_proj|proj|c_proj|fc2|w2|down_proj)\.weight$")
 #: names of the torchtitan plans in the comparison
 TORCHTITAN = "torchtitan FSDP+TP"
 TORCHTITAN_FSDP = "torchtitan FSDP"
+TORCHTITAN_HSDP = "torchtitan HSDP+TP"
 #: the linear layers a Llama block must have for the torchtitan plan to apply
 LLAMA_LINEARS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 _TT_COLUMN = re.compile(r"(^|\.)(wq|wk|wv|w1|w3)\.(weight|bias)$")
@@ -187,6 +193,8 @@ def classic_pins(captured: Captured, mesh: MeshSpec) -> dict[str, dict[str, list
         plans[TORCHTITAN_FSDP] = fsdp  # fully_shard: dim 0, which splits evenly for Llama's weights
         if nd >= 2:
             plans[TORCHTITAN] = _torchtitan(shapes, mesh)
+        if nd >= 3:
+            plans[TORCHTITAN_HSDP] = _torchtitan(shapes, mesh, replicate=nd - 2)
     return plans
 
 
@@ -236,16 +244,19 @@ def torchtitan_pins(captured: Captured, mesh: MeshSpec | str) -> dict[str, list[
     return _torchtitan(shapes, mesh)
 
 
-def _torchtitan(shapes: Mapping[str, tuple[int, ...]], mesh: MeshSpec) -> dict[str, list[str]]:
+def _torchtitan(shapes: Mapping[str, tuple[int, ...]], mesh: MeshSpec, replicate: int = 0) -> dict[str, list[str]]:
+    """torchtitan's placements; with `replicate`, that many outer axes are
+    its ``dp_replicate`` (HSDP: parameters replicated there, FSDP2 over the
+    dp axes after them)."""
     tp = mesh.shape[-1]
-    dp = math.prod(mesh.shape[:-1])
+    dp = math.prod(mesh.shape[replicate:-1])
     out = {}
     for f, shape in shapes.items():
         inner = _torchtitan_tp(f, shape, tp)
         used = int(inner[2:-1]) if inner != "R" else None
         d = next((d for d, s in enumerate(shape) if s % (dp * (tp if d == used else 1)) == 0), None)
         outer = "R" if d is None else f"_S({d}, {tp})" if d == used else f"S({d})"
-        out[f] = [outer] * (mesh.ndim - 1) + [inner]
+        out[f] = ["R"] * replicate + [outer] * (mesh.ndim - 1 - replicate) + [inner]
     return out
 
 

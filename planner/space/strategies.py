@@ -6,10 +6,11 @@ is recorded as a fallback and shown in the plan and report.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -23,6 +24,7 @@ from dtplan.planner.space._dtensor import (
     dtensor_rule_kind,
     expand_single_dim_rules,
     has_strided,
+    is_multi_output,
     is_sharded,
     is_strided,
     op_strategies,
@@ -31,7 +33,7 @@ from dtplan.planner.space._dtensor import (
     strided_form_ok,
 )
 
-__all__ = ["Fallback", "NodeStrategies", "Source", "Strategy", "StrategySpace", "build_strategies", "hub_name", "shard_factor", "valid_on"]
+__all__ = ["Fallback", "NodeStrategies", "Source", "Strategy", "StrategySpace", "build_strategies", "hub_name", "strategies_around", "unstrided", "shard_factor", "valid_on"]
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +187,72 @@ def build_strategies(graph: Graph, mesh_shape: tuple[int, ...], fixed: Mapping[s
                 outputs_of[id(ns.options)] = (interned.setdefault(cands, cands), ns.options)
             candidates[node.name] = outputs_of[id(ns.options)][0]
     return StrategySpace(mesh_shape, out, tuple(fallbacks))
+
+
+def strategies_around(
+    graph: Graph, mesh_shape: tuple[int, ...], fixed: Mapping[str, Placements], within: Mapping[str, Strategy], free: Sequence[int]
+) -> StrategySpace:
+    """The strategies that agree with a plan (`within`: a strategy per node
+    on this mesh) on every axis outside `free`: a block of axes planned
+    again with the others fixed (`dtplan.api._plan_outer_axes`).
+
+    The block's own strategies are enumerated on a mesh of the block's axes
+    alone (a plan of that mesh's size, quick at any depth), and each is
+    joined with the node's `within` strategy on the fixed axes, as DTensor
+    joins per-axis strategies into a mesh's (`expand_single_dim_rules`);
+    joins that do not shard evenly on the real mesh are dropped. A node
+    keeps its `within` strategy, so the plan is one of the space's."""
+    free = tuple(free)
+    sub = build_strategies(graph, tuple(mesh_shape[a] for a in free), {n: tuple(unstrided(pl[a]) for a in free) for n, pl in fixed.items()})
+    metas = {n.name: n.tensor_meta for n in graph if n.tensor_meta is not None}
+    joined: dict[tuple[int, Strategy], tuple[Strategy, ...]] = {}
+    nodes = {}
+    for node in graph:
+        ns, w = sub.nodes[node.name], within[node.name]
+        if node.is_placeholder and node.name in fixed:
+            nodes[node.name] = NodeStrategies(node.name, (Strategy((), tuple(fixed[node.name])),), ns.source)
+            continue
+        key = (id(ns.options), w)
+        if key not in joined:
+            refs = node.refs()
+            opts: dict[Strategy, None] = {w: None}
+            for s in ns.options:
+                j = _join(w, s, free)
+                if j is not None and _even(j, node, refs, metas, mesh_shape):
+                    opts[j] = None
+            joined[key] = tuple(opts)
+        nodes[node.name] = dataclasses.replace(ns, options=joined[key])
+    return StrategySpace(tuple(mesh_shape), nodes, sub.fallbacks)
+
+
+def unstrided(p):
+    """A strided shard as its plain shard: on a mesh of some axes alone, the
+    axes it is strided over are gone (a pinned placeholder keeps its real
+    placements; this only seeds its consumers' options)."""
+    return Shard(p.dim) if is_strided(p) else p
+
+
+def _join(w: Strategy, s: Strategy, free: tuple[int, ...]) -> Strategy | None:
+    """`w` with its placements on the `free` axes taken from `s` (a strategy
+    on those axes alone)."""
+    if len(w.inputs) != len(s.inputs):
+        return None
+
+    def one(a, b):
+        if a is None or b is None:
+            return None
+        return tuple(b[free.index(k)] if k in free else p for k, p in enumerate(a))
+
+    if is_multi_output(w.output) != is_multi_output(s.output):
+        return None
+    out = tuple(one(a, b) for a, b in zip(w.output, s.output, strict=True)) if is_multi_output(w.output) else one(w.output, s.output)
+    return Strategy(tuple(one(a, b) for a, b in zip(w.inputs, s.inputs, strict=True)), out)
+
+
+def _even(s: Strategy, node: Node, refs, metas, mesh_shape) -> bool:
+    if not all(valid_on(p, metas.get(r), mesh_shape) for p, r in zip(s.inputs, refs, strict=True)):
+        return False
+    return _output_valid(s.output, node.meta, mesh_shape)
 
 
 def _context(node: Node, fixed, metas, candidates, done) -> object | None:
