@@ -37,9 +37,10 @@ def _merged_only(monkeypatch):
     monkeypatch.setattr(api, "_descend", lambda *a, **k: None)
 
 
-def test_3d_plan_honours_placements_the_merged_mesh_cannot_hold_and_lowers_as_predicted(step):
-    # the input split on d0 only: the merged mesh holds it as d1's (Replicate),
-    # the block of d0 takes it back
+def test_3d_plan_honours_placements_the_merged_mesh_cannot_hold_and_lowers_as_predicted():
+    # the input split on d0 only: the merged mesh holds it as Replicate, the
+    # block of d0 takes it back (the forward program: a quicker plan)
+    step = capture_model_file(load_model_file(example_path("llama")), train=False)
     plan = plan_program(step, mesh="2x2x2", profile="h100", input_placements=["S(0)", "R", "R"])
     assert plan.solver.planned_mesh == (4, 2)
     assert "per block of axes" in plan.solver.method
