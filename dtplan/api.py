@@ -180,7 +180,7 @@ def plan_program(
     t = time.perf_counter()
     ev = evaluate(graph, space, pricer, mesh, choice, wants)
     if planned is not mesh and budget is not None and ev.peak_memory_bytes > budget:
-        raise MemoryBudgetError(budget, ev.peak_memory_bytes, exact=False)  # no block of axes found a plan that fits
+        raise MemoryBudgetError(budget, ev.peak_memory_bytes, found=True)  # no block of axes found a plan that fits
     ev, reranked = _rerank_replicated(graph, space, pricer, mesh, choice, wants, ev, budget)
     if reranked:
         say(f"not sharding is faster with communication overlapped ({ev.overlap.step_s * 1e3:.3g} ms): every op replicated")

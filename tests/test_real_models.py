@@ -33,11 +33,11 @@ def test_every_family_plans_runs_and_trains_exactly_on_2x2():
     # bound past a 5% gap (tv_mobilenet_v3's training step dives to 3.6% and
     # then searched for 33 s), and a generous LP limit (hf_t5's LP, 432k
     # variables, takes 5 s here alone and ran past 15 s beside other work)
-    rows = check_model_files(FAMILIES, mesh="2x2", steps=2, time_limit_s=40, gap=0.05)
+    rows = check_model_files(FAMILIES, mesh="2x2", steps=1, time_limit_s=40, gap=0.05)  # one step: gradients and the update, exact (more steps: tests/test_training.py)
     bad = {r.name: r.problem or (r.plans, r.runs_exactly, r.trains_exactly) for r in rows if not (r.plans and r.runs_exactly and r.trains_exactly)}
     assert not bad, bad
     for r in rows:
-        assert len(r.losses) == 2 and all(torch.isfinite(torch.tensor(r.losses))), r
+        assert len(r.losses) == 1 and all(torch.isfinite(torch.tensor(r.losses))), r
         assert r.fallbacks == (0, 0) or r.name in ("timm_convnext",), (r.name, r.fallbacks)
 
 

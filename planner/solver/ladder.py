@@ -85,13 +85,13 @@ log = logging.getLogger(__name__)
 class MemoryBudgetError(ValueError):
     """No plan fits the per-device memory budget."""
 
-    def __init__(self, budget: int, least: int, exact: bool = True) -> None:
+    def __init__(self, budget: int, least: int, exact: bool = True, *, found: bool = False) -> None:
         self.budget, self.least = budget, least
         what = "is" if exact else "is at least"
-        super().__init__(
-            f"no plan fits the memory budget of {format_bytes(budget)} ({budget} bytes) per device; "
-            f"the least memory any plan needs {what} {format_bytes(least)} ({least} bytes) per device"
-        )
+        # found: `least` is the best plan the search found (meshes of three or
+        # more axes, `dtplan.api._plan_outer_axes`), not a bound
+        need = f"the best plan found needs {format_bytes(least)} ({least} bytes)" if found else f"the least memory any plan needs {what} {format_bytes(least)} ({least} bytes)"
+        super().__init__(f"no plan fits the memory budget of {format_bytes(budget)} ({budget} bytes) per device; {need} per device")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
