@@ -39,7 +39,10 @@ def examples_dir() -> Path:
 #: that the two workers start on them at once and the short files fill in at
 #: the end (`--dist loadfile` hands out files in collection order; the longest
 #: started late kept one worker busy for minutes after the other finished)
-LONGEST_FIRST = ("test_real_models.py", "test_training.py", "test_precision.py", "test_sequence.py", "test_remat.py", "test_scale.py", "test_faults.py")
+LONGEST_FIRST = (
+    "test_real_models.py", "test_training.py", "test_precision.py", "test_faults.py", "test_sequence.py", "test_runtime.py",
+    "test_coarsen.py", "test_fold.py", "test_remat.py", "test_scale.py",
+)
 
 
 def pytest_collection_modifyitems(config, items):
