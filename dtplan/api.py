@@ -34,8 +34,8 @@ from dtplan.planner.cost.pricing import BUCKET_BYTES, Pricer, optimizer_state_fa
 from dtplan.planner.reduce.fold import FoldResult, fold_layers
 from dtplan.planner.reduce.hubs import add_hubs
 from dtplan.planner.reduce.followers import merge_followers
-from dtplan.planner.space._dtensor import is_multi_output, per_output
-from dtplan.planner.space.strategies import Strategy, unstrided, build_strategies, hub_name, strategies_around
+from dtplan.planner.space._dtensor import is_multi_output, per_output, unstrided
+from dtplan.planner.space.strategies import Strategy, build_strategies, hub_name, strategies_around
 from dtplan.runtime.program import ShardedProgram, mesh_spec, sharded_program
 
 __all__ = ["PlacementSpec", "ShardedProgram", "compile", "plan_program", "shard", "sharded_program"]

@@ -17,7 +17,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Partial, Replicate, Shard
 
 from dtplan.ir.graph import TensorMeta
-from dtplan.planner.space._dtensor import Placements, is_strided, transform_steps
+from dtplan.planner.space._dtensor import Placements, transform_steps, unstrided
 
 __all__ = ["RankMesh", "reduce_bucket", "redistribute_local"]
 
@@ -51,7 +51,7 @@ def redistribute_local(local: torch.Tensor, mesh: RankMesh, meta: TensorMeta, sr
 def _apply(x: torch.Tensor, mesh: RankMesh, axis: int, src, dst) -> torch.Tensor:
     # a strided step is its plain twin on the local shard: the steps order
     # the axes so that it gathers, scatters or chunks consecutive pieces
-    src, dst = _plain(src), _plain(dst)
+    src, dst = unstrided(src), unstrided(dst)
     group = mesh.group_names[axis]
     p = mesh.shape[axis]
     if p == 1:
@@ -84,9 +84,6 @@ def _apply(x: torch.Tensor, mesh: RankMesh, axis: int, src, dst) -> torch.Tensor
             return x if keep else torch.zeros_like(x)
     raise ValueError(f"unsupported redistribution step {src} -> {dst} on mesh axis {axis}")
 
-
-def _plain(p):
-    return Shard(p.dim) if is_strided(p) else p
 
 
 def _sync(t: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ __all__ = [
     "Placements",
     "TransformStep",
     "local_shape",
+    "unstrided",
     "dtensor_rule_kind",
     "dtensor_spec",
     "is_multi_output",
@@ -112,6 +113,13 @@ def is_strided(p: object) -> bool:
 def is_sharded(p: object) -> bool:
     """Shard or strided shard: the axis divides the value's storage."""
     return isinstance(p, (Shard, _StridedShard))
+
+
+def unstrided(p: object) -> object:
+    """A strided shard as its plain shard on the same dim (the runtime runs a
+    strided step as its plain twin on the local shard; on a mesh of some axes
+    alone, the axes a strided shard is strided over are gone)."""
+    return Shard(p.dim) if is_strided(p) else p
 
 
 def has_strided(placements: Sequence[object] | None) -> bool:

@@ -27,13 +27,14 @@ from dtplan.planner.space._dtensor import (
     is_multi_output,
     is_sharded,
     is_strided,
+    unstrided,
     op_strategies,
     per_output,
     strided,
     strided_form_ok,
 )
 
-__all__ = ["Fallback", "NodeStrategies", "Source", "Strategy", "StrategySpace", "build_strategies", "hub_name", "strategies_around", "unstrided", "shard_factor", "valid_on"]
+__all__ = ["Fallback", "NodeStrategies", "Source", "Strategy", "StrategySpace", "build_strategies", "hub_name", "strategies_around", "shard_factor", "valid_on"]
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +204,7 @@ def strategies_around(
     joins that do not shard evenly on the real mesh are dropped. A node
     keeps its `within` strategy, so the plan is one of the space's."""
     free = tuple(free)
-    sub = build_strategies(graph, tuple(mesh_shape[a] for a in free), {n: tuple(unstrided(pl[a]) for a in free) for n, pl in fixed.items()})
+    sub = build_strategies(graph, tuple(mesh_shape[a] for a in free), {n: tuple(unstrided(pl[a]) for a in free) for n, pl in fixed.items()})  # on the block's axes alone a strided shard's other axes are gone: its plain shard seeds the consumers' options (a pinned placeholder keeps its real placements)
     metas = {n.name: n.tensor_meta for n in graph if n.tensor_meta is not None}
     joined: dict[tuple[int, Strategy], tuple[Strategy, ...]] = {}
     nodes = {}
@@ -223,13 +224,6 @@ def strategies_around(
             joined[key] = tuple(opts)
         nodes[node.name] = dataclasses.replace(ns, options=joined[key])
     return StrategySpace(tuple(mesh_shape), nodes, sub.fallbacks)
-
-
-def unstrided(p):
-    """A strided shard as its plain shard: on a mesh of some axes alone, the
-    axes it is strided over are gone (a pinned placeholder keeps its real
-    placements; this only seeds its consumers' options)."""
-    return Shard(p.dim) if is_strided(p) else p
 
 
 def _join(w: Strategy, s: Strategy, free: tuple[int, ...]) -> Strategy | None:
