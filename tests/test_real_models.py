@@ -30,10 +30,12 @@ def test_every_family_plans_runs_and_trains_exactly_on_2x2():
     # one group of 4 ranks for all of them; batch split over both axes, so
     # every rank computes its own part and gradients are reduced
     # a feasible plan is enough: exactness is under test. So no branch and
-    # bound past a 5% gap (tv_mobilenet_v3's training step dives to 3.6% and
-    # then searched for 33 s), and a generous LP limit (hf_t5's LP, 432k
-    # variables, takes 5 s here alone and ran past 15 s beside other work)
-    rows = check_model_files(FAMILIES, mesh="2x2", steps=1, time_limit_s=40, gap=0.05)  # one step: gradients and the update, exact (more steps: tests/test_training.py)
+    # bound past a 10% gap (tv_mobilenet_v3's training step dives to 7.5%
+    # of its LP bound, then branched and searched to the time limit: 43 s
+    # of this test's plans, against 10 s), and a generous LP limit (hf_t5's
+    # LP, 432k variables, takes 5 s here alone and ran past 15 s beside
+    # other work)
+    rows = check_model_files(FAMILIES, mesh="2x2", steps=1, time_limit_s=40, gap=0.10)  # one step: gradients and the update, exact (more steps: tests/test_training.py)
     bad = {r.name: r.problem or (r.plans, r.runs_exactly, r.trains_exactly) for r in rows if not (r.plans and r.runs_exactly and r.trains_exactly)}
     assert not bad, bad
     for r in rows:

@@ -57,7 +57,7 @@ from dtplan.planner.cost.pricing import Pricer
 from dtplan.planner.evaluate import evaluate
 from dtplan.planner.mesh import MeshSpec, format_bytes
 from dtplan.planner.solver.formulation import PlacementProgram
-from dtplan.planner.solver.program import ONE, add_highs_rows
+from dtplan.planner.solver.program import ONE, add_highs_rows, highs_bounds
 from dtplan.planner.space._dtensor import Placements
 from dtplan.planner.space.strategies import StrategySpace
 
@@ -473,7 +473,7 @@ def solve_pinned(s: SolveState, allowed: Mapping[str, frozenset[int]]) -> SolveR
         h.changeColsBounds(n, cols, np.zeros(n), upper)
         if len(peaks):  # the rows' own bounds (a row's constant term moved into them)
             rows = [m.program.rows[r] for r in m.peak_rows]
-            h.changeRowsBounds(len(peaks), peaks, np.asarray([r[2] for r in rows], dtype=float), np.asarray([r[3] for r in rows], dtype=float))
+            h.changeRowsBounds(len(peaks), peaks, highs_bounds([r[2] for r in rows]), highs_bounds([r[3] for r in rows]))
 
 
 def least_memory(graph: Graph, space: StrategySpace, pricer: Pricer, options: SolverOptions) -> tuple[int, bool]:

@@ -133,5 +133,14 @@ def _csr(rows: list[Row]) -> tuple[np.ndarray, ...]:
         hi.append(b)
     return (
         np.asarray(starts, dtype=np.int32), np.asarray(index, dtype=np.int32), np.asarray(value, dtype=float),
-        np.asarray(lo, dtype=float), np.asarray(hi, dtype=float),
+        highs_bounds(lo), highs_bounds(hi),
     )
+
+
+def highs_bounds(bounds) -> np.ndarray:
+    """Row bounds for HiGHS: the program's stand-ins for no bound (±2⁶²,
+    which CP-SAT needs as integers) as infinities. A finite 5e18 beside
+    coefficients near 1 is a badly scaled row to HiGHS: its presolve warns and
+    branch and bound keeps the row."""
+    b = np.asarray(bounds, dtype=float)
+    return np.where(b >= 2.0**60, highspy.kHighsInf, np.where(b <= -(2.0**60), -highspy.kHighsInf, b))
