@@ -7,6 +7,7 @@ import dataclasses
 import json
 from types import SimpleNamespace
 
+import highspy
 import pytest
 from conftest import captured_example, example_path, plan_example
 
@@ -22,6 +23,7 @@ from dtplan.planner.output.classic import (
     torchtitan_pins,
 )
 from dtplan.planner.mesh import parse_mesh
+from dtplan.planner.solver.program import highs_bounds
 from dtplan.planner.output.report import build_report_data, render_report
 
 
@@ -245,7 +247,8 @@ def test_a_pinned_solve_drops_the_budget_and_matches_the_plan_built_again(monkey
     assert list(lp.col_upper_) == [float(u) for u in state.model.program.upper] and not any(lp.col_lower_)
     for r in state.model.peak_rows:
         _, _, lo, hi = state.model.program.rows[r]
-        assert (lp.row_lower_[groups + r], lp.row_upper_[groups + r]) == (lo, hi)
+        assert (lp.row_lower_[groups + r], lp.row_upper_[groups + r]) == tuple(highs_bounds([lo, hi]))
+        assert lp.row_lower_[groups + r] == -highspy.kHighsInf  # no bound below: infinite to HiGHS, not -2^62
     monkeypatch.undo()
     by_name = {r["name"]: r for r in plan.comparison}
     assert not by_name["data parallel"]["fits"]
