@@ -29,7 +29,7 @@ class ModelCheck:
     """One model file's result on one mesh."""
 
     name: str
-    #: an inference plan and a training plan were found
+    #: a training plan was found (and an inference plan, where checked)
     plans: bool = False
     #: every rank's outputs equal one device's, collectives as planned
     #: (None: inference not checked, see `check_model_files(inference=)`)
@@ -91,10 +91,10 @@ def check_model_files(
     for path in paths:
         name = Path(path).stem
         t0 = time.perf_counter()
-        say(f"{name}: planning inference and training on {mesh}")
+        infer = inference if isinstance(inference, bool) else name in inference
+        say(f"{name}: planning {'inference and training' if infer else 'training'} on {mesh}")
         try:
             mf = load_model_file(path)
-            infer = inference if isinstance(inference, bool) else name in inference
             captures = [capture_model_file(mf, train=t, precision=precision) for t in ((False, True) if infer else (True,))]
             plans = [
                 plan_program(c, mesh=spec, profile=profile, input_placements=inputs, solver=solver, remat=remat if c.train else None)
