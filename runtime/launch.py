@@ -1,18 +1,25 @@
 """Process groups and device meshes: ranks spawned by dtplan (gloo on CPU,
 NCCL on CUDA) or launched by torchrun (RANK / WORLD_SIZE in the environment).
 
-Ranks rendezvous through a FileStore in a private temporary folder, so no
-port is ever chosen by us. Teardown waits on a barrier first: destroying a
+Spawned ranks start from multiprocessing's forkserver, which has imported
+torch and the runtime once (`start_method`; docs/architecture.md, "Starting
+ranks"). Ranks rendezvous through a FileStore in a private temporary folder,
+so no port is ever chosen by us. Teardown waits on a barrier first: destroying a
 process group right after functional collectives aborts ranks now and then.
 """
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import json
 import logging
+import multiprocessing
+import multiprocessing.connection
+import multiprocessing.reduction
 import os
 import pickle
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -24,14 +31,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from dtplan.planner.mesh import MeshSpec
 from dtplan.runtime.host import keep_freed_memory
 from dtplan.runtime.watch import last_entered
 
-__all__ = ["Interrupted", "LaunchError", "Terminated", "check_rank_count", "device_type", "launched_by_torchrun", "process_group", "spawn"]
+__all__ = [
+    "Interrupted", "LaunchError", "Terminated", "check_rank_count", "device_type", "launched_by_torchrun", "process_group", "spawn",
+    "start_method",
+]
 
 #: a rank's work: (rank, mesh) -> JSON-serialisable result
 Work = Callable[[int, DeviceMesh], object]
@@ -106,7 +115,17 @@ def process_group(mesh: MeshSpec, *, rank: int | None = None, store_path: str | 
         dist.destroy_process_group()
 
 
-def _rank_main(rank: int, mesh_json: dict, work_file: str, folder: str, timeout_s: float | None) -> None:
+def _rank_main(rank: int, mesh_json: dict, work_file: str, folder: str, timeout_s: float | None, parent: dict) -> None:
+    # a rank forked by the forkserver has the server's environment, folder
+    # and import path, taken when the server started: the parent's, now
+    os.environ.clear()
+    os.environ.update(parent["environ"])
+    os.chdir(parent["cwd"])
+    sys.path[:] = parent["path"]  # (the stdio were put in place as the arguments arrived)
+    # a rank killed by a fault (a native crash in a backend) prints where it
+    # was, in Python, to the stderr it shares with the parent
+    faulthandler.enable(all_threads=True)
+    _no_shared_locks()
     work: Work = pickle.loads(Path(work_file).read_bytes())
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")
@@ -126,6 +145,19 @@ def _rank_main(rank: int, mesh_json: dict, work_file: str, folder: str, timeout_
     except BaseException as e:  # noqa: BLE001 - reported to the parent as data
         if not out.exists():
             _write(out, {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(), "collective": last_entered()})
+
+
+def _no_shared_locks() -> None:
+    """torch.fx's interpreter opens a (disabled) tqdm progress bar, and tqdm's
+    first bar makes a multiprocessing lock: a named semaphore registered with
+    the parent's resource tracker. A rank stopped by a signal never releases
+    it, and the tracker then warns of a leak on the parent's stderr after a
+    Ctrl-C. A rank draws no bars: a thread lock does."""
+    try:
+        import tqdm
+    except ImportError:
+        return
+    tqdm.tqdm.set_lock(threading.RLock())
 
 
 def _write(path: Path, data: dict) -> None:
@@ -153,19 +185,75 @@ def spawn(work: Work, mesh: MeshSpec, *, timeout_s: float | None = None, grace_s
         # (a plan, a shipped capture) would start the ranks one by one
         work_file = Path(folder) / "work.pickle"
         work_file.write_bytes(pickle.dumps(work))
-        ctx = mp.start_processes(
-            _rank_main, args=(mesh.to_json(), str(work_file), folder, timeout_s), nprocs=mesh.size, join=False, start_method="spawn"
-        )
+        method = start_method()
+        ctx = multiprocessing.get_context(method)
+        if method == "forkserver":
+            ctx.set_forkserver_preload(_PRELOAD)  # read when the server starts (once per process)
+        parent = {"environ": dict(os.environ), "cwd": os.getcwd(), "path": list(sys.path), "stdio": [_Stdio(1), _Stdio(2)]}
+        processes = [
+            ctx.Process(target=_rank_main, args=(rank, mesh.to_json(), str(work_file), folder, timeout_s, parent), name=f"dtplan-rank{rank}")
+            for rank in range(mesh.size)
+        ]
         try:
             with _signals_raise():
-                _join(ctx, folder, mesh.size, grace_s)
+                for p in processes:
+                    p.start()
+                _join(processes, folder, mesh.size, grace_s)
         except KeyboardInterrupt:
-            raise Interrupted(_end(ctx.processes)) from None
+            raise Interrupted(_end(processes)) from None
         except _Signalled as e:
-            raise Terminated(e.signum, _end(ctx.processes)) from None
+            raise Terminated(e.signum, _end(processes)) from None
         finally:
-            _end(ctx.processes)
+            _end(processes)
         return _results(folder, mesh.size)
+
+
+class _Stdio:
+    """The parent's stdout or stderr as it is now, put in place in the rank
+    when the rank unpickles it (a forked rank's are the forkserver's, which
+    are the parent's when the server started: under pytest, an earlier
+    test's capture)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self):
+        # DupFd sends the descriptor along with the process (only while
+        # multiprocessing pickles a process's arguments)
+        return _put_in_place, (multiprocessing.reduction.DupFd(self.fd), self.fd)
+
+
+def _put_in_place(dup, fd: int) -> int:
+    got = dup.detach()
+    if got != fd:
+        os.dup2(got, fd)
+        os.close(got)
+    return fd
+
+
+#: what the forkserver imports once, so that a rank forked from it starts
+#: with torch and the runtime loaded (a spawned rank imports them itself:
+#: about 5 CPU-seconds, most of a small run's time with 4 ranks on 2 cores)
+_PRELOAD = ["torch", "torch.distributed", "dtplan.runtime.run"]
+#: AF_UNIX's limit on a socket's path (Linux: 108 bytes with the NUL)
+_SOCKET_PATH_MAX = 107
+
+
+def start_method() -> str:
+    """How `spawn` starts ranks: DTPLAN_START_METHOD if set, else
+    multiprocessing's forkserver where there is one and its socket's path
+    fits (it lies in a folder under the temporary folder, about 40 bytes
+    deep: a long TMPDIR fails the server's start), else spawn."""
+    chosen = os.environ.get("DTPLAN_START_METHOD")
+    if chosen:
+        if chosen not in ("spawn", "forkserver"):
+            raise LaunchError(f"DTPLAN_START_METHOD must be spawn or forkserver, not {chosen!r}")
+        return chosen
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return "spawn"
+    if len(tempfile.gettempdir()) + 40 > _SOCKET_PATH_MAX:
+        return "spawn"
+    return "forkserver"
 
 
 def check_rank_count(ranks: int) -> None:
@@ -184,24 +272,33 @@ def check_rank_count(ranks: int) -> None:
         )
 
 
-def _join(ctx, folder: str, size: int, grace_s: float) -> None:
+def _join(processes, folder: str, size: int, grace_s: float) -> None:
+    """Wait for every rank. A rank that exits with an error status (killed by
+    a signal) is fatal unless every rank had written its result (gloo now
+    and then aborts a rank while it tears down, after the teardown barrier,
+    so every result is in by then). Once a rank has written a failed result,
+    the others get `grace_s` to finish and are then stopped."""
     failed_at = None
     read: set[int] = set()  # results already read (each is read once)
-    try:
-        while not ctx.join(timeout=0.5):
-            if failed_at is None and _any_new_failure(folder, size, read):
-                failed_at = time.monotonic()
-            if failed_at is not None and time.monotonic() - failed_at > grace_s:
-                stopped = _end(ctx.processes)
-                log.info("a rank failed; %d rank(s) still running after %.0f s were stopped", stopped, grace_s)
-                return
-    except mp.ProcessExitedException as e:
-        # killed by a signal: fatal unless every rank had written its
-        # result (gloo now and then aborts a rank while it tears down,
-        # after the teardown barrier, so every result is in by then)
-        if not all(_result_path(folder, r).exists() for r in range(size)):
-            raise LaunchError(f"rank {e.error_index} died before its result was written: {e}") from None
-        log.warning("rank %d died while tearing down, after writing its result: %s", e.error_index, e)
+    while True:
+        codes = [p.exitcode for p in processes]
+        bad = next(((r, c) for r, c in enumerate(codes) if c not in (None, 0)), None)
+        if bad is not None:
+            rank, code = bad
+            how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+            if not all(_result_path(folder, r).exists() for r in range(size)):
+                raise LaunchError(f"rank {rank} died before its result was written: process {rank} terminated with {how}")
+            log.warning("rank %d died while tearing down, after writing its result: terminated with %s", rank, how)
+            return
+        if all(c == 0 for c in codes):
+            return
+        if failed_at is None and _any_new_failure(folder, size, read):
+            failed_at = time.monotonic()
+        if failed_at is not None and time.monotonic() - failed_at > grace_s:
+            stopped = _end(processes)
+            log.info("a rank failed; %d rank(s) still running after %.0f s were stopped", stopped, grace_s)
+            return
+        multiprocessing.connection.wait([p.sentinel for p in processes if p.exitcode is None], timeout=0.5)
 
 
 def _result_path(folder: str, rank: int) -> Path:

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import functools
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +25,7 @@ import torch.distributed as dist
 from dtplan.planner.mesh import parse_mesh
 from dtplan.planner.output.plan import PlanError
 from dtplan.runtime.abstract import fake_device_mesh
-from dtplan.runtime.launch import LaunchError, spawn
+from dtplan.runtime.launch import LaunchError, spawn, start_method
 from dtplan.runtime.program import sharded_program
 
 DTPLAN = Path(sys.executable).parent / "dtplan"
@@ -30,8 +33,13 @@ TORCH = Path(torch.__file__).resolve().parent
 
 
 def _ranks_of(pid: int) -> list[int]:
-    """The spawned ranks (multiprocessing's spawn_main) whose parent is `pid`."""
-    return _children(pid, b"spawn_main")
+    """The ranks `pid` started: spawned (multiprocessing's spawn_main, its
+    children) or forked by its forkserver (the server's children)."""
+    return _children(pid, b"spawn_main") + [r for server in _forkservers(pid) for r in _children(server, b"forkserver")]
+
+
+def _forkservers(pid: int) -> list[int]:
+    return _children(pid, b"from multiprocessing.forkserver import main")
 
 
 #: fault -> (whom it hits, the signal, exit code, the one line)
@@ -44,12 +52,14 @@ SIGNALS = {
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process table from /proc")
-def test_signals_and_a_killed_rank_end_every_rank_and_leave_nothing(tmp_path):
+def test_signals_and_a_killed_rank_end_every_rank_and_leave_nothing(request):
     # long training runs side by side (their start-ups overlap), one per fault
     runs = {}
     for fault in SIGNALS:
-        tmp = tmp_path / fault.replace(" ", "_")
-        tmp.mkdir()
+        # a short folder: the ranks then come from a forkserver, whose socket
+        # lies under it (under pytest's long tmp_path dtplan spawns them)
+        tmp = Path(tempfile.mkdtemp(prefix="f"))
+        request.addfinalizer(functools.partial(shutil.rmtree, tmp, ignore_errors=True))
         cmd = [str(DTPLAN), "run", str(example_path("mlp")), "--mesh", "2", "--train", "--steps", "1000000", "--quiet"]
         runs[fault] = (subprocess.Popen(cmd, env={**os.environ, "TMPDIR": str(tmp)}, stderr=subprocess.PIPE, text=True), tmp)
     deadline = time.monotonic() + 120
@@ -57,6 +67,8 @@ def test_signals_and_a_killed_rank_end_every_rank_and_leave_nothing(tmp_path):
         time.sleep(0.2)
     ranks = {fault: sorted(_ranks_of(p.pid)) for fault, (p, _) in runs.items()}
     assert all(len(r) == 2 for r in ranks.values()), ranks
+    servers = {fault: _forkservers(p.pid) for fault, (p, _) in runs.items()}
+    assert all(len(s) == 1 for s in servers.values()), servers
     sent = {}
     for fault, (p, _) in runs.items():
         whom, sig, _, _ = SIGNALS[fault]
@@ -70,8 +82,23 @@ def test_signals_and_a_killed_rank_end_every_rank_and_leave_nothing(tmp_path):
         assert got == code, (fault, got, stderr)
         assert stderr.startswith(line) and stderr.count("\n") == 1, (fault, stderr)  # one line, no traceback
         assert took < 10, (fault, took)
-        assert [r for r in ranks[fault] if Path(f"/proc/{r}").exists()] == [], fault  # no orphaned rank
+        assert [r for r in ranks[fault] + servers[fault] if _running(r)] == [], fault  # no orphaned rank or server
         assert not [f for f in os.listdir(tmp) if f.startswith("dtplan-")], fault  # rendezvous folder removed
+
+
+def _running(pid: int) -> bool:
+    """Is `pid` a process that has not ended? (A server ends after its
+    parent, which reaps nothing of it: a zombie under pytest is ended.)"""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return False
+        if state == "Z":
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def _children(pid: int, marker: bytes) -> list[int]:
@@ -202,6 +229,43 @@ def test_a_hung_or_killed_rank_ends_the_run_in_bounded_time():
     killed = time.monotonic() - t0
     # start-up (a few seconds) + the collective timeout + the grace the others get
     assert hung < 30 and killed < 20, (hung, killed)  # generous: the suite runs two workers on two cores
+
+
+def _what_a_rank_sees(rank, mesh):
+    for fd, name in ((2, "stderr"), (1, "stdout")):
+        os.write(fd, f"rank {rank} to {name}\n".encode())  # one write: the ranks' lines do not interleave
+    return {"env": os.environ.get("DTPLAN_TEST_VALUE"), "cwd": os.getcwd(), "path": sys.path[0]}
+
+
+def test_forked_ranks_see_the_parents_environment_folder_path_and_output_as_they_are_at_each_run(tmp_path, monkeypatch, capfd):
+    """A forked rank would have the forkserver's, taken when the server
+    started (the first run of the process): each run sends the parent's.
+    (A spawned rank starts afresh from the parent's.)"""
+    monkeypatch.setenv("DTPLAN_START_METHOD", "forkserver")
+    with capfd.disabled():  # a run before the capture: the server, if new, starts with pytest's output
+        spawn(_what_a_rank_sees, parse_mesh("2"))
+    for i in range(2):
+        folder = tmp_path / f"run{i}"
+        folder.mkdir()
+        monkeypatch.setenv("DTPLAN_TEST_VALUE", str(i))
+        monkeypatch.chdir(folder)
+        monkeypatch.syspath_prepend(str(folder))
+        got = spawn(_what_a_rank_sees, parse_mesh("2"))
+        assert got == [{"env": str(i), "cwd": str(folder), "path": str(folder)}] * 2
+        out, err = capfd.readouterr()
+        assert sorted(out.splitlines()) == ["rank 0 to stdout", "rank 1 to stdout"], (i, out)
+        assert sorted(err.splitlines()) == ["rank 0 to stderr", "rank 1 to stderr"], (i, err)
+
+
+def test_the_start_method_is_the_forkserver_unless_its_socket_path_is_too_long(monkeypatch):
+    monkeypatch.delenv("DTPLAN_START_METHOD", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", "/tmp")
+    assert start_method() == "forkserver"
+    monkeypatch.setattr(tempfile, "tempdir", "/tmp/" + "x" * 70)
+    assert start_method() == "spawn"
+    monkeypatch.setenv("DTPLAN_START_METHOD", "fork")
+    with pytest.raises(LaunchError, match="DTPLAN_START_METHOD must be spawn or forkserver, not 'fork'"):
+        start_method()
 
 
 # ----------------------------------------------------------------- plan files
