@@ -231,9 +231,10 @@ def test_a_hung_or_killed_rank_ends_the_run_in_bounded_time():
     assert hung < 30 and killed < 20, (hung, killed)  # generous: the suite runs two workers on two cores
 
 
-def _what_a_rank_sees(rank, mesh):
+def _what_a_rank_sees(rank, mesh, say=True):
     for fd, name in ((2, "stderr"), (1, "stdout")):
-        os.write(fd, f"rank {rank} to {name}\n".encode())  # one write: the ranks' lines do not interleave
+        if say:
+            os.write(fd, f"rank {rank} to {name}\n".encode())  # one write: the ranks' lines do not interleave
     return {"env": os.environ.get("DTPLAN_TEST_VALUE"), "cwd": os.getcwd(), "path": sys.path[0]}
 
 
@@ -243,7 +244,7 @@ def test_forked_ranks_see_the_parents_environment_folder_path_and_output_as_they
     (A spawned rank starts afresh from the parent's.)"""
     monkeypatch.setenv("DTPLAN_START_METHOD", "forkserver")
     with capfd.disabled():  # a run before the capture: the server, if new, starts with pytest's output
-        spawn(_what_a_rank_sees, parse_mesh("2"))
+        spawn(functools.partial(_what_a_rank_sees, say=False), parse_mesh("2"))
     for i in range(2):
         folder = tmp_path / f"run{i}"
         folder.mkdir()
