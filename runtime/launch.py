@@ -241,8 +241,8 @@ _SOCKET_PATH_MAX = 107
 
 def start_method() -> str:
     """How `spawn` starts ranks: DTPLAN_START_METHOD if set, else
-    multiprocessing's forkserver where there is one and its socket's path
-    fits (it lies in a folder under the temporary folder, about 40 bytes
+    multiprocessing's forkserver on CPU where there is one and its socket's
+    path fits (it lies in a folder under the temporary folder, about 40 bytes
     deep: a long TMPDIR fails the server's start), else spawn."""
     chosen = os.environ.get("DTPLAN_START_METHOD")
     if chosen:
@@ -250,6 +250,10 @@ def start_method() -> str:
             raise LaunchError(f"DTPLAN_START_METHOD must be spawn or forkserver, not {chosen!r}")
         return chosen
     if "forkserver" not in multiprocessing.get_all_start_methods():
+        return "spawn"
+    if device_type() == "cuda":
+        # a GPU rank's start is mostly CUDA's and NCCL's own set-up, and the
+        # GPU path was checked with spawned ranks (bench/gpu_check.py)
         return "spawn"
     if len(tempfile.gettempdir()) + 40 > _SOCKET_PATH_MAX:
         return "spawn"
