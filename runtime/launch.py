@@ -126,7 +126,6 @@ def _rank_main(rank: int, mesh_json: dict, work_file: str, folder: str, timeout_
     # was, in Python, to the stderr it shares with the parent
     faulthandler.enable(all_threads=True)
     _no_shared_locks()
-    work: Work = pickle.loads(Path(work_file).read_bytes())
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")
     mesh = MeshSpec.from_json(mesh_json)
@@ -139,6 +138,9 @@ def _rank_main(rank: int, mesh_json: dict, work_file: str, folder: str, timeout_
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     out = _result_path(folder, rank)
     try:
+        # in the try: work that cannot be loaded (its module missing here) is
+        # this rank's error, and the others are stopped after their grace
+        work: Work = pickle.loads(Path(work_file).read_bytes())
         with process_group(mesh, rank=rank, store_path=str(Path(folder) / "store"), timeout_s=timeout_s) as device_mesh:
             # written before teardown: the result stands if tearing down fails
             _write(out, {"ok": True, "result": work(rank, device_mesh)})
@@ -289,7 +291,7 @@ def _join(processes, folder: str, size: int, grace_s: float) -> None:
         bad = next(((r, c) for r, c in enumerate(codes) if c not in (None, 0)), None)
         if bad is not None:
             rank, code = bad
-            how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+            how = f"signal {_signal_name(-code)}" if code < 0 else f"exit code {code}"
             if not all(_result_path(folder, r).exists() for r in range(size)):
                 raise LaunchError(f"rank {rank} died before its result was written: process {rank} terminated with {how}")
             log.warning("rank %d died while tearing down, after writing its result: terminated with %s", rank, how)
@@ -303,6 +305,13 @@ def _join(processes, folder: str, size: int, grace_s: float) -> None:
             log.info("a rank failed; %d rank(s) still running after %.0f s were stopped", stopped, grace_s)
             return
         multiprocessing.connection.wait([p.sentinel for p in processes if p.exitcode is None], timeout=0.5)
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return str(signum)
 
 
 def _result_path(folder: str, rank: int) -> Path:

@@ -258,6 +258,19 @@ def test_forked_ranks_see_the_parents_environment_folder_path_and_output_as_they
         assert sorted(err.splitlines()) == ["rank 0 to stderr", "rank 1 to stderr"], (i, err)
 
 
+def test_work_a_rank_cannot_load_is_that_ranks_error(tmp_path, monkeypatch):
+    (tmp_path / "gone_after_import.py").write_text("def work(rank, mesh):\n    return rank\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import gone_after_import
+
+    (tmp_path / "gone_after_import.py").unlink()
+    shutil.rmtree(tmp_path / "__pycache__", ignore_errors=True)
+    t0 = time.monotonic()
+    with pytest.raises(LaunchError, match=r"rank \d failed: ModuleNotFoundError: No module named 'gone_after_import'"):
+        spawn(gone_after_import.work, parse_mesh("2"), grace_s=1)
+    assert time.monotonic() - t0 < 30
+
+
 def test_the_start_method_is_the_forkserver_unless_its_socket_path_is_too_long(monkeypatch):
     monkeypatch.delenv("DTPLAN_START_METHOD", raising=False)
     monkeypatch.setattr(tempfile, "tempdir", "/tmp")
