@@ -25,6 +25,7 @@ import torch.distributed as dist
 from dtplan.planner.mesh import parse_mesh
 from dtplan.planner.output.plan import PlanError
 from dtplan.runtime.abstract import fake_device_mesh
+from dtplan.runtime import launch
 from dtplan.runtime.launch import LaunchError, spawn, start_method
 from dtplan.runtime.program import sharded_program
 
@@ -58,7 +59,7 @@ def test_signals_and_a_killed_rank_end_every_rank_and_leave_nothing(request):
     for fault in SIGNALS:
         # a short folder: the ranks then come from a forkserver, whose socket
         # lies under it (under pytest's long tmp_path dtplan spawns them)
-        tmp = Path(tempfile.mkdtemp(prefix="f"))
+        tmp = Path(tempfile.mkdtemp(prefix="f", dir="/tmp"))
         request.addfinalizer(functools.partial(shutil.rmtree, tmp, ignore_errors=True))
         cmd = [str(DTPLAN), "run", str(example_path("mlp")), "--mesh", "2", "--train", "--steps", "1000000", "--quiet"]
         runs[fault] = (subprocess.Popen(cmd, env={**os.environ, "TMPDIR": str(tmp)}, stderr=subprocess.PIPE, text=True), tmp)
@@ -232,8 +233,8 @@ def test_a_hung_or_killed_rank_ends_the_run_in_bounded_time():
 
 
 def _what_a_rank_sees(rank, mesh, say=True):
-    for fd, name in ((2, "stderr"), (1, "stdout")):
-        if say:
+    if say:
+        for fd, name in ((2, "stderr"), (1, "stdout")):
             os.write(fd, f"rank {rank} to {name}\n".encode())  # one write: the ranks' lines do not interleave
     return {"env": os.environ.get("DTPLAN_TEST_VALUE"), "cwd": os.getcwd(), "path": sys.path[0]}
 
@@ -273,6 +274,7 @@ def test_work_a_rank_cannot_load_is_that_ranks_error(tmp_path, monkeypatch):
 
 def test_the_start_method_is_the_forkserver_unless_its_socket_path_is_too_long(monkeypatch):
     monkeypatch.delenv("DTPLAN_START_METHOD", raising=False)
+    monkeypatch.setattr(launch, "device_type", lambda: "cpu")  # (on CUDA ranks are spawned)
     monkeypatch.setattr(tempfile, "tempdir", "/tmp")
     assert start_method() == "forkserver"
     monkeypatch.setattr(tempfile, "tempdir", "/tmp/" + "x" * 70)
