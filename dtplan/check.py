@@ -11,7 +11,7 @@ compared with the plan's.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,11 +29,10 @@ class ModelCheck:
     """One model file's result on one mesh."""
 
     name: str
-    #: a training plan was found (and an inference plan, where checked)
+    #: an inference plan and a training plan were found
     plans: bool = False
     #: every rank's outputs equal one device's, collectives as planned
-    #: (None: inference not checked, see `check_model_files(inference=)`)
-    runs_exactly: bool | None = False
+    runs_exactly: bool = False
     #: every rank's losses, parameters and buffers equal one device's after the steps
     trains_exactly: bool = False
     #: ops that fell back to Replicate (inference, training)
@@ -61,7 +60,6 @@ def check_model_files(
     gap: float | None = None,
     precision: str | None = None,
     remat: str | None = None,
-    inference: bool | Collection[str] = True,
     progress: Callable[[str], None] | None = None,
 ) -> list[ModelCheck]:
     """Plan, run and train every model file on `mesh`.
@@ -78,9 +76,7 @@ def check_model_files(
     `precision` (`bf16`, `fp16`) plans and runs under that mixed-precision
     policy, compared with one device under the same policy; `remat`
     (`full`, `selective`, `auto`) plans the training step with that
-    activation recomputation (`dtplan.ir.remat`). `inference`: whether to
-    plan and run the inference program too, or the names (file stems) of
-    the models to do so for; the others train only (`runs_exactly` None)."""
+    activation recomputation (`dtplan.ir.remat`)."""
     say = progress or (lambda _m: None)
     spec = parse_mesh(mesh)
     inputs = ["S(0)"] * spec.ndim if shard_batch else None
@@ -91,11 +87,10 @@ def check_model_files(
     for path in paths:
         name = Path(path).stem
         t0 = time.perf_counter()
-        infer = inference if isinstance(inference, bool) else name in inference
-        say(f"{name}: planning {'inference and training' if infer else 'training'} on {mesh}")
+        say(f"{name}: planning inference and training on {mesh}")
         try:
             mf = load_model_file(path)
-            captures = [capture_model_file(mf, train=t, precision=precision) for t in ((False, True) if infer else (True,))]
+            captures = [capture_model_file(mf, train=t, precision=precision) for t in (False, True)]
             plans = [
                 plan_program(c, mesh=spec, profile=profile, input_placements=inputs, solver=solver, remat=remat if c.train else None)
                 for c in captures
@@ -118,26 +113,22 @@ def check_model_files(
             for n in group:
                 results[n] = _row(n, planned[n], None, f"running: {_line(e)}", time.perf_counter() - t0)
             continue
-        start = 0
-        for n in group:
-            count = len(planned[n][1])  # 2 with inference, else 1
-            reports = [tuple([None] * (2 - count) + ranks[start : start + count]) for ranks in per_rank]
-            start += count
+        for k, n in enumerate(group):
+            reports = [(ranks[2 * k], ranks[2 * k + 1]) for ranks in per_rank]
             results[n] = _row(n, planned[n], reports, "", (time.perf_counter() - t0) / len(group))
     return [results[Path(p).stem] for p in paths]
 
 
 def _row(name: str, planned: list, reports, problem: str, run_s: float) -> ModelCheck:
-    _, plans, plan_s, _ = planned
-    infer, train = plans if len(plans) == 2 else (None, plans[0])
-    fallbacks = (len(infer.fallbacks) if infer else 0, len(train.fallbacks))
-    predicted = (infer.cost.total_s if infer else 0.0, train.cost.total_s)
+    _, (infer, train), plan_s, _ = planned
+    fallbacks = (len(infer.fallbacks), len(train.fallbacks))
+    predicted = (infer.cost.total_s, train.cost.total_s)
     if reports is None:
         return ModelCheck(name, True, fallbacks=fallbacks, predicted_s=predicted, seconds=plan_s + run_s, problem=problem)
-    runs = None if infer is None else all(r["numerics_match"] and r["collectives_match"] for r, _ in reports)
+    runs = all(r["numerics_match"] and r["collectives_match"] for r, _ in reports)
     trains = all(t["numerics_match"] and t["collectives_match"] for _, t in reports)
-    if runs is False or not trains:
-        bad = next(r for pair in reports for r in pair if r is not None and not (r["numerics_match"] and r["collectives_match"]))
+    if not runs or not trains:
+        bad = next(r for pair in reports for r in pair if not (r["numerics_match"] and r["collectives_match"]))
         first = bad.get("first_mismatch") or {}
         problem = (
             f"rank {bad['rank']}: collectives differ from the plan"
