@@ -17,13 +17,18 @@ from dtplan.planner.cost.device import to_ns
 from dtplan.planner.evaluate import evaluate
 from dtplan.planner.mesh import MeshSpec
 from dtplan.planner.solver import SolverOptions, solve
-from dtplan.planner.solver.ladder import LADDER, SolveState, cp_sat, lp_branch, lp_dive, lp_fix_cp_sat, lp_relaxation, lp_rounding
+from dtplan.planner.solver.ladder import LADDER, SolveState, cp_sat, lp_branch, lp_dive, lp_fix_cp_sat, lp_lagrange, lp_relaxation, lp_rounding
 
 
 #: two bias-free linears on 4 devices: 75 variables under a budget. Its least
 #: memory per device is 8454144 bytes, its cheapest plan without a budget
 #: (1015894 ns) peaks at 33619968 bytes.
 MLP = {"batch": 8, "d": 1024, "hidden": 4096}
+
+
+#: the ladder without `lp_lagrange`, which proves most of these budgets
+#: first: the steps after it, as they run where it proves nothing
+WITHOUT_LAGRANGE = tuple(step for step in LADDER if step is not lp_lagrange)
 
 
 class _Recorded(Exception):
@@ -125,14 +130,17 @@ def test_lp_dive_step_dived_plan_within_the_gap(solve_inputs):
     once did, gave 1191290 ns); the bound does not show it."""
     inputs = solve_inputs(captured_example("mlp", **MLP), mesh="4")
     budget = 26070220
-    r = solve(**inputs, memory_budget=budget, options=SolverOptions(rounding_gap=0.15))
+    r = solve(**inputs, memory_budget=budget, options=SolverOptions(rounding_gap=0.15), steps=WITHOUT_LAGRANGE)
     assert (r.method, r.status) == ("lp-dive", "FEASIBLE")
     assert (r.objective_ns, r.bound_ns) == (1178182, 1064581)
     check_plan(inputs, r, budget, exact=True)
     assert optimum(inputs, budget) == 1178182
     # with the default 1% gap branching proves diving's plan optimal
-    full = solve(**inputs, memory_budget=budget)
+    full = solve(**inputs, memory_budget=budget, steps=WITHOUT_LAGRANGE)
     assert (full.method, full.status, full.objective_ns, full.bound_ns) == ("lp-branch", "OPTIMAL", 1178182, 1178182)
+    # the whole ladder: the Lagrangian step proves the same plan within 1%
+    lagrange = solve(**inputs, memory_budget=budget)
+    assert (lagrange.method, lagrange.objective_ns) == ("lp-lagrange", 1178182) and lagrange.gap <= 0.01
 
 
 def test_lp_branch_step_proves_a_plan_the_lp_bound_cannot(solve_inputs):
@@ -143,12 +151,47 @@ def test_lp_branch_step_proves_a_plan_the_lp_bound_cannot(solve_inputs):
     budget = 500000
     dived = solve(**inputs, memory_budget=budget, steps=(lp_relaxation, lp_rounding, lp_dive))
     assert (dived.method, dived.objective_ns, dived.bound_ns) == ("lp-dive", 205809, 67368)
-    r = solve(**inputs, memory_budget=budget)
+    r = solve(**inputs, memory_budget=budget, steps=WITHOUT_LAGRANGE)
     assert (r.method, r.status) == ("lp-branch", "OPTIMAL")
     assert r.objective_ns == r.bound_ns == 179032
     check_plan(inputs, r, budget, exact=True)
     assert r.objective_ns == optimum(inputs, budget)
     assert LADDER.index(lp_branch) == LADDER.index(lp_dive) + 1
+
+
+def test_lp_lagrange_step_proves_within_the_gap_on_part_of_the_program(solve_inputs):
+    """The training step at 500000 bytes again, with the whole ladder: the
+    plan the LP gives at a memory price a hair above its duals fits; the
+    program cut to the columns whose reduced cost leaves room for a plan
+    within 1% of it proves CP-SAT's optimum within 1%, without the rest of
+    the ladder."""
+    inputs = solve_inputs(training_mlp(), mesh="4")
+    budget = 500000
+    assert LADDER.index(lp_lagrange) == LADDER.index(lp_rounding) + 1
+    r = solve(**inputs, memory_budget=budget)
+    assert (r.method, r.objective_ns) == ("lp-lagrange", 179032)
+    # the bound: what no plan outside the cut program beats, 0.999% under it
+    assert r.bound_ns == 177243 and r.gap <= 0.01
+    check_plan(inputs, r, budget, exact=True)
+    assert r.objective_ns == optimum(inputs, budget)
+    # the Lagrangian step alone after the LP: the same answer
+    alone = solve(**inputs, memory_budget=budget, steps=(lp_relaxation, lp_lagrange))
+    assert (alone.method, alone.objective_ns, alone.bound_ns) == ("lp-lagrange", 179032, 177243)
+
+
+def test_lp_lagrange_step_proves_the_readme_budget(solve_inputs):
+    """The README's first command (examples/gpt.py on 2x2 under 400KB):
+    the LP optimum takes 0.366 of "shard block 0's attention on axis 1" to
+    sit on the budget, 5.6% under every plan. The plan above the price
+    shards all of it; the proof runs on 3.9k of the program's 17.6k
+    columns."""
+    inputs = solve_inputs(captured_example("gpt"), mesh="2x2")
+    budget = 400_000
+    r = solve(**inputs, memory_budget=budget)
+    assert (r.method, r.objective_ns) == ("lp-lagrange", 491052)
+    assert r.gap <= 0.01 and r.bound_ns >= 486146
+    check_plan(inputs, r, budget, exact=True)
+    assert r.state.lp.bound == 463560
 
 
 def test_lp_fix_cp_sat_step_searches_what_the_lp_left_fractional(solve_inputs):
@@ -174,13 +217,15 @@ def test_lp_fix_cp_sat_step_searches_what_the_lp_left_fractional(solve_inputs):
 def test_cp_sat_step_whole_program_from_the_dived_plan(solve_inputs):
     """Under 16 MiB the rounded LP fits but is 4.6% above the LP bound, and
     diving's plan is the same: CP-SAT over the whole program, started from
-    it, proves it optimal (here: the ladder without branching, which proves
-    it too)."""
+    it, proves it optimal (here: the ladder without branching and the
+    Lagrangian step, which prove it within 1% too)."""
     inputs = solve_inputs(captured_example("mlp", **MLP), mesh="4")
     budget = 16 * 2**20
-    r = solve(**inputs, memory_budget=budget, steps=tuple(s for s in LADDER if s is not lp_branch))
+    r = solve(**inputs, memory_budget=budget, steps=tuple(s for s in WITHOUT_LAGRANGE if s is not lp_branch))
     assert (r.method, r.status) == ("cp-sat", "OPTIMAL")
     assert r.objective_ns == r.bound_ns == 1178182
     check_plan(inputs, r, budget, exact=False)
     assert r.objective_ns == optimum(inputs, budget)
-    assert solve(**inputs, memory_budget=budget).method == "lp-branch"
+    assert solve(**inputs, memory_budget=budget, steps=WITHOUT_LAGRANGE).method == "lp-branch"
+    full = solve(**inputs, memory_budget=budget)
+    assert (full.method, full.objective_ns) == ("lp-lagrange", 1178182) and full.gap <= 0.01

@@ -11,22 +11,30 @@ result.
 2. `lp_rounding`: the LP solution rounded per group, when it fits the memory
    budget and is within `SolverOptions.rounding_gap` of the LP bound (status
    FEASIBLE, the bound and gap reported); when it only fits, the candidate.
-3. `lp_dive`: LP diving (`_dive`) towards an integer plan near the LP bound;
+3. `lp_lagrange`: where the budget binds, the LP's plans with memory priced
+   at its duals instead of bounded, a hair above and below; branch and bound
+   over the groups those two choose apart gives the candidate, and branch
+   and bound over the columns whose reduced cost leaves room for a plan
+   within the gap of it proves the gap (the README's budget: 0.9 s in all,
+   where `lp_branch` took 4-5 s). Its plan when proven, else the candidate
+   and the bound are kept.
+4. `lp_dive`: LP diving (`_dive`) towards an integer plan near the LP bound;
    its plan is returned when it fits and is within the same gap, else kept as
    the candidate when it fits and is cheaper.
-4. `lp_branch`: branch and bound on the LP (HiGHS's MIP solver) from the
+5. `lp_branch`: branch and bound on the LP (HiGHS's MIP solver) from the
    candidate (the cheaper of the rounding and diving's plan), until a plan
    is proven within the same gap or three quarters of the time limit have
    passed; its plan when proven, else the
    cheaper of it and the candidate is the candidate, and its bound is kept.
    A budget binding at a few large tensors leaves the LP bound several
    percent under the best plan (5.6% on the README's budget): only
-   branching proves a plan there (5.6 s, where CP-SAT took 16 s).
-5. `lp_fix_cp_sat`: when no step found a plan, CP-SAT with the groups the LP
+   branching proves a plan there (5.6 s, where CP-SAT took 16 s), now
+   mostly done by `lp_lagrange` on part of the program.
+6. `lp_fix_cp_sat`: when no step found a plan, CP-SAT with the groups the LP
    decided fixed (a memory budget binds at a few peaks, so few groups are
    left), hinted from the rounding; its plan becomes the candidate. It returns
    nothing: the whole program is searched next.
-6. `cp_sat`: CP-SAT over the whole program, hinted from the candidate (else
+7. `cp_sat`: CP-SAT over the whole program, hinted from the candidate (else
    from the rounding), in the time left; the better of its plan and the
    candidate. No plan at all under a budget: `MemoryBudgetError`.
 
@@ -57,7 +65,7 @@ from dtplan.planner.cost.pricing import Pricer
 from dtplan.planner.evaluate import evaluate
 from dtplan.planner.mesh import MeshSpec, format_bytes
 from dtplan.planner.solver.formulation import PlacementProgram
-from dtplan.planner.solver.program import ONE, add_highs_rows, highs_bounds
+from dtplan.planner.solver.program import ONE, new_highs, add_highs_rows, highs_bounds
 from dtplan.planner.space._dtensor import Placements
 from dtplan.planner.space.strategies import StrategySpace
 
@@ -73,6 +81,7 @@ __all__ = [
     "lp_branch",
     "lp_dive",
     "lp_fix_cp_sat",
+    "lp_lagrange",
     "lp_relaxation",
     "lp_rounding",
     "solve",
@@ -119,8 +128,8 @@ class SolveResult:
     objective_ns: int
     bound_ns: int
     wall_s: float
-    #: "lp-relaxation" (integral LP optimum), "lp-rounding", "lp-dive",
-    #: "lp-branch", "lp-fix+cp-sat" or "cp-sat"
+    #: "lp-relaxation" (integral LP optimum), "lp-rounding", "lp-lagrange",
+    #: "lp-dive", "lp-branch", "lp-fix+cp-sat" or "cp-sat"
     method: str
     variables: int
     constraints: int
@@ -228,6 +237,12 @@ class SolveState:
 #: branch and bound presolves programs up to this many variables (`lp_branch`)
 PRESOLVE_MAX_VARIABLES = 100_000
 
+#: the LP's first solve presolves programs of at least this many variables
+#: (`Program.highs`): on examples/gpt.py's program under the README's budget
+#: (17.6k) presolve took the first solve from 0.03 s to 0.17 s; on HF's 8B
+#: Llama under 80 GiB it saved 50 s
+LP_PRESOLVE_MIN_VARIABLES = 30_000
+
 #: one rung: a result, or None to go on
 Step = Callable[[SolveState], "SolveResult | None"]
 
@@ -256,6 +271,84 @@ def lp_rounding(s: SolveState) -> SolveResult | None:
     if s.within_gap(cost_ns):
         return s.result(s.rounded, "FEASIBLE", cost_ns, min(s.lp.bound, cost_ns), "lp-rounding", size=s.built)
     s.candidate = Candidate(s.rounded, cost_ns, "lp-rounding")
+    return None
+
+
+def lp_lagrange(s: SolveState) -> SolveResult | None:
+    """Where a memory budget binds the LP and leaves it fractional: price
+    memory at the LP's duals on the peak rows instead of bounding it, a
+    hair above and a hair below that price (`LAGRANGE_EPS`). Without a
+    budget the program's LP is integral for most programs, so each is
+    mostly an integer plan: the one above fits and costs more, the one
+    below does not fit (the LP optimum mixes the two). Branch and bound over the groups they choose apart (the
+    others fixed as both choose them) gives the candidate. Then reduced-cost
+    fixing (`_fix_by_reduced_cost`) keeps of the program only the columns a
+    plan within the gap of the candidate can use, and branch and bound on
+    what is left proves the gap. On the README's budget (gpt on 2x2 under
+    400KB) the LP optimum takes 0.366 of "shard block 0's attention on
+    axis 1"; the plan above the price shards all of it and is the
+    optimum, proven within 1% in 3 nodes on 3.9k of the 17.6k columns.
+    A plan proven within the gap is the answer (method "lp-lagrange"); else
+    the candidate and the bound are kept for the rungs after."""
+    if s.lp is None or s.memory_budget is None:
+        return None
+    m, h = s.model, s.lp.highs
+    # a few times what the LP took (within 1/4 of the limit): where this
+    # step proves nothing, diving and branching still have their time
+    deadline = time.perf_counter() + min(s.options.time_limit_s / 4, max(LAGRANGE_MIN_S, LAGRANGE_LP_TIMES * (s.elapsed() - s.build_s)))
+    groups = len(m.program.groups)
+    sol = h.getSolution()
+    if not any(abs(sol.row_dual[groups + r]) > 1e-9 for r in m.peak_rows):  # no peak row binds the LP
+        return None
+    first = len(m.program.rows)
+    m.add_pending()  # the sub-programs below need every peak row; the LP optimum stays one (it violated none)
+    if len(m.program.rows) > first:
+        add_highs_rows(h, m.program.rows[first:])
+    peaks = np.asarray([groups + r for r in m.peak_rows], dtype=np.int32)
+    duals = np.zeros(h.getNumRow())  # rows just added: dual 0 (the optimum violated none)
+    duals[: len(sol.row_dual)] = sol.row_dual
+    lp = _Frozen.of(h, m)
+    x_lp, reduced = np.asarray(sol.col_value).copy(), np.asarray(sol.col_dual).copy()
+    plans = _lagrange_plans(h, lp, peaks, duals)
+    if plans is None:
+        return None
+    above, below = plans
+    # a search for a plan cheaper than above, over the groups the two plans
+    # choose apart
+    lb, ub = lp.lower.copy(), lp.upper.copy()
+    apart = 0
+    for xs in m.leaders():
+        k = int(np.argmax(above[xs]))
+        if k == int(np.argmax(below[xs])):
+            ub[xs] = 0.0
+            ub[xs[k]] = lb[xs[k]] = 1.0
+        else:
+            apart += 1
+    found = lp.branch(lb, ub, above, s.options.rounding_gap, max(0.05, (deadline - time.perf_counter()) / 2))
+    log.debug("Lagrangian plans: %d groups apart, branch and bound over them: %s, %.2fs", apart, found.status, s.elapsed())
+    hint = None
+    for values in (above, found.values):
+        if values is not None and _take(s, values):
+            hint = values
+    if s.candidate is None:
+        return None
+    # the proof: every plan cheaper than the target lies in the program
+    # with the columns fixed whose reduced cost alone exceeds the room
+    # between the target and the LP bound (a target a hair inside the gap:
+    # the bound it proves is rounded down to whole ns)
+    target = (1 - 0.999 * s.options.rounding_gap) * s.candidate.objective
+    room = target - s.lp.bound
+    lb, ub, fixed = _fix_by_reduced_cost(lp, x_lp, reduced, room)
+    proof = lp.branch(lb, ub, hint, 0.99 * s.options.rounding_gap, max(0.05, deadline - time.perf_counter()))
+    log.debug("Lagrangian plans: candidate %d ns, %d of %d columns fixed by reduced cost, proof %s (bound %.0f, target %.0f), %.2fs", s.candidate.objective, fixed, lp.n, proof.status, proof.bound, target, s.elapsed())
+    if proof.values is not None:
+        _take(s, proof.values)
+    # plans outside the fixed program cost at least `target`
+    if np.isfinite(min(proof.bound, target)):
+        s.branch_bound = max(s.branch_bound or 0, int(np.floor(min(proof.bound, target))))
+    best, bound = s.candidate, s.proven_bound()
+    if best.objective - bound <= s.options.rounding_gap * best.objective:  # proven here, whichever step found the plan
+        return s.result(best.choice, "OPTIMAL" if best.objective <= bound else "FEASIBLE", best.objective, min(bound, best.objective), "lp-lagrange")
     return None
 
 
@@ -381,7 +474,7 @@ def cp_sat(s: SolveState) -> SolveResult | None:
 
 
 #: the steps `solve` runs, in order
-LADDER: tuple[Step, ...] = (lp_relaxation, lp_rounding, lp_dive, lp_branch, lp_fix_cp_sat, cp_sat)
+LADDER: tuple[Step, ...] = (lp_relaxation, lp_rounding, lp_lagrange, lp_dive, lp_branch, lp_fix_cp_sat, cp_sat)
 
 
 def solve(
@@ -496,6 +589,8 @@ def _lp(model: PlacementProgram, options: SolverOptions) -> LP | None:
     binds nowhere costs (nearly) nothing."""
     t = time.perf_counter()
     h = model.program.highs(model.objective(1), options.time_limit_s)
+    if len(model.program.names) < LP_PRESOLVE_MIN_VARIABLES:
+        h.setOptionValue("presolve", "off")
     status, rounds, added = _solve_lazily(model, h)
     log.debug(
         "LP: %s, %d simplex iterations, %d round(s), %d peak rows added, %.2fs",
@@ -572,6 +667,200 @@ def _dive(model: PlacementProgram, h: highspy.Highs, deadline: float, upper: np.
         else:
             return None
     return None
+
+
+# --------------------------------------------------------------------- Lagrangian plans and sub-programs
+#: `lp_lagrange` prices memory this much above and below the LP's duals
+LAGRANGE_EPS = 1e-3
+
+#: `lp_lagrange`'s time: this many times the LP's, at least `LAGRANGE_MIN_S`
+#: (measured: 3x on the README's budget, 1.6x on gpt's training step under
+#: 1MB)
+LAGRANGE_LP_TIMES = 4.0
+LAGRANGE_MIN_S = 2.0
+
+#: HiGHS options for the branch and bound on sub-programs (`_Frozen.branch`),
+#: measured on the README's budget (the proof in 0.56 s against 1.5 s with
+#: the defaults): the candidate comes from `lp_lagrange`, so the primal
+#: heuristics only cost time, and a restart re-presolves what reduced-cost
+#: fixing already removed
+SUB_MIP_OPTIONS = {
+    "mip_heuristic_run_feasibility_jump": False,
+    "mip_heuristic_run_rins": False,
+    "mip_heuristic_run_rens": False,
+    "mip_heuristic_run_root_reduced_cost": False,
+    "mip_allow_restart": False,
+    "mip_detect_symmetry": False,
+}
+
+
+class _Sub(NamedTuple):
+    """A sub-program's branch and bound: the best plan's values for every
+    column of the program (None when it found none), and its proven lower
+    bound in ns (infinite when the sub-program has no plan)."""
+
+    values: np.ndarray | None
+    bound: float
+    status: str
+
+
+@dataclass(frozen=True)
+class _Frozen:
+    """The LP as HiGHS holds it (every peak row in), column-wise, to cut
+    sub-programs from: the columns fixed by equal bounds are taken out, their
+    terms moved into the row bounds."""
+
+    start: np.ndarray
+    index: np.ndarray
+    value: np.ndarray
+    cost: np.ndarray
+    lower: np.ndarray
+    upper: np.ndarray
+    row_lower: np.ndarray
+    row_upper: np.ndarray
+    integer: np.ndarray
+    const_ns: int
+
+    @property
+    def n(self) -> int:
+        return len(self.cost)
+
+    @classmethod
+    def of(cls, h: highspy.Highs, model: PlacementProgram) -> _Frozen:
+        lp = h.getLp()
+        a = lp.a_matrix_
+        start, index, value = np.asarray(a.start_), np.asarray(a.index_), np.asarray(a.value_)
+        n = lp.num_col_
+        if a.format_ != highspy.MatrixFormat.kColwise:  # row-wise as passed: transpose
+            rows = np.repeat(np.arange(lp.num_row_), np.diff(start))
+            order = np.argsort(index, kind="stable")
+            start = np.concatenate([[0], np.cumsum(np.bincount(index, minlength=n))])
+            index, value = rows[order], value[order]
+        integer = np.zeros(n, dtype=bool)
+        integer[[x for xs in model.leaders() for x in xs]] = True
+        return cls(
+            start.astype(np.int64), index.astype(np.int32), value.astype(float), np.asarray(lp.col_cost_, dtype=float),
+            np.asarray(lp.col_lower_, dtype=float), np.asarray(lp.col_upper_, dtype=float),
+            np.asarray(lp.row_lower_, dtype=float), np.asarray(lp.row_upper_, dtype=float), integer, model.const_ns,
+        )
+
+    def at(self) -> np.ndarray:
+        """The column of each matrix entry."""
+        return np.repeat(np.arange(self.n), np.diff(self.start))
+
+    def branch(self, lower: np.ndarray, upper: np.ndarray, hint: np.ndarray | None, gap: float, time_limit_s: float) -> _Sub:
+        """HiGHS's branch and bound on the program within column bounds
+        `lower`..`upper` (the choice columns integer), to relative `gap`,
+        started from `hint`. (HiGHS's `objective_bound` as a cutoff was
+        measured and left out: with presolve off it returned a plan above
+        the cutoff as optimal, a bound no proof can rest on.)"""
+        if np.any(lower > upper):
+            return _Sub(None, np.inf, "infeasible")
+        fixed = lower == upper
+        col = self.at()
+        moved = fixed[col] & (lower[col] != 0)
+        shift = np.bincount(self.index[moved], weights=self.value[moved] * lower[col][moved], minlength=len(self.row_lower))
+        row_lower, row_upper = self.row_lower - shift, self.row_upper - shift
+        const = float(self.cost[fixed] @ lower[fixed]) + self.const_ns
+        kept = ~fixed[col]
+        used = np.zeros(len(row_lower), dtype=bool)
+        used[self.index[kept]] = True
+        if np.any(~used & ((row_lower > 1e-6) | (row_upper < -1e-6))):  # a row of fixed columns only, broken
+            return _Sub(None, np.inf, "infeasible")
+        keep = np.flatnonzero(~fixed)
+        if not len(keep):
+            return _Sub(lower.copy(), const, "optimal")
+        rows = np.flatnonzero(used)
+        renumber = np.full(len(row_lower), -1, dtype=np.int32)
+        renumber[rows] = np.arange(len(rows), dtype=np.int32)
+        lp = highspy.HighsLp()
+        lp.num_col_, lp.num_row_ = len(keep), len(rows)
+        lp.col_cost_, lp.col_lower_, lp.col_upper_ = self.cost[keep], lower[keep], upper[keep]
+        lp.row_lower_, lp.row_upper_ = row_lower[rows], row_upper[rows]
+        lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+        lp.a_matrix_.start_ = np.concatenate([[0], np.cumsum(np.diff(self.start)[keep])]).astype(np.int32)
+        lp.a_matrix_.index_ = renumber[self.index[kept]]
+        lp.a_matrix_.value_ = self.value[kept]
+        integer = self.integer[keep]
+        lp.integrality_ = np.where(integer, highspy.HighsVarType.kInteger, highspy.HighsVarType.kContinuous).tolist()
+        h = new_highs()
+        h.setOptionValue("output_flag", False)
+        for k, v in SUB_MIP_OPTIONS.items():
+            h.setOptionValue(k, v)
+        h.setOptionValue("mip_rel_gap", gap)
+        h.setOptionValue("time_limit", float(time_limit_s))
+        h.passModel(lp)
+        if hint is not None:
+            ints = np.flatnonzero(integer).astype(np.int32)
+            h.setSolution(len(ints), ints, hint[keep][ints])
+        h.run()
+        info, status = h.getInfo(), h.getModelStatus()
+        if status == highspy.HighsModelStatus.kInfeasible:
+            return _Sub(None, np.inf, "infeasible")
+        values = None
+        if info.primal_solution_status == 2:  # kSolutionStatusFeasible
+            values = lower.copy()
+            values[keep] = np.asarray(h.getSolution().col_value)
+        bound = info.mip_dual_bound + const if np.isfinite(info.mip_dual_bound) else -np.inf
+        return _Sub(values, bound, h.modelStatusToString(status))
+
+
+def _take(s: SolveState, values: np.ndarray) -> bool:
+    """Make the plan `values` chooses the candidate when it is integral,
+    fits and is cheaper; whether it did."""
+    choice, integral = s.model.choice(values.__getitem__)
+    cost_ns, peak = s.price(choice)
+    if integral and s.fits(peak) and (s.candidate is None or cost_ns < s.candidate.objective):
+        s.candidate = Candidate(choice, cost_ns, "lp-lagrange")
+        return True
+    return False
+
+
+def _lagrange_plans(h: highspy.Highs, lp: _Frozen, peaks: np.ndarray, duals: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The LP's optima with the peak rows dropped and memory priced at
+    (1 ± `LAGRANGE_EPS`) times their duals, (above, below); None when one
+    has none. Below first, from the LP optimum's basis, then above from
+    below's: each a short step from the last, so the two differ where the
+    price decides and little elsewhere (above first, from the LP optimum,
+    then below set 155 of gpt's 196 training groups apart; this way 17).
+    `h` is left as it was, re-solved to its optimum."""
+    n = lp.n
+    y = np.zeros(len(lp.row_lower))
+    y[peaks] = duals[peaks]
+    price = np.bincount(lp.at(), weights=lp.value * y[lp.index], minlength=n)  # Aᵀy over the peak rows
+    cols = np.arange(n, dtype=np.int32)
+    k = len(peaks)
+    h.changeRowsBounds(k, peaks, np.full(k, -highspy.kHighsInf), np.full(k, highspy.kHighsInf))
+    plans = []
+    try:
+        for eps in (-LAGRANGE_EPS, LAGRANGE_EPS):
+            h.changeColsCost(n, cols, lp.cost - (1 + eps) * price)
+            h.run()
+            if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
+                return None
+            plans.append(np.asarray(h.getSolution().col_value).copy())
+        return plans[1], plans[0]
+    finally:
+        h.changeColsCost(n, cols, lp.cost)
+        h.changeRowsBounds(k, peaks, lp.row_lower[peaks], lp.row_upper[peaks])
+        h.run()
+
+
+def _fix_by_reduced_cost(lp: _Frozen, x: np.ndarray, reduced: np.ndarray, room: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """Column bounds keeping only the plans within `room` ns of the LP
+    bound: for every x feasible, cost(x) - LP bound = Σ_j d_j (x_j - x*_j)
+    plus each row's dual times its slack, every term at least 0 (x* the LP
+    optimum, d its reduced costs, the duals' signs those of the bounds they
+    hold); so a column at a bound there whose |d_j| exceeds `room` stays at
+    that bound in every such plan. A nanosecond of margin covers the LP
+    bound's rounding to whole ns. (lower, upper, how many columns fixed)."""
+    lower, upper = lp.lower.copy(), lp.upper.copy()
+    slack = max(room, 0.0) * (1 + 1e-9) + 1.0
+    at_lower = (np.abs(x - lower) <= 1e-9) & (reduced > slack)
+    at_upper = (np.abs(x - upper) <= 1e-9) & (reduced < -slack)
+    upper[at_lower] = lower[at_lower]
+    lower[at_upper] = upper[at_upper]
+    return lower, upper, int(at_lower.sum() + at_upper.sum())
 
 
 # --------------------------------------------------------------------- CP-SAT

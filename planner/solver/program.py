@@ -78,7 +78,7 @@ class Program:
         lp.a_matrix_.num_row_ = lp.num_row_
         lp.a_matrix_.start_ = np.append(starts, len(index)).astype(np.int32)
         lp.a_matrix_.index_, lp.a_matrix_.value_ = index, value
-        h = _new_highs()
+        h = new_highs()
         h.setOptionValue("output_flag", False)
         h.setOptionValue("time_limit", float(time_limit_s))
         # presolve for the first solve (`_solve_lazily` turns it off for the
@@ -108,7 +108,7 @@ def add_highs_rows(h: highspy.Highs, rows: list[Row]) -> None:
     h.addRows(len(rows), lo, hi, len(index), starts, index, value)
 
 
-def _new_highs() -> highspy.Highs:
+def new_highs() -> highspy.Highs:
     """A HiGHS instance, its constructor's banner kept off standard output."""
     sys.stdout.flush()
     saved = os.dup(1)
