@@ -58,7 +58,7 @@ def row(example: str, mesh: str, budget: str, train: bool, time_limit: float) ->
     s = bound.solver
     return (
         f"{example:>8} {mesh:>5} {budget:>8} {str(train):>5} {free_s:7.2f} {bound_s:8.2f} {bound_s / free_s:6.1f} {3 * free_s + 2:8.2f} "
-        f"{s.method:>14} {free.cost.total_s * 1e3:8.3f} {bound.cost.total_s * 1e3:8.3f} {s.gap:7.2%}"
+        f"{s.method:>14} {free.cost.total_s * 1e3:8.3f} {bound.cost.total_s * 1e3:8.3f} {s.gap:7.3%}"
     )
 
 
