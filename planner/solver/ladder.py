@@ -49,6 +49,7 @@ variables carry readable names (`x[n=<node>,s=<k>]`, `e[<u>-><v>:<i>,o=<k>,r=<k>
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -229,6 +230,15 @@ class SolveState:
         """The best lower bound proven so far (ns): the LP's or branch and bound's."""
         return max(self.lp.bound if self.lp is not None else 0, self.branch_bound or 0)
 
+    def proven(self, method: str) -> SolveResult | None:
+        """The candidate as `method`'s answer when it is within the gap of
+        the best bound proven so far (whichever step found the plan), else
+        None."""
+        best, bound = self.candidate, self.proven_bound()
+        if best is None or best.objective - bound > self.options.rounding_gap * best.objective:
+            return None
+        return self.result(best.choice, "OPTIMAL" if best.objective <= bound else "FEASIBLE", best.objective, min(bound, best.objective), method)
+
     def within_gap(self, cost_ns: int) -> bool:
         assert self.lp is not None
         return cost_ns - self.lp.bound <= self.options.rounding_gap * cost_ns
@@ -236,12 +246,6 @@ class SolveState:
 
 #: branch and bound presolves programs up to this many variables (`lp_branch`)
 PRESOLVE_MAX_VARIABLES = 100_000
-
-#: the LP's first solve presolves programs of at least this many variables
-#: (`Program.highs`): on examples/gpt.py's program under the README's budget
-#: (17.6k) presolve took the first solve from 0.03 s to 0.17 s; on HF's 8B
-#: Llama under 80 GiB it saved 50 s
-LP_PRESOLVE_MIN_VARIABLES = 30_000
 
 #: one rung: a result, or None to go on
 Step = Callable[[SolveState], "SolveResult | None"]
@@ -346,10 +350,7 @@ def lp_lagrange(s: SolveState) -> SolveResult | None:
     # plans outside the fixed program cost at least `target`
     if np.isfinite(min(proof.bound, target)):
         s.branch_bound = max(s.branch_bound or 0, int(np.floor(min(proof.bound, target))))
-    best, bound = s.candidate, s.proven_bound()
-    if best.objective - bound <= s.options.rounding_gap * best.objective:  # proven here, whichever step found the plan
-        return s.result(best.choice, "OPTIMAL" if best.objective <= bound else "FEASIBLE", best.objective, min(bound, best.objective), "lp-lagrange")
-    return None
+    return s.proven("lp-lagrange")
 
 
 def lp_dive(s: SolveState) -> SolveResult | None:
@@ -420,10 +421,7 @@ def lp_branch(s: SolveState) -> SolveResult | None:
         return None
     if s.candidate is None or cost_ns < s.candidate.objective:
         s.candidate = Candidate(choice, cost_ns, "lp-branch")
-    best, bound = s.candidate, s.proven_bound()
-    if best.objective - bound <= s.options.rounding_gap * best.objective:  # proven by branching, whichever step found the plan
-        return s.result(best.choice, "OPTIMAL" if best.objective <= bound else "FEASIBLE", best.objective, min(bound, best.objective), "lp-branch")
-    return None
+    return s.proven("lp-branch")
 
 
 def lp_fix_cp_sat(s: SolveState) -> SolveResult | None:
@@ -589,8 +587,6 @@ def _lp(model: PlacementProgram, options: SolverOptions) -> LP | None:
     binds nowhere costs (nearly) nothing."""
     t = time.perf_counter()
     h = model.program.highs(model.objective(1), options.time_limit_s)
-    if len(model.program.names) < LP_PRESOLVE_MIN_VARIABLES:
-        h.setOptionValue("presolve", "off")
     status, rounds, added = _solve_lazily(model, h)
     log.debug(
         "LP: %s, %d simplex iterations, %d round(s), %d peak rows added, %.2fs",
@@ -744,6 +740,7 @@ class _Frozen:
             np.asarray(lp.row_lower_, dtype=float), np.asarray(lp.row_upper_, dtype=float), integer, model.const_ns,
         )
 
+    @functools.cached_property
     def at(self) -> np.ndarray:
         """The column of each matrix entry."""
         return np.repeat(np.arange(self.n), np.diff(self.start))
@@ -757,7 +754,7 @@ class _Frozen:
         if np.any(lower > upper):
             return _Sub(None, np.inf, "infeasible")
         fixed = lower == upper
-        col = self.at()
+        col = self.at
         moved = fixed[col] & (lower[col] != 0)
         shift = np.bincount(self.index[moved], weights=self.value[moved] * lower[col][moved], minlength=len(self.row_lower))
         row_lower, row_upper = self.row_lower - shift, self.row_upper - shift
@@ -827,7 +824,7 @@ def _lagrange_plans(h: highspy.Highs, lp: _Frozen, peaks: np.ndarray, duals: np.
     n = lp.n
     y = np.zeros(len(lp.row_lower))
     y[peaks] = duals[peaks]
-    price = np.bincount(lp.at(), weights=lp.value * y[lp.index], minlength=n)  # Aᵀy over the peak rows
+    price = np.bincount(lp.at, weights=lp.value * y[lp.index], minlength=n)  # Aᵀy over the peak rows
     cols = np.arange(n, dtype=np.int32)
     k = len(peaks)
     h.changeRowsBounds(k, peaks, np.full(k, -highspy.kHighsInf), np.full(k, highspy.kHighsInf))

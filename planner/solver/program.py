@@ -16,6 +16,10 @@ from ortools.sat.python import cp_model
 #: the constant 1 in a list of choice variables (a group with one strategy)
 ONE = -1
 
+#: the LP's first solve presolves programs of at least this many variables
+#: (`Program.highs`)
+LP_PRESOLVE_MIN_VARIABLES = 30_000
+
 #: one row: (variable indices, coefficients, lower bound, upper bound)
 Row = tuple[list[int], list[int], int, int]
 
@@ -81,12 +85,14 @@ class Program:
         h = new_highs()
         h.setOptionValue("output_flag", False)
         h.setOptionValue("time_limit", float(time_limit_s))
-        # presolve for the first solve (`_solve_lazily` turns it off for the
-        # re-solves, which start from the last basis): it costs about 1 s on
-        # bench/compile_llama.py's 8B rows, and saves 50 s on HF's 8B Llama
-        # under 80 GiB (bench/llama_families.py), whose dual simplex without it
-        # ran 48k iterations in 60 s, against 36k in 10 s with it
-        h.setOptionValue("presolve", "on")
+        # presolve for the first solve of a large program (`_solve_lazily`
+        # turns it off for the re-solves, which start from the last basis):
+        # it costs about 1 s on bench/compile_llama.py's 8B rows, and saves
+        # 50 s on HF's 8B Llama under 80 GiB (bench/llama_families.py), whose
+        # dual simplex without it ran 48k iterations in 60 s, against 36k in
+        # 10 s with it; on examples/gpt.py's program under the README's
+        # budget (17.6k variables) it took the first solve from 0.03 s to 0.17 s
+        h.setOptionValue("presolve", "on" if n >= LP_PRESOLVE_MIN_VARIABLES else "off")
         h.passModel(lp)
         return h
 
