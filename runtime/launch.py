@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from dtplan.planner.mesh import MeshSpec
-from dtplan.runtime.host import keep_freed_memory
+from dtplan.runtime.host import keep_freed_memory, prioritise_communication
 from dtplan.runtime.watch import last_entered
 
 __all__ = [
@@ -109,7 +109,14 @@ def process_group(mesh: MeshSpec, *, rank: int | None = None, store_path: str | 
         dist.destroy_process_group()
         raise LaunchError(f"mesh {mesh} needs {mesh.size} ranks; the launcher started {world}")
     try:
-        yield init_device_mesh(dev, tuple(mesh.shape), mesh_dim_names=tuple(mesh.axis_names))
+        device_mesh = init_device_mesh(dev, tuple(mesh.shape), mesh_dim_names=tuple(mesh.axis_names))
+        if backend == "gloo":
+            # every group's threads start (and name themselves) on a first
+            # collective; then they get the real-time policy where permitted
+            for axis in range(device_mesh.ndim):
+                dist.barrier(group=device_mesh.get_group(axis))
+            prioritise_communication()
+        yield device_mesh
     finally:
         dist.barrier()
         dist.destroy_process_group()

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
+import threading
 
 import pytest
 import torch
 
 from dtplan.planner.cost.device import DeviceProfile, Link, collective_time, compute_time, load_profile
+from dtplan.planner.mesh import parse_mesh
 from dtplan.runtime.calibrate import fit_link
+from dtplan.runtime.host import COMMUNICATION_THREADS
+from dtplan.runtime.launch import spawn
 
 
 def _measured(**extra) -> DeviceProfile:
@@ -141,6 +147,33 @@ def test_ranks_keep_freed_memory_for_the_next_step():
     )
     freed = {mode: float(subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True, check=True).stdout) for mode in ("keep", "default")}
     assert freed["keep"] < 1 and freed["default"] > 60, freed
+
+
+def _thread_policies(rank, mesh):
+    out = []
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/comm") as f:
+            out.append((f.read().strip(), os.sched_getscheduler(int(tid)), int(tid) == threading.get_native_id()))
+    return sorted(out)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread policies are Linux's")
+def test_spawned_ranks_run_gloo_threads_under_the_real_time_policy_and_compute_under_the_fair_one():
+    """Where the process may (root or RLIMIT_RTPRIO), every gloo thread of a
+    spawned rank (the TCP loop, the process group's workers, of every mesh
+    axis's group) runs under SCHED_FIFO, so a woken one preempts the compute
+    thread; the rank's own threads stay under SCHED_OTHER."""
+    import resource
+
+    permitted = os.geteuid() == 0 or resource.getrlimit(resource.RLIMIT_RTPRIO)[0] > 0
+    for rank_threads in spawn(_thread_policies, parse_mesh("2x2")):
+        gloo = [(name, policy) for name, policy, _ in rank_threads if name.startswith(COMMUNICATION_THREADS)]
+        assert {n for n, _ in gloo} == {"gloo_tcp_loop", "pt_gloo_runloop"}, rank_threads
+        assert len([n for n, _ in gloo if n == "gloo_tcp_loop"]) >= 2, rank_threads  # the world's and the axes' groups
+        assert {p for _, p in gloo} == {os.SCHED_FIFO if permitted else os.SCHED_OTHER}, rank_threads
+        others = [(name, policy) for name, policy, _ in rank_threads if not name.startswith(COMMUNICATION_THREADS)]
+        assert [p for _, p in others] == [os.SCHED_OTHER] * len(others), rank_threads
+        assert any(main for *_, main in rank_threads)
 
 
 def test_a_measured_link_replaces_the_profile_link_for_its_kind_and_group_size():
