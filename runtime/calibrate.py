@@ -32,8 +32,9 @@ share memory bandwidth and cores as a run does):
   all-reduce costs after compute segments of two lengths (the ranks arrive
   apart, the more so the longer they computed).
 
-Ranks measure the same things at the same time; compute figures are the
-ranks' mean of each rank's median over `Sizes.rounds` passes, collective
+Ranks measure the same things at the same time; compute figures (and the
+slowdown and the drift) are the ranks' mean of each rank's median over
+`Sizes.rounds` passes, collective
 times (each the mean of `COLLECTIVE_CALLS` calls) their slowest (a collective ends when its
 slowest rank does). `sources` in the profile says which figures are
 measured, where and when.
@@ -365,19 +366,23 @@ def _measure(rank: int, mesh, *, dtypes: tuple[str, ...], verbose: bool, sizes: 
     # whose speed drifts (a shared VM's does, by 10-20% over seconds)
     # and so are the collectives': gloo's time for one size varies 2x
     # between passes a minute apart
-    passes, collectives = [], []
+    # and so are the slowdown under communication and the ranks' drift, in
+    # each pass too (single measurements of the drift ranged 9-32%)
+    passes, collectives, slowdowns, skews = [], [], [], []
     for r in range(sizes.rounds):
         say(f"  compute and collectives, pass {r + 1} of {sizes.rounds} ...")
         passes.append(_compute(device, tuple(getattr(torch, d) for d in dtypes), sizes))
         collectives.append(_collectives(mesh, device, sizes.collective_bytes))
+        slowdowns.append(_slowdown(mesh, device))
+        skews.append(_skew(mesh, device))
     figures = _median_curves(passes)
     _say_compute(figures, dtypes, sizes, say)
     out.update(figures)
     out.update(collectives[0])
     out["collective_seconds"] = _median_curves([{"c": c["collective_seconds"]} for c in collectives])["c"]
-    out["overlap_slowdown"] = _slowdown(mesh, device)
+    out["overlap_slowdown"] = statistics.median(slowdowns)
     say(f"  compute under communication: {out['overlap_slowdown']:.1%} slower")
-    out["rank_skew"] = _skew(mesh, device)
+    out["rank_skew"] = statistics.median(skews)
     say(f"  ranks drift apart by {out['rank_skew']:.1%} of the compute between collectives")
     return out
 
