@@ -9,15 +9,20 @@ cores run slower), with each input split on dim 0 over the mesh
 ranks, one thread each, all rows in one group per mesh: each rank times
 its module (forward, or forward + backward for a training step; the
 optimizer is not in the module), ranks starting each step together, the
-rows taking turns a few steps at a time (`--rounds`: this machine's speed
-drifts over seconds), and the row's measured step is the slowest rank's
-median after warm-up. Prints
-predicted (the overlapped step, `cost.overlapped_s`), measured and their
-ratio per row, then the median and worst |predicted / measured - 1|.
+rows taking turns a few steps at a time, each turn after an untimed step
+(`--rounds`: this machine's speed drifts over seconds, and the row before
+leaves the shared cache holding its own data), and the row's measured
+step is the slowest rank's median after warm-up. Prints predicted (the
+overlapped step, `cost.overlapped_s`), measured and their ratio per row,
+then the median and worst |predicted / measured - 1|.
 
-The same rows run on one rank (mesh 1, one thread: a single device) as the
-baseline: each plan's measured step beside the single-device step of the
-same program, since the planner may always choose not to shard.
+Beside each row, in the same turns, the same program planned for one
+device is timed twice: on rank 0 alone, the other ranks waiting (one
+device of an idle machine: "vs 1 device", with that step's own
+predicted / measured), and on every rank at once, each on its own (not
+sharding: the all-replicated plan on the mesh's devices as they share
+this machine: "vs replicated"). The planner may always choose not to
+shard; the benchmark lists the rows slower than either.
 
     .venv/bin/python bench/fidelity.py                       # calibrate, then meshes 2 and 4
     .venv/bin/python bench/fidelity.py --profile prof.json --meshes 2
@@ -54,7 +59,8 @@ MODES = (
 )
 
 
-def _time_rank(rank: int, mesh, *, items: list[dict], steps: int, warmup: int, rounds: int = 5) -> list[dict]:
+def _build(item: dict, mesh):
+    """The row's lowered module and its local inputs on `mesh`."""
     import torch
 
     from dtplan.ir.modelfile import load_model_file
@@ -63,57 +69,100 @@ def _time_rank(rank: int, mesh, *, items: list[dict], steps: int, warmup: int, r
     from dtplan.runtime.run import _capture
     from dtplan.runtime.train import sharded_trainer
 
+    mf = load_model_file(item["path"], item["options"])
+    plan = Plan.from_json(item["plan_json"])
+    train = plan.model.train
+    model, inputs = mf.build(meta=False, train=train)
+    # the capture the row was planned from, shipped: the ranks do not trace again
+    captured = _capture(mf, train=train, precision=plan.precision, remat=plan.remat if train else None, shipped=item["captured"])
+    cuda = mesh.device_type == "cuda"
+    before = torch.cuda.memory_allocated() if cuda else 0
+    if train:
+        program = sharded_trainer(model, captured, plan, mesh, optimizer=plan.model.optimizer or "adamw").program
+    else:
+        program = sharded_program(model, captured, plan, mesh)
+    local = program.shard_inputs(*inputs)
+    # what the row keeps on the device while the others run: its peak is
+    # measured over the others' (every row's module stays built)
+    resident = torch.cuda.memory_allocated() - before if cuda else 0
+    return program.graph_module, local, resident
+
+
+def _time_rank(rank: int, mesh, *, items: list[dict], baseline: list[dict], steps: int, warmup: int, rounds: int) -> dict:
+    """Times every row on `mesh` and, beside each, the same program planned
+    for one device (`baseline`), run two ways in the same turns: by rank 0
+    alone, the other ranks waiting at a barrier (one device of an idle
+    machine), and by every rank at once, each on its own (not sharding: the
+    all-replicated plan, on the mesh's devices as they share the machine)."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from dtplan.runtime.host import prioritise_communication
+
     torch.set_num_threads(1)
     cuda = mesh.device_type == "cuda"
-    runs = []
-    for item in items:
-        mf = load_model_file(item["path"], item["options"])
-        plan = Plan.from_json(item["plan_json"])
-        train = plan.model.train
-        model, inputs = mf.build(meta=False, train=train)
-        # the capture the row was planned from, shipped: the ranks do not trace again
-        captured = _capture(mf, train=train, precision=plan.precision, remat=plan.remat if train else None, shipped=item["captured"])
-        before = torch.cuda.memory_allocated() if cuda else 0
-        if train:
-            program = sharded_trainer(model, captured, plan, mesh, optimizer=plan.model.optimizer or "adamw").program
-        else:
-            program = sharded_program(model, captured, plan, mesh)
-        local = program.shard_inputs(*inputs)
-        # what the row keeps on the device while the others run: its peak is
-        # measured over the others' (every row's module stays built)
-        resident = torch.cuda.memory_allocated() - before if cuda else 0
-        runs.append((program.graph_module, local, resident))
+    runs = [_build(item, mesh) for item in items]
+    solo = []
+    if baseline:
+        # every rank makes every one-rank group (new_group is collective)
+        groups = [dist.new_group([r]) for r in range(mesh.size())]
+        prioritise_communication()  # as the launcher does for the mesh's groups
+        one = DeviceMesh.from_group(groups[rank], mesh.device_type, mesh_dim_names=("d0",))
+        solo = [_build(item, one) for item in baseline]
 
-    def step(module, local) -> float:
-        if mesh.size() > 1:
-            torch.distributed.barrier()
+    def step(module, local, alone: bool = False) -> float:
+        dist.barrier()
+        if alone and rank != 0:
+            dist.barrier()  # rank 0 runs the single-device step meanwhile
+            return 0.0
         if cuda:
             torch.cuda.synchronize()
         t = time.perf_counter()
         module(*local)
         if cuda:
             torch.cuda.synchronize()
-        return time.perf_counter() - t
+        elapsed = time.perf_counter() - t
+        if alone:
+            dist.barrier()
+        return elapsed
 
-    # the rows take turns, a few steps each round: this machine's speed
-    # drifts over seconds, and a row measured in one stretch would carry
-    # whatever stretch it fell in
+    # the rows take turns: this machine's speed drifts over seconds, and a
+    # row measured in one stretch would carry whatever stretch it fell in.
+    # Each turn starts with an untimed step: the row before filled the caches
+    # (the L3 is shared by the ranks) with its own data, and a training loop
+    # runs one step after another of the same program
+    def turn(module, local, n: int, alone: bool = False) -> list[float]:
+        step(module, local, alone)
+        return [step(module, local, alone) for _ in range(n)]
+
     times: list[list[float]] = [[] for _ in runs]
+    alone_times: list[list[float]] = [[] for _ in baseline]
+    replicated_times: list[list[float]] = [[] for _ in baseline]
     peaks = [0] * len(runs)
     with torch.no_grad():
-        for module, local, _ in runs:
+        for k, (module, local, _) in enumerate(runs):
             for _ in range(warmup):
+                if baseline:
+                    step(*solo[k][:2])
                 step(module, local)
         for r in range(rounds):
             for k, (module, local, resident) in enumerate(runs):
+                n = steps * (r + 1) // rounds - steps * r // rounds
+                if baseline:
+                    alone_times[k] += turn(*solo[k][:2], n, alone=True)
+                    replicated_times[k] += turn(*solo[k][:2], n)
                 if cuda:
                     torch.cuda.reset_peak_memory_stats()
                     others = torch.cuda.memory_allocated() - resident
-                for _ in range(steps * (r + 1) // rounds - steps * r // rounds):
-                    times[k].append(step(module, local))
+                times[k] += turn(module, local, n)
                 if cuda:
                     peaks[k] = max(peaks[k], torch.cuda.max_memory_allocated() - others)
-    return [{"median_s": statistics.median(ts), "peak_bytes": peaks[k] if cuda else None} for k, ts in enumerate(times)]
+    return {
+        "rows": [{"median_s": statistics.median(ts), "peak_bytes": peaks[k] if cuda else None} for k, ts in enumerate(times)],
+        "alone_s": [statistics.median(ts) for ts in alone_times] if rank == 0 else [],
+        "replicated_s": [statistics.median(ts) for ts in replicated_times],
+    }
 
 
 def _plans(args, profile, mesh) -> list[tuple[str, str, dict, object, bytes]]:
@@ -145,9 +194,9 @@ def main() -> None:
     p.add_argument("--profile", help="a profile JSON (default: calibrate this machine first)")
     p.add_argument("--meshes", default="2,4", help="comma-separated meshes (default 2,4)")
     p.add_argument("--models", nargs="*", help=f"a subset of {[m for m, _ in MODELS]}")
-    p.add_argument("--steps", type=int, default=15)
+    p.add_argument("--steps", type=int, default=24)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=5, help="turns the rows take, the steps split among them (default 5)")
+    p.add_argument("--rounds", type=int, default=12, help="turns the rows take, the steps split among them, each after an untimed step (default 12)")
     args = p.parse_args()
 
     from dtplan.planner.cost.device import load_profile
@@ -158,40 +207,63 @@ def main() -> None:
     t0 = time.perf_counter()
     given = load_profile(args.profile) if args.profile else None
     profiles: dict[int, object] = {}
-    single: dict[str, float] = {}
     errors: dict[str, list[float]] = {}
-    for mesh_text in ["1", *args.meshes.split(",")]:
+    slower: list[str] = []
+    slower_replicated: list[str] = []
+    for mesh_text in args.meshes.split(","):
         mesh = parse_mesh(mesh_text)
-        ranks = max(2, mesh.size)  # the baseline (one rank) is planned with the 2-rank profile
+        ranks = max(2, mesh.size)
         if given is None and ranks not in profiles:
             profiles[ranks] = calibrate(ranks, say=None)  # the machine as that many ranks share it
             print(f"calibrated on {ranks} ranks: {profiles[ranks].description}", flush=True)
         profile = given or profiles[ranks]
         rows = _plans(args, profile, mesh)
         items = [dict(path=path, options=options, plan_json=plan.to_json(), captured=captured) for _, path, options, plan, captured in rows]
-        print(f"mesh {mesh_text}: planned {len(rows)} rows, running them on {mesh.size} rank(s), one thread each ...", flush=True)
-        per_rank = spawn(functools.partial(_time_rank, items=items, steps=args.steps, warmup=args.warmup, rounds=args.rounds), mesh)
-        print(f"{'row':<24} {'predicted ms':>12} {'measured ms':>11} {'pred/meas':>9} {'comm ms':>8} {'exposed':>8} {'vs 1 device':>11}")
+        # the single-device baseline: the same programs planned on mesh 1 (the
+        # 2-rank profile: one rank computing while another does), run by rank 0
+        # alone in the same turns as the mesh's rows
+        base_rows = _plans(args, given or profiles[2] if given is None and 2 in profiles else profile, parse_mesh("1")) if mesh.size > 1 else []
+        base_items = [dict(path=path, options=options, plan_json=plan.to_json(), captured=captured) for _, path, options, plan, captured in base_rows]
+        print(f"mesh {mesh_text}: planned {len(rows)} rows, running them on {mesh.size} rank(s), one thread each, "
+              f"{'each beside its single-device step on rank 0, ' if base_rows else ''}{args.steps} steps ...", flush=True)
+        work = functools.partial(_time_rank, items=items, baseline=base_items, steps=args.steps, warmup=args.warmup, rounds=args.rounds)
+        per_rank = spawn(work, mesh)
+        print(f"{'row':<24} {'predicted ms':>12} {'measured ms':>11} {'pred/meas':>9} {'comm ms':>8} {'exposed':>8} "
+              f"{'1 device':>9} {'pred/meas':>9} {'vs 1 device':>11} {'vs replicated':>13}")
+        base_errors = []
         for k, (label, _, _, plan, _) in enumerate(rows):
-            measured = max(r[k]["median_s"] for r in per_rank)
+            measured = max(r["rows"][k]["median_s"] for r in per_rank)
             predicted = plan.cost.overlapped_s
             ratio = predicted / measured
-            if mesh.size == 1:
-                single[label] = measured
-                versus = ""
-            else:
-                errors.setdefault(mesh_text, []).append(abs(ratio - 1))
-                versus = f"{measured / single[label]:.2f}x" if label in single else "-"
-            peak = per_rank[0][k]["peak_bytes"]
+            errors.setdefault(mesh_text, []).append(abs(ratio - 1))
+            single = versus = replicated = ""
+            if base_rows:
+                alone = per_rank[0]["alone_s"][k]
+                everyone = max(r["replicated_s"][k] for r in per_rank)  # a step ends with its slowest rank
+                base_ratio = base_rows[k][3].cost.overlapped_s / alone
+                base_errors.append(abs(base_ratio - 1))
+                single, versus, replicated = f"{alone * 1e3:9.2f} {base_ratio:9.2f}", f"{measured / alone:.2f}x", f"{measured / everyone:.2f}x"
+                if measured > alone:
+                    slower.append(f"{label} on mesh {mesh_text}")
+                if measured > everyone:
+                    slower_replicated.append(f"{label} on mesh {mesh_text}")
+            peak = per_rank[0]["rows"][k]["peak_bytes"]
             mem = "" if peak is None else f"  peak {peak / 2**20:.1f} MiB measured, {plan.cost.peak_memory_bytes / 2**20:.1f} MiB predicted"
             print(
                 f"{label:<24} {predicted * 1e3:12.2f} {measured * 1e3:11.2f} {ratio:9.2f} {plan.cost.comm_s * 1e3:8.2f} "
-                f"{plan.cost.exposed_comm_s * 1e3:8.2f} {versus:>11}{mem}",
+                f"{plan.cost.exposed_comm_s * 1e3:8.2f} {single:>19} {versus:>11} {replicated:>13}{mem}",
                 flush=True,
             )
+        if base_errors:
+            print(f"1 device (rank 0 alone, same turns): median |pred/meas - 1| {statistics.median(base_errors):.1%}, worst {max(base_errors):.1%}")
     for mesh_text, errs in errors.items():
         print(f"mesh {mesh_text}: {len(errs)} rows, median |pred/meas - 1| {statistics.median(errs):.1%}, worst {max(errs):.1%}")
-    print(f"({time.perf_counter() - t0:.0f} s; 'vs 1 device': measured step over the single-device step of the same program)")
+    print(f"slower than one device alone: {', '.join(slower) if slower else 'none'}")
+    print(f"slower than not sharding (every rank running the one-device program): {', '.join(slower_replicated) if slower_replicated else 'none'}")
+    print(
+        f"({time.perf_counter() - t0:.0f} s; 'vs 1 device': the measured step over the same program's single-device step, "
+        "rank 0 alone; 'vs replicated': over that step run by every rank at once, the slowest's; both measured in the same turns)"
+    )
 
 
 if __name__ == "__main__":
