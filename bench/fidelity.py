@@ -27,6 +27,11 @@ shard; the benchmark lists the rows slower than either.
     .venv/bin/python bench/fidelity.py                       # calibrate, then meshes 2 and 4
     .venv/bin/python bench/fidelity.py --profile prof.json --meshes 2
 
+The ranks run gloo's threads under the real-time policy where each has a
+core of its own (DTPLAN_REALTIME_COMM=1, set here unless the environment
+sets it; `dtplan.runtime.launch.realtime_communication`); a profile given
+with `--profile` should be calibrated the same way.
+
 Peak memory: the gloo/CPU path reports none (no allocator statistics);
 on CUDA the rank's `max_memory_allocated` is printed beside the plan's.
 """
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import statistics
 import sys
 import time
@@ -204,6 +210,10 @@ def main() -> None:
     from dtplan.runtime.calibrate import calibrate
     from dtplan.runtime.launch import spawn
 
+    # gloo's threads under the real-time policy (`launch.realtime_communication`),
+    # in the calibration's ranks and the measured ones alike, unless set otherwise
+    os.environ.setdefault("DTPLAN_REALTIME_COMM", "1")
+    print(f"DTPLAN_REALTIME_COMM={os.environ['DTPLAN_REALTIME_COMM']} (gloo threads real-time where each rank has a core)", flush=True)
     t0 = time.perf_counter()
     given = load_profile(args.profile) if args.profile else None
     profiles: dict[int, object] = {}

@@ -52,7 +52,10 @@ def prioritise_communication(prefixes: tuple[str, ...] = COMMUNICATION_THREADS) 
     core for the rest. Returns how many threads run under the policy; 0
     where it is not permitted (it needs CAP_SYS_NICE: root, or a raised
     RLIMIT_RTPRIO) or not Linux, leaving them as they were. Call it after
-    the groups made their threads (a first collective on each names them)."""
+    the groups made their threads (a first collective on each names them),
+    and only where each rank has a core of its own: gloo's threads spin at
+    times while they wait, and a spinning real-time thread starves what
+    shares its core (`launch.realtime_communication` decides)."""
     if not hasattr(os, "sched_setscheduler"):
         return 0
     try:

@@ -38,7 +38,7 @@ from dtplan.runtime.host import keep_freed_memory, prioritise_communication
 from dtplan.runtime.watch import last_entered
 
 __all__ = [
-    "Interrupted", "LaunchError", "Terminated", "check_rank_count", "device_type", "launched_by_torchrun", "process_group", "spawn",
+    "Interrupted", "LaunchError", "Terminated", "check_rank_count", "device_type", "launched_by_torchrun", "process_group", "realtime_communication", "spawn",
     "start_method",
 ]
 
@@ -110,11 +110,13 @@ def process_group(mesh: MeshSpec, *, rank: int | None = None, store_path: str | 
         raise LaunchError(f"mesh {mesh} needs {mesh.size} ranks; the launcher started {world}")
     try:
         device_mesh = init_device_mesh(dev, tuple(mesh.shape), mesh_dim_names=tuple(mesh.axis_names))
-        if backend == "gloo":
-            # every group's threads start (and name themselves) on a first
-            # collective; then they get the real-time policy where permitted
+        if backend == "gloo" and realtime_communication(world):
+            # a group's threads name themselves as they start: a first
+            # collective on each group, and a moment for the idle ones; then
+            # they get the real-time policy where permitted
             for axis in range(device_mesh.ndim):
                 dist.barrier(group=device_mesh.get_group(axis))
+            time.sleep(0.02)
             prioritise_communication()
         yield device_mesh
     finally:
@@ -267,6 +269,27 @@ def start_method() -> str:
     if len(tempfile.gettempdir()) + 40 > _SOCKET_PATH_MAX:
         return "spawn"
     return "forkserver"
+
+
+def realtime_communication(world: int) -> bool:
+    """Whether this rank's gloo threads get the real-time policy
+    (`host.prioritise_communication`): asked for with DTPLAN_REALTIME_COMM=1,
+    and only where every rank of this host has a core of its own. gloo's
+    threads spin at times while they wait (for the peer's data, or for
+    another thread's lock); a spinning real-time thread starves whatever
+    fair-policy thread shares its core, and with more ranks than cores that
+    can be the very rank it waits for: a 4-rank FSDP step on 2 cores stalled
+    for minutes. Off by default for that reason: the test suite runs two
+    groups of ranks at once (docs/architecture.md, "CPU ranks and their
+    communication threads")."""
+    if os.environ.get("DTPLAN_REALTIME_COMM", "0") != "1":
+        return False
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if launched_by_torchrun() else world
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return local <= cores
 
 
 def check_rank_count(ranks: int) -> None:

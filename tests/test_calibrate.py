@@ -158,22 +158,28 @@ def _thread_policies(rank, mesh):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread policies are Linux's")
-def test_spawned_ranks_run_gloo_threads_under_the_real_time_policy_and_compute_under_the_fair_one():
-    """Where the process may (root or RLIMIT_RTPRIO), every gloo thread of a
-    spawned rank (the TCP loop, the process group's workers, of every mesh
-    axis's group) runs under SCHED_FIFO, so a woken one preempts the compute
-    thread; the rank's own threads stay under SCHED_OTHER."""
+def test_realtime_communication_is_asked_for_and_needs_a_core_per_rank(monkeypatch):
+    """With DTPLAN_REALTIME_COMM=1, where the process may (root or
+    RLIMIT_RTPRIO) and every rank has a core of its own, every gloo thread
+    of a spawned rank (the TCP loop, the process group's workers) runs under
+    SCHED_FIFO, so a woken one preempts the compute thread, and the rank's
+    own threads stay under SCHED_OTHER. Not asked for, or with more ranks
+    than cores, every thread stays under SCHED_OTHER."""
     import resource
 
     permitted = os.geteuid() == 0 or resource.getrlimit(resource.RLIMIT_RTPRIO)[0] > 0
-    for rank_threads in spawn(_thread_policies, parse_mesh("2x2")):
-        gloo = [(name, policy) for name, policy, _ in rank_threads if name.startswith(COMMUNICATION_THREADS)]
-        assert {n for n, _ in gloo} == {"gloo_tcp_loop", "pt_gloo_runloop"}, rank_threads
-        assert len([n for n, _ in gloo if n == "gloo_tcp_loop"]) >= 2, rank_threads  # the world's and the axes' groups
-        assert {p for _, p in gloo} == {os.SCHED_FIFO if permitted else os.SCHED_OTHER}, rank_threads
-        others = [(name, policy) for name, policy, _ in rank_threads if not name.startswith(COMMUNICATION_THREADS)]
-        assert [p for _, p in others] == [os.SCHED_OTHER] * len(others), rank_threads
-        assert any(main for *_, main in rank_threads)
+    cores = len(os.sched_getaffinity(0))
+    for asked, mesh in ((True, "2"), (True, "2x2"), (False, "2")):
+        monkeypatch.setenv("DTPLAN_REALTIME_COMM", "1" if asked else "0")
+        fifo = asked and permitted and parse_mesh(mesh).size <= cores
+        for rank_threads in spawn(_thread_policies, parse_mesh(mesh)):
+            gloo = [(name, policy) for name, policy, _ in rank_threads if name.startswith(COMMUNICATION_THREADS)]
+            # (a worker that has not run yet still bears the process's name)
+            assert {n for n, _ in gloo} == {"gloo_tcp_loop", "pt_gloo_runloop"} or not fifo, rank_threads
+            assert {p for _, p in gloo} == {os.SCHED_FIFO if fifo else os.SCHED_OTHER}, (asked, mesh, rank_threads)
+            others = [(name, policy) for name, policy, _ in rank_threads if not name.startswith(COMMUNICATION_THREADS)]
+            assert [p for _, p in others] == [os.SCHED_OTHER] * len(others), rank_threads
+            assert any(main for *_, main in rank_threads)
 
 
 def test_a_measured_link_replaces_the_profile_link_for_its_kind_and_group_size():
