@@ -5,10 +5,11 @@ process group backend, the same threads per rank, the same allocator
 settings (`host.keep_freed_memory`), all ranks working at once, so they
 share memory bandwidth and cores as a run does):
 
-- `op_launch_s`: the time of an op that does almost nothing (a one-element
-  add), called from generated fx code as a lowered module calls its ops:
-  the floor of every op's time, and on a CPU (`dispatch_serial`) the time
-  of an op that only makes a view;
+- `op_launch_s`: the time of an op that does almost nothing (on a GPU a
+  one-element add; on a CPU the mean of small ops of every kind: views,
+  elementwise ops, reductions, casts), called from generated fx code as a
+  lowered module calls its ops: the floor of every op's time, and on a CPU
+  (`dispatch_serial`) the time of an op that only makes a view;
 - `flops_curve`: matmul FLOP/s per dtype at several sizes (an efficiency
   curve, not one peak), as called, launch included (the model takes the
   larger of the launch floor and the roofline), 3x3 convolutions', forward
@@ -110,17 +111,44 @@ def _seconds(fn: Callable[[], object], device: str, *, budget_s: float = 0.06, c
     return statistics.median(out)
 
 
+#: the small ops of `_launch_s` on a CPU, one of each in turn: (op, arguments
+#: after the one-element input `x` or its 2-d view `m`), what a lowered
+#: program calls between its large ops (views, elementwise ops, reductions,
+#: casts). Measured one by one on a 2-core VM: 2.4 µs for an add, 3.1 for a
+#: view, 3.9 for a multiplication by a scalar, 4.5 for a cast, 6.0 for a mean.
+_SMALL_OPS = (
+    ("add.Tensor", lambda x, m: (x, x), {}),
+    ("view.default", lambda x, m: (x, [1, 1]), {}),
+    ("t.default", lambda x, m: (m,), {}),
+    ("slice.Tensor", lambda x, m: (m, 1, 0, 1), {}),
+    ("expand.default", lambda x, m: (m, [2, 1]), {}),
+    ("mul.Tensor", lambda x, m: (x, 2.0), {}),
+    ("sum.dim_IntList", lambda x, m: (m, [0], True), {}),
+    ("mean.dim", lambda x, m: (m, [-1], True), {}),
+    ("clone.default", lambda x, m: (x,), {}),
+    ("cat.default", lambda x, m: ([x, x], 0), {}),
+    ("_to_copy.default", lambda x, m: (x,), {"dtype": torch.bfloat16}),
+)
+
+
 def _launch_s(device: str) -> float:
-    """Per op, 200 one-element adds in a generated fx module."""
+    """Per op, 220 small ops in a generated fx module: on a GPU one-element
+    adds (each launches a kernel), on a CPU, where the thread that computes
+    also dispatches, `_SMALL_OPS` in turn (each op's fixed cost differs, and
+    a program's small ops are of every kind, not the cheapest)."""
     graph = torch.fx.Graph()
     x = graph.placeholder("x")
-    y = x
-    for _ in range(200):
-        y = graph.call_function(torch.ops.aten.add.Tensor, (y, x))
-    graph.output(y)
+    m = graph.call_function(torch.ops.aten.view.default, (x, [1, 1]))
+    ops = [("add.Tensor", lambda x, m: (x, x), {})] if device == "cuda" else list(_SMALL_OPS)
+    count = 220
+    for i in range(count):
+        name, args, kwargs = ops[i % len(ops)]
+        packet, overload = name.split(".")
+        graph.call_function(getattr(getattr(torch.ops.aten, packet), overload), args(x, m), kwargs)
+    graph.output(x)
     gm = torch.fx.GraphModule(torch.nn.Module(), graph)
     one = torch.zeros(1, device=device)
-    return _seconds(lambda: gm(one), device) / 200
+    return _seconds(lambda: gm(one), device) / count
 
 
 def _compute(device: str, dtypes: tuple[torch.dtype, ...], sizes: Sizes) -> dict:
