@@ -58,6 +58,7 @@ import torch
 
 from dtplan.planner.cost.device import COLLECTIVE_KINDS, DeviceProfile, Link, load_profile
 from dtplan.planner.mesh import MeshSpec
+from dtplan.runtime.host import COMMUNICATION_THREADS
 
 __all__ = ["calibrate", "fit_link", "write_profile"]
 
@@ -129,6 +130,24 @@ _SMALL_OPS = (
     ("cat.default", lambda x, m: ([x, x], 0), {}),
     ("_to_copy.default", lambda x, m: (x,), {"dtype": torch.bfloat16}),
 )
+
+
+def _realtime_comm() -> bool:
+    """Whether this rank's gloo threads run under the real-time policy
+    (`launch.realtime_communication`): a profile measured so describes runs
+    made so, and its description says it."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return False
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if f.read().startswith(COMMUNICATION_THREADS) and os.sched_getscheduler(int(tid)) == os.SCHED_FIFO:
+                    return True
+        except (OSError, AttributeError):
+            continue
+    return False
 
 
 def _launch_s(device: str) -> float:
@@ -388,7 +407,7 @@ def _measure(rank: int, mesh, *, dtypes: tuple[str, ...], verbose: bool, sizes: 
     say = (lambda s: print(s, flush=True)) if rank == 0 and verbose else (lambda s: None)
     launch = _launch_s(device)
     say(f"  op launch: {launch * 1e6:.2f} us")
-    out = {"op_launch_s": launch, "threads": torch.get_num_threads()}
+    out = {"op_launch_s": launch, "threads": torch.get_num_threads(), "realtime_comm": _realtime_comm()}
     # compute figures: each the median of `sizes.rounds` passes over them all,
     # seconds apart, so that no figure rests on one stretch of a machine
     # whose speed drifts (a shared VM's does, by 10-20% over seconds)
@@ -485,7 +504,8 @@ def _profile(results: list[dict], base: DeviceProfile, *, ranks: int, device: st
     for half in ("bfloat16", "float16"):
         peak.setdefault(half, peak.get("bfloat16", peak["float32"]))
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    where = f"{platform.node() or 'this machine'}, {ranks} {device} ranks of {results[0]['threads']} thread(s) over {results[0]['backend']}, torch {torch.__version__}, {when}"
+    comm = ", gloo threads real-time" if all(r.get("realtime_comm") for r in results) else ""
+    where = f"{platform.node() or 'this machine'}, {ranks} {device} ranks of {results[0]['threads']} thread(s) over {results[0]['backend']}{comm}, torch {torch.__version__}, {when}"
     measured = f"measured by dtplan calibrate ({where})"
     sources = {
         k: measured

@@ -224,12 +224,15 @@ def test_bad_curves_are_refused():
         DeviceProfile.from_json({**load_profile("cpu").to_json(), "collectives": {"one": {}}})
 
 
-def test_calibrate_measures_this_machine_into_a_profile_the_planner_takes(tmp_path):
+def test_calibrate_measures_this_machine_into_a_profile_the_planner_takes(tmp_path, monkeypatch):
     """Two gloo ranks, float32 only, every other size (the command measures
-    bf16 too, at every size)."""
+    bf16 too, at every size); gloo's threads under the fair policy, as the
+    description says (it names the real-time policy where that was used)."""
     from dtplan.runtime.calibrate import calibrate, write_profile
 
+    monkeypatch.delenv("DTPLAN_REALTIME_COMM", raising=False)
     p = calibrate(2, dtypes=("float32",), say=None, quick=True)
+    assert "real-time" not in p.description and "2 cpu ranks of 1 thread(s) over gloo, torch" in p.description
     curves = dict(p.flops_curve)
     assert set(curves) == {
         "float32", "attention/float32", "attention_backward/float32", "attention_rows/float32", "attention_backward_rows/float32",
