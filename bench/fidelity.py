@@ -194,6 +194,11 @@ def _plans(args, profile, mesh) -> list[tuple[str, str, dict, object, bytes]]:
     return rows
 
 
+def _items(rows: list[tuple[str, str, dict, object, bytes]]) -> list[dict]:
+    """What the ranks build each row from."""
+    return [dict(path=path, options=options, plan_json=plan.to_json(), captured=captured) for _, path, options, plan, captured in rows]
+
+
 def main() -> None:
     warnings.filterwarnings("ignore")
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -228,15 +233,13 @@ def main() -> None:
             print(f"calibrated on {ranks} ranks: {profiles[ranks].description}", flush=True)
         profile = given or profiles[ranks]
         rows = _plans(args, profile, mesh)
-        items = [dict(path=path, options=options, plan_json=plan.to_json(), captured=captured) for _, path, options, plan, captured in rows]
-        # the single-device baseline: the same programs planned on mesh 1 (the
-        # 2-rank profile: one rank computing while another does), run by rank 0
-        # alone in the same turns as the mesh's rows
-        base_rows = _plans(args, given or profiles[2] if given is None and 2 in profiles else profile, parse_mesh("1")) if mesh.size > 1 else []
-        base_items = [dict(path=path, options=options, plan_json=plan.to_json(), captured=captured) for _, path, options, plan, captured in base_rows]
+        # the single-device baseline: the same programs planned on mesh 1 (with
+        # the 2-rank profile where there is one: one rank computing while
+        # another does), run in the same turns as the mesh's rows
+        base_rows = _plans(args, given or profiles.get(2, profile), parse_mesh("1")) if mesh.size > 1 else []
         print(f"mesh {mesh_text}: planned {len(rows)} rows, running them on {mesh.size} rank(s), one thread each, "
               f"{'each beside its single-device step on rank 0, ' if base_rows else ''}{args.steps} steps ...", flush=True)
-        work = functools.partial(_time_rank, items=items, baseline=base_items, steps=args.steps, warmup=args.warmup, rounds=args.rounds)
+        work = functools.partial(_time_rank, items=_items(rows), baseline=_items(base_rows), steps=args.steps, warmup=args.warmup, rounds=args.rounds)
         per_rank = spawn(work, mesh)
         print(f"{'row':<24} {'predicted ms':>12} {'measured ms':>11} {'pred/meas':>9} {'comm ms':>8} {'exposed':>8} "
               f"{'1 device':>9} {'pred/meas':>9} {'vs 1 device':>11} {'vs replicated':>13}")

@@ -58,7 +58,7 @@ import torch
 
 from dtplan.planner.cost.device import COLLECTIVE_KINDS, DeviceProfile, Link, load_profile
 from dtplan.planner.mesh import MeshSpec
-from dtplan.runtime.host import COMMUNICATION_THREADS
+from dtplan.runtime.host import communication_threads
 
 __all__ = ["calibrate", "fit_link", "write_profile"]
 
@@ -118,17 +118,17 @@ def _seconds(fn: Callable[[], object], device: str, *, budget_s: float = 0.06, c
 #: casts). Measured one by one on a 2-core VM: 2.4 µs for an add, 3.1 for a
 #: view, 3.9 for a multiplication by a scalar, 4.5 for a cast, 6.0 for a mean.
 _SMALL_OPS = (
-    ("add.Tensor", lambda x, m: (x, x), {}),
-    ("view.default", lambda x, m: (x, [1, 1]), {}),
-    ("t.default", lambda x, m: (m,), {}),
-    ("slice.Tensor", lambda x, m: (m, 1, 0, 1), {}),
-    ("expand.default", lambda x, m: (m, [2, 1]), {}),
-    ("mul.Tensor", lambda x, m: (x, 2.0), {}),
-    ("sum.dim_IntList", lambda x, m: (m, [0], True), {}),
-    ("mean.dim", lambda x, m: (m, [-1], True), {}),
-    ("clone.default", lambda x, m: (x,), {}),
-    ("cat.default", lambda x, m: ([x, x], 0), {}),
-    ("_to_copy.default", lambda x, m: (x,), {"dtype": torch.bfloat16}),
+    (torch.ops.aten.add.Tensor, lambda x, m: (x, x), {}),
+    (torch.ops.aten.view.default, lambda x, m: (x, [1, 1]), {}),
+    (torch.ops.aten.t.default, lambda x, m: (m,), {}),
+    (torch.ops.aten.slice.Tensor, lambda x, m: (m, 1, 0, 1), {}),
+    (torch.ops.aten.expand.default, lambda x, m: (m, [2, 1]), {}),
+    (torch.ops.aten.mul.Tensor, lambda x, m: (x, 2.0), {}),
+    (torch.ops.aten.sum.dim_IntList, lambda x, m: (m, [0], True), {}),
+    (torch.ops.aten.mean.dim, lambda x, m: (m, [-1], True), {}),
+    (torch.ops.aten.clone.default, lambda x, m: (x,), {}),
+    (torch.ops.aten.cat.default, lambda x, m: ([x, x], 0), {}),
+    (torch.ops.aten._to_copy.default, lambda x, m: (x,), {"dtype": torch.bfloat16}),
 )
 
 
@@ -136,15 +136,10 @@ def _realtime_comm() -> bool:
     """Whether this rank's gloo threads run under the real-time policy
     (`launch.realtime_communication`): a profile measured so describes runs
     made so, and its description says it."""
-    try:
-        tasks = os.listdir("/proc/self/task")
-    except OSError:
-        return False
-    for tid in tasks:
+    for tid in communication_threads():
         try:
-            with open(f"/proc/self/task/{tid}/comm") as f:
-                if f.read().startswith(COMMUNICATION_THREADS) and os.sched_getscheduler(int(tid)) == os.SCHED_FIFO:
-                    return True
+            if os.sched_getscheduler(tid) == os.SCHED_FIFO:
+                return True
         except (OSError, AttributeError):
             continue
     return False
@@ -158,12 +153,11 @@ def _launch_s(device: str) -> float:
     graph = torch.fx.Graph()
     x = graph.placeholder("x")
     m = graph.call_function(torch.ops.aten.view.default, (x, [1, 1]))
-    ops = [("add.Tensor", lambda x, m: (x, x), {})] if device == "cuda" else list(_SMALL_OPS)
+    ops = _SMALL_OPS[:1] if device == "cuda" else _SMALL_OPS  # a GPU: the add alone
     count = 220
     for i in range(count):
-        name, args, kwargs = ops[i % len(ops)]
-        packet, overload = name.split(".")
-        graph.call_function(getattr(getattr(torch.ops.aten, packet), overload), args(x, m), kwargs)
+        op, args, kwargs = ops[i % len(ops)]
+        graph.call_function(op, args(x, m), kwargs)
     graph.output(x)
     gm = torch.fx.GraphModule(torch.nn.Module(), graph)
     one = torch.zeros(1, device=device)

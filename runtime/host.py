@@ -5,8 +5,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+from collections.abc import Iterator
 
-__all__ = ["COMMUNICATION_THREADS", "keep_freed_memory", "prioritise_communication"]
+__all__ = ["COMMUNICATION_THREADS", "communication_threads", "keep_freed_memory", "prioritise_communication"]
 
 #: name prefixes of gloo's threads: its TCP transport's event loop
 #: (`gloo_tcp_loop`) and ProcessGroupGloo's workers (`pt_gloo_runloop`)
@@ -58,22 +59,30 @@ def prioritise_communication(prefixes: tuple[str, ...] = COMMUNICATION_THREADS) 
     shares its core (`launch.realtime_communication` decides)."""
     if not hasattr(os, "sched_setscheduler"):
         return 0
-    try:
-        tasks = os.listdir("/proc/self/task")
-    except OSError:
-        return 0
     done = 0
-    for tid in tasks:
+    for tid in communication_threads(prefixes):
         try:
-            with open(f"/proc/self/task/{tid}/comm") as f:
-                name = f.read().strip()
-            if not name.startswith(prefixes):
-                continue
-            if os.sched_getscheduler(int(tid)) != os.SCHED_FIFO:
-                os.sched_setscheduler(int(tid), os.SCHED_FIFO, os.sched_param(1))
+            if os.sched_getscheduler(tid) != os.SCHED_FIFO:
+                os.sched_setscheduler(tid, os.SCHED_FIFO, os.sched_param(1))
         except PermissionError:
             return done  # not permitted here: every thread stays as it was
         except OSError:
             continue  # the thread ended meanwhile
         done += 1
     return done
+
+
+def communication_threads(prefixes: tuple[str, ...] = COMMUNICATION_THREADS) -> Iterator[int]:
+    """The ids of this process's threads named with one of `prefixes`
+    (Linux's /proc; none elsewhere)."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if f.read().startswith(prefixes):
+                    yield int(tid)
+        except OSError:
+            continue  # the thread ended meanwhile
