@@ -206,13 +206,10 @@ def cmd_compile(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from dtplan.ir.modelfile import capture_model_file, load_model_file
-    from dtplan.ir.precision import Precision
-    from dtplan.ir.remat import Remat
     from dtplan.planner.mesh import parse_mesh
-    from dtplan.planner.output.plan import Plan, PlanError
-    from dtplan.runtime.launch import check_rank_count
-    from dtplan.runtime.run import run_model_file
+    from dtplan.planner.output.plan import Plan
+    from dtplan.runtime.agree import agreed_plan
+    from dtplan.runtime.launch import check_rank_count, launched_by_torchrun, process_group
 
     progress = _Progress(args.quiet)
     plan = Plan.load(args.plan) if args.plan else None
@@ -220,6 +217,35 @@ def cmd_run(args) -> int:
         raise ValueError("run needs --mesh, or --plan (whose mesh it runs on)")
     mesh = plan.mesh if args.mesh is None else parse_mesh(args.mesh)
     check_rank_count(mesh.size)  # before planning for a mesh this machine cannot run
+    if not launched_by_torchrun():
+        plan, captured = _run_plan(args, plan, mesh, progress)
+        return _print_run(args, _run(args, plan, captured))
+    # torchrun: rank 0 plans and every rank runs its plan (`runtime.agree`);
+    # a rank that plans alone may stop its solve elsewhere on a loaded machine
+    with process_group(mesh, timeout_s=args.timeout) as device_mesh:
+        if plan is not None:  # every rank read a plan file: the files must agree
+            plan, captured = _run_plan(args, plan, mesh, progress)
+            plan = agreed_plan(plan)
+        else:
+            held: dict = {}
+
+            def make():
+                made, held["captured"] = _run_plan(args, None, mesh, progress)
+                return made
+
+            plan = agreed_plan(None, make)
+            captured = held.get("captured")  # rank 0's; the other ranks trace the model themselves
+        return _print_run(args, _run(args, plan, captured, device_mesh=device_mesh))
+
+
+def _run_plan(args, plan, mesh, progress, *, check_only: bool = False):
+    """The plan `run` runs and its capture: the given plan checked against
+    the model and the options, or a plan made now."""
+    from dtplan.ir.modelfile import capture_model_file, load_model_file
+    from dtplan.ir.precision import Precision
+    from dtplan.ir.remat import Remat
+    from dtplan.planner.output.plan import PlanError
+
     if plan is not None:
         if tuple(mesh.shape) != tuple(plan.mesh.shape):
             raise PlanError(f"--mesh {mesh} does not match the plan's mesh {plan.mesh}")
@@ -237,19 +263,32 @@ def cmd_run(args) -> int:
         raise PlanError("--train was given but the plan is for inference; plan with --train")
     if plan.model.train and not args.train:
         raise PlanError("the plan is a training step; run it with --train")
-    progress(f"running on {plan.mesh.size} rank(s)")
-    reports = run_model_file(
+    return plan, captured
+
+
+def _run(args, plan, captured, **kwargs) -> list[dict]:
+    from dtplan.runtime.run import run_model_file
+
+    _Progress(args.quiet)(f"running on {plan.mesh.size} rank(s)")
+    return run_model_file(
         args.model, plan, options=_model_args(args.model_arg), check=args.check, steps=args.steps, lr=args.lr, timeout_s=args.timeout,
-        captured=captured,
+        captured=captured, **kwargs,
     )
+
+
+def _print_run(args, reports: list[dict]) -> int:
     ok = True
     for r in reports:
-        line = f"rank {r['rank']}: collectives {'as planned' if r['collectives_match'] else 'DIFFER from the plan'}"
+        line = f"rank {r['rank']}: plan {r['plan']}, collectives {'as planned' if r['collectives_match'] else 'DIFFER from the plan'}"
         ok &= r["collectives_match"]
         if "losses" in r:
             line += "; losses " + " ".join(f"{x:.6g}" for x in r["losses"])
         if args.check:
             if "losses" in r:
+                line += (
+                    f"; gradients (step 1, before the optimizer) {'match' if r['gradients_match'] else 'DIFFER'}: {r['gradients_checked']} compared, "
+                    f"nearest its tolerance {r['worst_gradient']} ({r['max_gradient_rel']:.3g} of its norm, {r['gradient_margin']:.2f} of the tolerance)"
+                )
                 line += f"; largest loss difference (relative) {r['max_loss_rel']:.3g}"
                 line += f"; final parameters max abs error {r['max_abs']:.3g}, max rel error {r['max_rel']:.3g}"
             else:
@@ -329,7 +368,10 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run the sharded program on as many ranks as the mesh has")
     planning(r, mesh_required=False)
     r.add_argument("--plan", help="plan.json to run, on its mesh (default: plan first, for --mesh)")
-    r.add_argument("--check", action="store_true", help="compare outputs (training: every loss and the final parameters) with one device")
+    r.add_argument(
+        "--check", action="store_true",
+        help="compare outputs with one device (training: the first step's gradients, every loss and the final parameters)",
+    )
     r.add_argument("--steps", type=_positive(int), default=5, help="training steps to run (with --train)")
     r.add_argument("--lr", type=_positive(float), default=1e-3, help="learning rate (with --train)")
     r.add_argument(

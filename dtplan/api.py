@@ -17,6 +17,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate
 
 from dtplan.ir.capture import Captured, capture
+from dtplan.ir.flops import flop_fallbacks
 from dtplan.ir.graph import Role
 from dtplan.ir.precision import Precision
 from dtplan.ir.remat import Remat, RematError, recomputed_originals
@@ -36,6 +37,7 @@ from dtplan.planner.reduce.hubs import add_hubs
 from dtplan.planner.reduce.followers import merge_followers
 from dtplan.planner.space._dtensor import is_multi_output, per_output, unstrided
 from dtplan.planner.space.strategies import Strategy, build_strategies, hub_name, strategies_around
+from dtplan.runtime.agree import agreed_plan
 from dtplan.runtime.program import ShardedProgram, mesh_spec, sharded_program
 
 __all__ = ["PlacementSpec", "ShardedProgram", "compile", "plan_program", "shard", "sharded_program"]
@@ -201,6 +203,7 @@ def plan_program(
         hubs=ev.hubs,
         collectives=ev.collectives,
         fallbacks=space.fallbacks,
+        flop_fallbacks=flop_fallbacks(graph),
         cost=_cost_summary(captured, ev, pricer),
         solver=_solver_summary(result, folded, planned, reranked),
         stage_seconds=stages,
@@ -615,10 +618,11 @@ def shard(
     `mesh` is the initialised DeviceMesh this rank runs on; `model` holds the
     real (full) weights, which every rank builds identically. The program
     runs under the plan's mixed-precision policy (`precision=` when planning
-    here).
+    here). In a group of several ranks, rank 0 plans and every rank runs
+    its plan; a given plan must be the same on every rank (PlanError names
+    the ranks that differ): see `dtplan.runtime.agree`.
     """
     precision = plan.precision if plan is not None else plan_kwargs.pop("precision", None)
     captured = capture(model, example_inputs, precision)
-    if plan is None:
-        plan = plan_program(captured, mesh=mesh_spec(mesh), **plan_kwargs)
+    plan = agreed_plan(plan, lambda: plan_program(captured, mesh=mesh_spec(mesh), **plan_kwargs))
     return sharded_program(model, captured, plan, mesh)

@@ -6,6 +6,7 @@ import functools
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
@@ -17,12 +18,13 @@ from dtplan.ir.modelfile import capture_model_file, load_model_file, require_los
 from dtplan.ir.precision import Precision, call_with_precision
 from dtplan.ir.remat import remat as apply_remat
 from dtplan.planner.output.plan import Plan
+from dtplan.runtime.agree import plan_digest
 from dtplan.runtime.launch import launched_by_torchrun, process_group, spawn
 from dtplan.runtime.params import local_shard
 from dtplan.runtime.train import make_optimizer, sharded_trainer
-from dtplan.runtime.verify import Comparison, CollectiveRecorder, compare, compare_within, expected_collectives, tolerance
+from dtplan.runtime.verify import NOISE_COUNT, NOISE_SHARE, Comparison, CollectiveRecorder, Tolerance, compare, compare_norm, compare_within, expected_collectives, tolerance
 
-__all__ = ["rank_work", "run_many", "run_model_file", "single_device_training", "step_seed", "train_rank_work"]
+__all__ = ["Reference", "rank_work", "run_many", "run_model_file", "single_device_training", "step_seed", "train_rank_work"]
 
 
 def rank_work(
@@ -106,10 +108,17 @@ def train_rank_work(
     t1 = time.perf_counter()
     recorder = CollectiveRecorder(mesh, tuple(plan.mesh.axis_names))
     losses = []
+    first: dict[str, torch.Tensor] = {}  # with `check`: the first step's gradients and buffers, in full
     for i in range(steps):
         torch.manual_seed(step_seed(i))
         with recorder if i == 0 else contextlib.nullcontext():  # every step issues the same collectives; check the first
-            losses.append(trainer.step(*inputs))
+            losses.append(trainer.backward(*inputs))
+        if check and i == 0:  # before any optimizer: what the plan computed, not what an optimizer made of it
+            # copies: a replicated buffer's full value is the live buffer itself
+            first = {k: v.clone() for k, v in _buffers(trainer.full_state_dict(), trainer).items()}
+            first.update({f"grad[{k}]": g.clone() for k, g in trainer.full_gradients().items()})
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
     seconds["steps"] = time.perf_counter() - t1
     report = {"rank": rank, "losses": losses, **_collectives_report(recorder, plan), "seconds": seconds}
     state = trainer.full_state_dict()
@@ -118,68 +127,117 @@ def train_rank_work(
     report["state_dict_round_trip"] = all(torch.equal(state[k], again[k]) for k in state)
     if check:
         t1 = time.perf_counter()
-        ref_losses, ref_state, noise = single_device_training(mf, loss_fn, steps=steps, lr=lr, optimizer=optimizer, precision=precision)
+        ref = single_device_training(mf, loss_fn, steps=steps, lr=lr, optimizer=optimizer, precision=precision)
         seconds["reference"] = time.perf_counter() - t1
-        tol = tolerance(precision.param_dtype)
-        loss_cmp = compare_within(torch.tensor(losses), torch.tensor(ref_losses), tol)
-        missing = sorted(set(ref_state) - set(state))
-        if missing:
-            raise ValueError(f"the sharded state lacks {missing[:5]}")
-        # Adam normalises every update to about lr, so an element whose true
-        # gradient is below the reduction's rounding noise may step either way:
-        # parameters compare at rtol 1e-4 plus an absolute 5% of one step
-        # (float32; the dtype's `step` fraction per step taken in lower
-        # precision), and the elements whose gradient was noise-dominated at
-        # some step (see single_device_training) within the steps taken
-        # Buffers (batch norm's running statistics) are statistics of
-        # activations downstream of those parameters: rtol 1e-3 plus a tenth
-        # of one step (computing them from a batch shard alone is off by the
-        # statistics' own size)
-        cmps = {"loss": loss_cmp}
-        for fqn, t in ref_state.items():
-            if fqn in trainer.parameters:
-                atol = max(0.05, tol.step * steps) * lr
-                cmps[fqn] = compare(state[fqn], t, atol=atol, loose=noise.get(fqn), loose_atol=2.0 * lr * steps)
-            else:
-                cmps[fqn] = compare(state[fqn], t, rtol=1e-3, atol=0.1 * lr)
-        summary = _summary(cmps)
-        report.update(
-            noise_dominated_elements=int(sum(int(m.sum()) for m in noise.values())),
-            reference_losses=ref_losses,
-            max_loss_rel=loss_cmp.max_rel,
-            **summary,
-        )
+        report.update(_check_training(losses, first, state, ref, trainer, tol=tolerance(precision.param_dtype), lr=lr, steps=steps))
     return report
+
+
+def _buffers(state: Mapping[str, torch.Tensor], trainer) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if k not in trainer.parameters}
+
+
+def _check_training(losses, first, state, ref: Reference, trainer, *, tol: Tolerance, lr: float, steps: int) -> dict:
+    """The sharded run against one device: the first step's gradients (each
+    gathered to full, before any optimizer ran: a gradient off by a factor
+    cannot hide behind Adam's normalisation) and buffer updates, every loss,
+    and the parameters and buffers at the end."""
+    missing = sorted(set(ref.state) - set(state)) + sorted(set(ref.first) - set(first))
+    if missing:
+        raise ValueError(f"the sharded run lacks {missing[:5]}")
+    loss_cmp = compare_within(torch.tensor(losses), torch.tensor(ref.losses), tol)
+    cmps: dict[str, Comparison] = {"loss": loss_cmp}
+    grads = {k: v for k, v in ref.first.items() if k.startswith("grad[")}
+    largest = max((float(g.abs().max()) for g in grads.values() if g.numel()), default=0.0)
+    for key, want in ref.first.items():
+        if key in grads:
+            cmps[key] = compare_norm(first[key], want, rtol=tol.gradient, floor=tol.gradient_floor * largest)
+        else:  # a buffer the first step updated (batch norm's running statistics), from equal parameters
+            cmps[f"{key} (step 1)"] = compare_within(first[key], want, tol)
+    # After the optimizer: Adam normalises every update to about lr, so an
+    # element whose true gradient is below the reduction's rounding noise
+    # may step either way, and the parameters it moves change the next
+    # steps' gradients a little. Parameters compare at rtol 1e-4 plus an
+    # absolute 5% of one step (float32; the dtype's `step` fraction per step
+    # taken in lower precision). Under Adam, the elements whose gradient was
+    # noise-dominated at some step (see single_device_training) may be off by
+    # up to 2 lr a step, but no more of them than `NOISE_COUNT` or
+    # `NOISE_SHARE` of a tensor, whichever is more. SGD's update is linear in
+    # the gradient: no allowance. Buffers at the end are statistics of
+    # activations downstream of those parameters: rtol 1e-3 plus a tenth of
+    # one step.
+    noisy = 0
+    for fqn, want in ref.state.items():
+        if fqn in trainer.parameters:
+            atol = max(0.05, tol.step * steps) * lr
+            loose = ref.noise.get(fqn) if ref.optimizer != "sgd" else None
+            c = compare(state[fqn], want, atol=atol, loose=loose, loose_atol=2.0 * lr * steps, loose_count=max(NOISE_COUNT, NOISE_SHARE * want.numel()))
+            noisy += c.loose_used
+            cmps[fqn] = c
+        else:
+            cmps[fqn] = compare(state[fqn], want, rtol=1e-3, atol=0.1 * lr)
+    worst = max(grads, key=lambda k: cmps[k].margin, default=None)  # nearest its limit
+    return dict(
+        noise_dominated_elements=int(sum(int(m.sum()) for m in ref.noise.values())),
+        noise_elements_used=noisy,
+        reference_losses=ref.losses,
+        max_loss_rel=loss_cmp.max_rel,
+        gradients_checked=len(grads),
+        max_gradient_rel=0.0 if worst is None else cmps[worst].max_rel,
+        worst_gradient=None if worst is None else worst.removeprefix("grad[").removesuffix("]"),
+        gradient_margin=0.0 if worst is None else cmps[worst].margin,
+        gradients_match=all(cmps[k].ok for k in grads),
+        **_summary(cmps),
+    )
 
 
 def _collectives_report(recorder: CollectiveRecorder, plan: Plan) -> dict:
     """What one step issued, and whether it is exactly the plan's list."""
     issued = Counter(recorder.calls)
     return {
+        "plan": plan_digest(plan),
         "collectives_issued": sorted([list(k) + [v] for k, v in issued.items()]),
         "collectives_match": issued == expected_collectives(plan),
     }
 
 
-def single_device_training(
-    mf, loss_fn, *, steps: int, lr: float, optimizer: str, precision: Precision = Precision()
-) -> tuple[list[float], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+@dataclass(frozen=True)
+class Reference:
+    """One device's run of the same steps."""
+
+    losses: list[float]
+    #: every parameter and buffer at the end
+    state: dict[str, torch.Tensor]
+    #: per parameter, the elements whose gradient was noise-dominated at some step
+    noise: dict[str, torch.Tensor]
+    #: after the first step's backward, before the optimizer: each gradient
+    #: as "grad[FQN]", and each buffer that step updated
+    first: dict[str, torch.Tensor]
+    optimizer: str
+
+
+def single_device_training(mf, loss_fn, *, steps: int, lr: float, optimizer: str, precision: Precision = Precision()) -> Reference:
     """The reference: the same steps with plain autograd on one device, each
-    from the same seed, under the same mixed-precision policy; returns the
-    losses, every parameter and buffer, and per parameter the elements whose
-    gradient was noise-dominated at some step: under the dtype's `noise`
-    fraction (1e-4 in float32) of its tensor's largest, or under 1e-6 of the
-    largest of all (a batch norm's bias feeding straight into another batch
-    norm has a gradient of exactly zero, computed as rounding noise)."""
+    from the same seed, under the same mixed-precision policy. An element's
+    gradient is noise-dominated at a step when it is under the dtype's
+    `noise` fraction (1e-4 in float32) of its tensor's largest, or under
+    1e-6 of the largest of all (a batch norm's bias feeding straight into
+    another batch norm has a gradient of exactly zero, computed as rounding
+    noise)."""
     model, inputs = mf.build(meta=False, train=True)
     opt = make_optimizer(optimizer, model.parameters(), lr=lr)
     losses = []
     noise: dict[str, torch.Tensor] = {}
+    first: dict[str, torch.Tensor] = {}
     share = tolerance(precision.param_dtype).noise
     for i in range(steps):
         torch.manual_seed(step_seed(i))
+        before = {k: v.detach().clone() for k, v in model.named_buffers()} if i == 0 else {}
         loss = training_loss(model, loss_fn, inputs, precision)
         loss.backward()
+        if i == 0:
+            first = {f"grad[{name}]": p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+            first.update({k: v.detach().clone() for k, v in model.named_buffers() if k in before and not torch.equal(before[k], v)})
         grads = {name: p.grad.abs() for name, p in model.named_parameters() if p.grad is not None}
         largest = max((float(g.max()) for g in grads.values() if g.numel()), default=0.0)
         for name, g in grads.items():
@@ -190,7 +248,7 @@ def single_device_training(
         losses.append(float(loss.detach()))
     state = {k: v.detach() for k, v in model.named_parameters()}
     state.update({k: v.detach() for k, v in model.named_buffers()})
-    return losses, state, noise
+    return Reference(losses, state, noise, first, optimizer)
 
 
 #: captures shared by the items one group of ranks runs (`run_many`), by
@@ -264,6 +322,7 @@ def run_model_file(
     lr: float = 1e-3,
     timeout_s: float | None = None,
     captured: Captured | None = None,
+    device_mesh: DeviceMesh | None = None,
 ) -> list[dict]:
     """Run the plan on as many ranks as its mesh has; one report per rank.
     A training plan runs `steps` optimizer steps. A collective that waits
@@ -271,7 +330,8 @@ def run_model_file(
     is the capture the plan was made from: spawned ranks take it instead of
     tracing the model again.
 
-    Under torchrun this rank runs alone and returns its own report."""
+    Under torchrun this rank runs alone and returns its own report, on
+    `device_mesh` where the caller has initialised the group already."""
     common = dict(path=str(path), options=dict(options or {}), plan_json=plan.to_json(), check=check)
     if captured is not None:
         # this process's own rank (torchrun) takes the object; spawned ranks its bytes
@@ -280,6 +340,8 @@ def run_model_file(
         work = functools.partial(train_rank_work, steps=max(steps, 1), lr=lr, **common)
     else:
         work = functools.partial(rank_work, **common)
+    if device_mesh is not None:
+        return [work(device_mesh.get_rank(), device_mesh)]
     if launched_by_torchrun():
         with process_group(plan.mesh, timeout_s=timeout_s) as mesh:
             return [work(mesh.get_rank(), mesh)]

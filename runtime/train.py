@@ -7,6 +7,7 @@ single-device update restricted to that shard.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 
 import torch
@@ -22,7 +23,12 @@ from dtplan.runtime.lower import attr_name
 from dtplan.runtime.params import local_shard
 from dtplan.runtime.redistribute import RankMesh, redistribute_local
 
-__all__ = ["ShardedTrainer", "make_optimizer", "sharded_trainer"]
+__all__ = ["SCALE_GRADIENT_ENV", "ShardedTrainer", "make_optimizer", "sharded_trainer"]
+
+#: test-only fault: "FQN=FACTOR[,FQN=FACTOR]" multiplies each parameter's gradient by
+#: FACTOR inside the lowered program, so a test can show that `--check`
+#: catches a wrong gradient (a missing 1/N, a doubled partial sum)
+SCALE_GRADIENT_ENV = "DTPLAN_TEST_SCALE_GRADIENT"
 
 
 def make_optimizer(name: str, params, *, lr: float) -> torch.optim.Optimizer:
@@ -39,7 +45,9 @@ class ShardedTrainer:
     """Drive sharded training steps from a user's own loop.
 
     `step(*inputs)` runs one step on full inputs (cut per the plan) and returns
-    the loss; `parameters` are this rank's shards by FQN; `full_state_dict()`
+    the loss; `backward(*inputs)` is the step without the optimizer (each
+    parameter's `.grad` set to its local shard); `full_gradients()` gathers
+    them; `parameters` are this rank's shards by FQN; `full_state_dict()`
     gathers every parameter and buffer (collective: call it on every rank);
     `load_state_dict()` cuts full tensors back into the shards.
     """
@@ -60,8 +68,16 @@ class ShardedTrainer:
         #: buffers the step updates (batch norm's running statistics), in output order
         self._update_of = tuple(attr_name(captured.updates[u]) for u in graph.outputs[1 + n_grads :])
         self.optimizer = make_optimizer(optimizer, list(self.parameters.values()), lr=lr)
+        for fault in filter(None, os.environ.get(SCALE_GRADIENT_ENV, "").split(",")):
+            fqn, _, factor = fault.rpartition("=")
+            if fqn not in self._grad_for:
+                raise ValueError(f"{SCALE_GRADIENT_ENV}: no gradient for {fqn!r}; parameters with one: {list(self._grad_for)[:8]}")
+            _scale_output(gm, 1 + self._grad_for.index(fqn), float(factor))
 
-    def step(self, *full_inputs: torch.Tensor) -> float:
+    def backward(self, *full_inputs: torch.Tensor) -> float:
+        """The forward and the planned backward: each parameter's `.grad` is
+        its gradient's local shard (in the parameter's placement) and the
+        buffers the step updates are updated; no optimizer step."""
         loss, *rest = self.program(*full_inputs)  # a training program: the flat outputs, under no_grad
         grads, news = rest[: len(self._grad_for)], rest[len(self._grad_for) :]
         with torch.no_grad():
@@ -69,9 +85,26 @@ class ShardedTrainer:
                 getattr(self.program.graph_module, attr).copy_(new)
         for fqn, grad in zip(self._grad_for, grads, strict=True):
             self.parameters[fqn].grad = grad
+        return float(loss)
+
+    def step(self, *full_inputs: torch.Tensor) -> float:
+        loss = self.backward(*full_inputs)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return loss
+
+    def full_gradients(self) -> dict[str, torch.Tensor]:
+        """Every gradient `backward` left, in full (collective: call it on
+        every rank). A parameter the loss does not reach has none."""
+        mesh = RankMesh.of(self.program.mesh)
+        graph = self.program.captured.graph
+        replicate = (Replicate(),) * len(mesh.shape)
+        out = {}
+        for fqn, p in self.parameters.items():
+            if p.grad is not None:
+                meta = graph[self._stored[fqn][0]].tensor_meta
+                out[fqn] = redistribute_local(p.grad, mesh, meta, self._placements(fqn), replicate)
+        return out
 
     def _placements(self, fqn: str) -> Placements:
         return self.program.plan.nodes[self._stored[fqn][0]].output
@@ -96,6 +129,17 @@ class ShardedTrainer:
         with torch.no_grad():
             for fqn, (name, _) in self._stored.items():
                 getattr(gm, attr_name(name)).copy_(local_shard(state[fqn].to(device_mesh.device_type), device_mesh, self._placements(fqn)))
+
+
+def _scale_output(gm: torch.fx.GraphModule, index: int, factor: float) -> None:
+    """Multiply output `index` of `gm` by `factor` (the test-only fault)."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    values = list(out.args[0])
+    with gm.graph.inserting_before(out):
+        values[index] = gm.graph.call_function(torch.ops.aten.mul.Tensor, (values[index], factor))
+    out.args = (tuple(values),)
+    gm.graph.lint()
+    gm.recompile()
 
 
 def sharded_trainer(model: torch.nn.Module, captured: Captured, plan: Plan, mesh: DeviceMesh, **kwargs) -> ShardedTrainer:
