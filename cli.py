@@ -345,7 +345,7 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw", help="optimizer whose state the memory model counts")
         sp.add_argument(
             "--precision", choices=("fp32", "bf16", "fp16"), default=None,
-            help="compute dtype (FSDP2's MixedPrecisionPolicy: fp32 parameters and optimizer state, compute in this dtype, gradients reduced in fp32; default fp32)",
+            help="compute dtype (FSDP2's MixedPrecisionPolicy: fp32 parameters and optimizer state, compute in this dtype, gradients reduced in fp32; default fp32; fp16 for inference only: its training needs loss scaling)",
         )
         sp.add_argument(
             "--remat", choices=("none", "full", "selective", "auto"), default=None,

@@ -403,6 +403,7 @@ def capture_training(
     if not any(p.requires_grad for p in model.parameters()):
         raise CaptureError("the model has no trainable parameters; there is nothing to train")
     precision = Precision.parse(precision)
+    precision.require_trainable()
     step = _TrainStep(model, loss_fn, precision)
     try:
         # export finds the fake mode of fake inputs itself; the joint is traced under it

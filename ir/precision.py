@@ -61,6 +61,14 @@ class Precision:
             raise ValueError(f"precision {text!r} is not one of {', '.join(PRECISIONS)}")
         return cls(param_dtype=dtype)
 
+    def require_trainable(self) -> None:
+        """Refuse float16 training: its gradients underflow without dynamic
+        loss scaling (torch.amp.GradScaler, with the inf check reduced over
+        the shards), which dtplan does not have yet. float16 inference and
+        bfloat16 training (float32's range) need none."""
+        if self.param_dtype == torch.float16:
+            raise ValueError("fp16 training needs dynamic loss scaling, which dtplan does not have yet; train in bf16 (fp16 plans inference)")
+
     @property
     def mixed(self) -> bool:
         return self.param_dtype != torch.float32 or self.output_dtype is not None

@@ -129,6 +129,7 @@ def capture_training_stamped(
     docstring). Falls back to the full capture when the stack cannot be
     stamped (or raises `StampError` with `fallback=False`)."""
     t0 = time.perf_counter()
+    Precision.parse(precision).require_trainable()  # before the stamp's fallback could swallow it
     try:
         captured = _stamped(model, tuple(example_inputs), loss_fn, keep, check, Precision.parse(precision))
     except StampError as e:

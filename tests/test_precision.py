@@ -31,6 +31,9 @@ def test_the_policy_parses_and_refuses_what_it_cannot_do():
         Precision.parse("int8")
     with pytest.raises(ValueError, match="gradients reduce in float32"):
         Precision(torch.bfloat16, reduce_dtype=torch.bfloat16)
+    # float16 training without loss scaling underflows: refused until dtplan scales the loss
+    with pytest.raises(ValueError, match="fp16 training needs dynamic loss scaling"):
+        captured("mlp", "fp16")
 
 
 def test_bf16_fsdp_gathers_half_the_bytes_and_reduces_gradients_in_fp32():
@@ -81,7 +84,11 @@ def test_three_adamw_steps_in_bf16_match_one_device_under_the_same_policy(mesh):
     steps.append(captured("gpt", "bf16", train=False))
     inference = plan_program(steps[-1], mesh=mesh, input_placements=_cases(mesh)[1][1], parameter_placements=_cases(mesh)[1][2])
     items.append((example_path("gpt"), inference, {}, True))
-    names = [name for name, *_ in _cases(mesh)] + ["gpt inference"]
+    steps.append(captured("gpt", "fp16", train=False))  # float16 plans and runs inference (training needs loss scaling)
+    fp16 = plan_program(steps[-1], mesh=mesh, input_placements=_cases(mesh)[1][1], parameter_placements=_cases(mesh)[1][2])
+    assert fp16.model.precision["param_dtype"] == "float16" and fp16.collectives
+    items.append((example_path("gpt"), fp16, {}, True))
+    names = [name for name, *_ in _cases(mesh)] + ["gpt inference", "gpt inference fp16"]
     if "x" in mesh:  # torchtitan's FSDP+TP: each weight cast on its strided shard, gathered in bf16
         llama = steps[[name for name, *_ in _cases(mesh)].index("llama")]  # captured once
         tt = plan_program(llama, mesh=mesh, parameter_placements=torchtitan_pins(llama, mesh), model_info={"name": "llama"})
