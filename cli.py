@@ -131,7 +131,9 @@ def _summary(plan) -> dict:
         "solver": {k: getattr(s, k) for k in ("status", "method", "objective", "bound", "gap", "wall_s")},
         "stage_seconds": dict(plan.stage_seconds),
         "comparison": {
-            r["name"]: {"step_time_s": r["cost"]["total_s"], "overlapped_step_time_s": r["cost"].get("overlapped_s"), "fits": r["fits"]} for r in plan.comparison
+            r["name"]: {"step_time_s": r["cost"]["total_s"], "overlapped_step_time_s": r["cost"].get("overlapped_s"), "fits": r["fits"]}
+            if r.get("cost") is not None else {"error": r["error"], "fits": False}
+            for r in plan.comparison
         },
     }
 
@@ -161,6 +163,9 @@ def _print_summary(plan, out_dir: Path | None) -> None:
     print(f"  solver           {s.status} by {s.method} in {format_seconds(s.wall_s)}, gap {s.gap:.2%}")
     print("  stages           " + ", ".join(f"{k} {format_seconds(v)}" for k, v in plan.stage_seconds.items()))
     for row in plan.comparison:
+        if row.get("error"):  # the layout could not be planned: its error, first line
+            print(f"  vs {row['name']:<18} failed: {row['error'].splitlines()[0]}")
+            continue
         fits = "" if row["fits"] else " (does not fit the budget)"
         note = f"  [{recipe_note(row['recipe'])}]" if row.get("recipe") else ""
         over = row["cost"].get("overlapped_s")
@@ -168,6 +173,9 @@ def _print_summary(plan, out_dir: Path | None) -> None:
         print(f"  vs {row['name']:<18} {format_seconds(row['cost']['total_s'])}{over}{fits}{note}")
     if plan.fallbacks:
         print(f"  fallbacks        {len(plan.fallbacks)} op(s) replicated: " + ", ".join(sorted({f.op for f in plan.fallbacks})))
+    if plan.flop_fallbacks:
+        ops = ", ".join(sorted({f.op for f in plan.flop_fallbacks}))
+        print(f"  FLOP fallbacks   {len(plan.flop_fallbacks)} op(s) whose FLOP formula failed, counted one FLOP per output element: {ops}")
     if out_dir is not None:
         print(f"  wrote            {out_dir / 'plan.json'}, {out_dir / 'report.html'}")
 

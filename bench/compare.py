@@ -53,6 +53,9 @@ def main() -> None:
                 print(f"  {label:<10} {wall:6.2f} s  ({stages})", flush=True)
                 if label == "compare":
                     for row in plan["comparison"]:
+                        if row.get("error"):
+                            print(f"      vs {row['name']:<22} failed: {row['error']}")
+                            continue
                         fits = "" if row["fits"] else "  (does not fit)"
                         print(f"      vs {row['name']:<22} {row['cost']['total_s'] * 1e3:9.1f} ms{fits}")
     ratio = statistics.median(walls["compare"]) / statistics.median(walls["no-compare"])

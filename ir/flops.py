@@ -14,19 +14,29 @@ QK^T, dP, dV, dQ, dK). Heads are the query's: grouped-query attention is
 counted as the kernel computes it, after broadcasting k/v to every query
 head. Masks are not modelled: causal attention counts the full s_q x s_k
 rectangle, as torch does, so it is an upper bound (about 2x for causal).
+
+An op whose formula raises on its arguments is counted as one FLOP per
+output element, like an op without a formula, but it is not silent:
+:func:`flop_fallbacks` finds such nodes in a captured graph, and the plan
+lists them (`Plan.flop_fallbacks`) beside the ops that fell back to
+Replicate, since their compute time rests on a guess.
 """
 from __future__ import annotations
 
 import logging
 import math
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_map_only
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
-__all__ = ["node_cost", "sdpa_flops"]
+if TYPE_CHECKING:
+    from dtplan.ir.graph import Graph, Node
+
+__all__ = ["FlopFallback", "flop_fallbacks", "node_cost", "sdpa_flops"]
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -127,11 +137,40 @@ def _formula(target: Any) -> Callable[..., int] | None:
     return flop_registry.get(target) or flop_registry.get(packet)
 
 
+@dataclass(frozen=True, slots=True)
+class FlopFallback:
+    """A node whose FLOP formula raised: counted one FLOP per output element.
+    `reason` is the formula's error, one line."""
+
+    node: str
+    op: str
+    reason: str
+
+
+def _formula_flops(target: Any, args: Any, kwargs: Any, out: Any) -> int:
+    """The formula's FLOPs for these args; raises what the formula raises."""
+    formula = _formula(target)
+    assert formula is not None
+    return int(formula(*args, out_val=out, **kwargs))
+
+
+def _elementwise(out: Any) -> int:
+    """The count used where no formula gives one: an output element, a FLOP."""
+    return sum(t.numel() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    text = text if len(text) <= 200 else text[:197] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 def node_cost(fx_node: torch.fx.Node) -> tuple[int, int]:
     """(FLOPs, bytes read + written) of an ATen call node on global shapes.
 
     Ops without a formula (elementwise, reductions, data movement) count one
-    FLOP per output element; so does an op whose formula rejects its args."""
+    FLOP per output element; so does an op whose formula rejects its args,
+    which :func:`flop_fallbacks` then lists."""
     vals = tree_map_only(torch.fx.Node, lambda n: n.meta.get("val"), (fx_node.args, fx_node.kwargs))
     out = fx_node.meta.get("val")
     tensors = [t for t in tree_flatten((vals, out))[0] if isinstance(t, torch.Tensor)]
@@ -139,12 +178,57 @@ def node_cost(fx_node: torch.fx.Node) -> tuple[int, int]:
     target = fx_node.target
     if getattr(target, "is_view", False):
         return 0, 0  # views move no data
-    formula = _formula(target)
-    if formula is not None:
+    if _formula(target) is not None:
         args, kwargs = vals
         try:
-            return int(formula(*args, out_val=out, **kwargs)), nbytes
-        except Exception as e:  # noqa: BLE001 - a formula that rejects these args: count it elementwise
-            log.debug("FLOP formula for %s failed (%s: %s); counting it elementwise", target, type(e).__name__, e)
-    numel = sum(t.numel() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
-    return numel, nbytes
+            return _formula_flops(target, args, kwargs, out), nbytes
+        except Exception as e:  # noqa: BLE001 - counted elementwise here; flop_fallbacks lists it for the plan
+            log.debug("FLOP formula for %s failed (%s); counting it elementwise", target, _one_line(e))
+    return _elementwise(out), nbytes
+
+
+def _meta_value(meta: Any) -> Any:
+    """A meta tensor (or a tuple of them) with an IR value's shape, stride and dtype."""
+    from dtplan.ir.graph import TensorMeta
+
+    if isinstance(meta, TensorMeta):
+        return torch.empty_strided(meta.shape, meta.stride, dtype=meta.dtype, device="meta")
+    if isinstance(meta, tuple):
+        return tuple(_meta_value(m) for m in meta)
+    return None
+
+
+def _with_values(value: Any, graph: Graph) -> Any:
+    from dtplan.ir.graph import Ref
+
+    if isinstance(value, Ref):
+        return _meta_value(graph[value.name].meta)
+    if isinstance(value, tuple):
+        return tuple(_with_values(v, graph) for v in value)
+    return value
+
+
+def flop_fallback(node: Node, graph: Graph) -> FlopFallback | None:
+    """Whether `node`'s FLOPs are the one-per-element count because its
+    formula raised (then why), from the IR alone: the formula is run again
+    on meta tensors of the node's recorded shapes. Only a node whose count
+    equals that fallback is tried, so this costs nothing for the rest."""
+    target = node.target
+    if node.is_placeholder or node.is_getitem or getattr(target, "is_view", False) or _formula(target) is None:
+        return None
+    metas = node.meta if isinstance(node.meta, tuple) else (node.meta,)
+    if node.flops != sum(m.numel for m in metas if m is not None):
+        return None  # the formula gave its own count at capture
+    out = _meta_value(node.meta)
+    args = _with_values(node.args, graph)
+    kwargs = {k: _with_values(v, graph) for k, v in node.kwargs}
+    try:
+        _formula_flops(target, args, kwargs, out)
+    except Exception as e:  # noqa: BLE001 - what node_cost met: the reason the plan lists
+        return FlopFallback(node.name, node.op_name, f"FLOP formula failed ({_one_line(e)}); counted one FLOP per output element")
+    return None
+
+
+def flop_fallbacks(graph: Graph) -> tuple[FlopFallback, ...]:
+    """Every node of a captured graph whose FLOP formula raised, in graph order."""
+    return tuple(f for n in graph if (f := flop_fallback(n, graph)) is not None)

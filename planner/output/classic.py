@@ -91,6 +91,7 @@ __all__ = [
     "PlacementDiff",
     "classic_pins",
     "compare_classic",
+    "error_line",
     "is_llama",
     "placement_diff",
     "recipe_note",
@@ -155,14 +156,27 @@ RECIPES = {
 class ClassicResult:
     name: str
     parameters: Mapping[str, tuple[str, ...]]
-    cost: Mapping[str, float]
+    #: None where the layout could not be planned (`error` says why)
+    cost: Mapping[str, float] | None
     fits: bool
     #: a published recipe's provenance and whether it ran as published (`Recipe.to_json`)
     recipe: Mapping[str, object] | None = None
+    #: why planning the layout failed, one line
+    error: str | None = None
 
     def to_json(self) -> dict:
-        out = {"name": self.name, "parameters": {k: list(v) for k, v in self.parameters.items()}, "cost": dict(self.cost), "fits": self.fits}
-        return {**out, "recipe": dict(self.recipe)} if self.recipe is not None else out
+        cost = None if self.cost is None else dict(self.cost)
+        out = {"name": self.name, "parameters": {k: list(v) for k, v in self.parameters.items()}, "cost": cost, "fits": self.fits}
+        if self.recipe is not None:
+            out["recipe"] = dict(self.recipe)
+        return {**out, "error": self.error} if self.error is not None else out
+
+
+def error_line(e: BaseException) -> str:
+    """An exception as the one line a failed comparison row shows."""
+    text = " ".join(str(e).split())
+    text = text if len(text) <= 300 else text[:297] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _shapes(captured: Captured) -> dict[str, tuple[int, ...]]:
@@ -279,9 +293,13 @@ def compare_classic(captured: Captured, *, mesh: MeshSpec, budget: int | None, p
     whether it fits the budget. `plan_pinned(pins)` plans the captured
     program with its parameters pinned (by FQN) and no budget, and returns
     the Plan or its CostSummary (the API solves the free plan's program again
-    with the pins as bounds, else `plan_program` with the free plan's arguments)."""
+    with the pins as bounds, else `plan_program` with the free plan's arguments).
+
+    A layout whose planning raises is a row with its error and no cost
+    (`fits` false), shown as failed: a comparison that left it out would
+    read as if the layout did not apply."""
     results = []
-    costs: dict[str, dict | None] = {}  # by pins: a layout two plans share is planned once
+    costs: dict[str, dict | str] = {}  # by pins: a layout two plans share is planned once (its cost, or its error)
     for name, pins in classic_pins(captured, mesh).items():
         key = repr(sorted((k, list(v)) for k, v in pins.items()))
         if key not in costs:
@@ -289,15 +307,17 @@ def compare_classic(captured: Captured, *, mesh: MeshSpec, budget: int | None, p
                 planned = plan_pinned(pins)
                 summary = getattr(planned, "cost", planned)  # a Plan, or its cost alone
                 costs[key] = {k: getattr(summary, k) for k in ("total_s", "compute_s", "comm_s", "comm_bytes", "peak_memory_bytes", "overlapped_s", "exposed_comm_s")}
-            except Exception as e:  # noqa: BLE001 - a layout this model cannot take is left out, logged
-                log.info("classic plan %s skipped: %s", name, e)
-                costs[key] = None
+            except Exception as e:  # noqa: BLE001 - a layout that cannot be planned is a failed row, with its error
+                log.info("classic plan %s failed: %s", name, error_line(e))
+                costs[key] = error_line(e)
         cost = costs[key]
-        if cost is None:
+        recipe = RECIPES[name].to_json(captured) if name in RECIPES else None
+        parameters = {k: tuple(v) for k, v in pins.items()}
+        if isinstance(cost, str):
+            results.append(ClassicResult(name, parameters, None, False, recipe, error=cost))
             continue
         fits = budget is None or cost["peak_memory_bytes"] <= budget
-        recipe = RECIPES[name].to_json(captured) if name in RECIPES else None
-        results.append(ClassicResult(name, {k: tuple(v) for k, v in pins.items()}, dict(cost), fits, recipe))
+        results.append(ClassicResult(name, parameters, dict(cost), fits, recipe))
     return tuple(results)
 
 

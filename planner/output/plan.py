@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dtplan.ir.flops import FlopFallback
 from dtplan.ir.graph import Graph, Role
 from dtplan.ir.precision import Precision
 from dtplan.ir.remat import Remat, recomputed_originals
@@ -119,10 +120,13 @@ class ComparisonRow:
 
     name: str
     parameters: Mapping[str, tuple[str, ...]]
-    cost: Mapping[str, float]
+    #: null where planning the layout failed (then `error` says why)
+    cost: Mapping[str, float] | None
     fits: bool
     #: a published recipe's source, precision, remat and whether it ran as published
     recipe: Mapping[str, object] | None = None
+    #: why the layout could not be planned, one line (absent when it was)
+    error: str | None = None
 
 
 def plan_text(plan: Plan) -> str:
@@ -162,6 +166,9 @@ class Plan:
     stage_seconds: Mapping[str, float] = field(default_factory=dict)
     #: the classic plans under the same cost model (dtplan.planner.output.classic), if asked
     comparison: tuple[Mapping[str, object], ...] = ()
+    #: ops whose FLOP formula raised, priced as one FLOP per output element
+    #: (`dtplan.ir.flops.flop_fallbacks`); written only when there are some
+    flop_fallbacks: tuple[FlopFallback, ...] = ()
 
     # ------------------------------------------------------------------ json
     def to_json(self) -> dict:
@@ -183,6 +190,8 @@ class Plan:
             "solver": _section_json(self.solver),
             "stage_seconds": dict(self.stage_seconds),
             "comparison": [dict(c) for c in self.comparison],
+            # absent when empty: such a plan stays readable by a dtplan from before the key
+            **({"flop_fallbacks": [{"node": f.node, "op": f.op, "reason": f.reason} for f in self.flop_fallbacks]} if self.flop_fallbacks else {}),
         }
 
     @classmethod
@@ -224,7 +233,8 @@ class Plan:
             cost=typed(root.field("cost"), CostSummary),
             solver=typed(root.field("solver"), SolverSummary),
             stage_seconds=typed(root.get("stage_seconds", {}), Mapping[str, float]),
-            comparison=tuple(_section_json(typed(at, ComparisonRow)) for at in root.get("comparison", []).sequence()),
+            comparison=tuple(_comparison_row(at) for at in root.get("comparison", []).sequence()),
+            flop_fallbacks=tuple(typed(at, FlopFallback) for at in root.get("flop_fallbacks", []).sequence()),
         )
         plan._check_consistent(top)
         return plan
@@ -281,9 +291,10 @@ class Plan:
                 raise at.error(f"producer {c.producer!r} names no planned node")
             if c.node not in self.nodes and c.node not in (HUB, OUTPUT):
                 raise at.error(f"node {c.node!r} names no planned node (nor {HUB!r} or {OUTPUT!r})")
-        for f, at in zip(self.fallbacks, top["fallbacks"].sequence() if "fallbacks" in top else (), strict=True):
-            if f.node not in self.nodes:
-                raise at.error(f"node {f.node!r} names no planned node")
+        for key, entries in (("fallbacks", self.fallbacks), ("flop_fallbacks", self.flop_fallbacks)):
+            for f, at in zip(entries, top[key].sequence() if key in top else (), strict=True):
+                if f.node not in self.nodes:
+                    raise at.error(f"node {f.node!r} names no planned node")
 
     @property
     def precision(self) -> Precision:
@@ -386,6 +397,16 @@ def _check_dims(pl: Placements, rank: int, path: str) -> None:
     for i, p in enumerate(pl):
         if is_sharded(p) and p.dim >= rank:
             raise PlanError(f"{path}[{i}]: '{p}' — dim {p.dim} is out of range for a {rank}-d tensor")
+
+
+def _comparison_row(at: At) -> dict:
+    """A row of `comparison`: a cost, or an error and no cost (and, from a
+    file before errors were recorded, no `error` key)."""
+    row = typed(at, ComparisonRow)
+    if (row.cost is None) == (row.error is None):
+        raise at.error("has both a cost and an error" if row.error is not None else "has neither a cost nor an error")
+    out = _section_json(row)
+    return out if row.error is not None else {k: v for k, v in out.items() if k != "error"}
 
 
 def _mesh(at: At) -> MeshSpec:

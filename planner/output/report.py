@@ -320,6 +320,21 @@ def _fallback_rows(plan: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _flop_fallback_rows(plan: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Warnings for nodes whose FLOP formula failed: their compute is priced
+    as one FLOP per output element, so it may be far off."""
+    nodes = _mapping(plan.get("nodes"))
+    return [
+        {
+            "node": _text(f.get("node")),
+            "op": _text(f.get("op")),
+            "reason": _text(f.get("reason")),
+            "compute": _quantity(_mapping(nodes.get(str(f.get("node")))).get("compute_s"), format_seconds),
+        }
+        for f in map(_mapping, _sequence(plan.get("flop_fallbacks")))
+    ]
+
+
 # --------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------
@@ -336,10 +351,12 @@ def build_report_data(plan: Mapping[str, Any]) -> dict[str, Any]:
     parameters = _parameter_rows(plan, axes)
     collectives = _collective_rows(_sequence(plan.get("collectives")))
     fallbacks = _fallback_rows(plan)
+    flop_fallbacks = _flop_fallback_rows(plan)
     counts = {
         "num_parameters": len(parameters),
         "num_collectives": len(collectives),
         "num_fallbacks": len(fallbacks),
+        "num_flop_fallbacks": len(flop_fallbacks),
     }
     return {
         "version": _number(plan.get("version")),
@@ -357,6 +374,7 @@ def build_report_data(plan: Mapping[str, Any]) -> dict[str, Any]:
             "by_axis": _totals(collectives, "axis"),
         },
         "fallbacks": fallbacks,
+        "flop_fallbacks": flop_fallbacks,
         "comparison": _comparison_rows(plan),
         "placement_diffs": _placement_diffs(plan),
         "modules": _module_tree(plan),
@@ -460,12 +478,16 @@ def _memory_parts(plan: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 def _comparison_rows(plan: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The planner's plan beside the classic plans (dtplan.planner.output.classic), each with
-    compute and communication as shares of the slowest, for a bar chart."""
+    compute and communication as shares of the slowest, for a bar chart; a
+    classic plan that could not be planned has its error and no cost."""
     cost = _mapping(plan.get("cost"))
     rows = [{"name": "dtplan", "ours": True, "fits": True, "cost": cost}]
     rows += [
-        {"name": str(c.get("name")), "ours": False, "fits": bool(c.get("fits")), "cost": _mapping(c.get("cost")), "recipe": _recipe(c.get("recipe"))}
-        for c in _sequence(plan.get("comparison"))
+        {
+            "name": str(c.get("name")), "ours": False, "fits": bool(c.get("fits")), "cost": _mapping(c.get("cost")), "recipe": _recipe(c.get("recipe")),
+            "error": str(c["error"]) if c.get("error") is not None else None,
+        }
+        for c in map(_mapping, _sequence(plan.get("comparison")))
     ]
     if len(rows) == 1:
         return []
@@ -477,6 +499,7 @@ def _comparison_rows(plan: Mapping[str, Any]) -> list[dict[str, Any]]:
             "name": r["name"],
             "ours": r["ours"],
             "recipe": r.get("recipe"),
+            "error": r.get("error"),
             "fits": r["fits"],
             "total_s": _quantity(c.get("total_s"), format_seconds),
             "compute_s": _quantity(c.get("compute_s"), format_seconds),
