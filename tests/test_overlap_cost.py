@@ -56,9 +56,7 @@ def test_a_plans_overlapped_step_lies_between_its_compute_and_its_serial_step():
     mesh = parse_mesh("4")
     plan = plan_program(captured, mesh=mesh, profile="cpu", parameter_placements=classic_pins(captured, mesh)["FSDP"], input_placements=["S(0)"])
     c = plan.cost
-    assert c.total_s == pytest.approx(c.compute_s + c.comm_s)
     assert c.compute_s < c.overlapped_s < c.total_s  # FSDP's gathers hide in part
-    assert c.exposed_comm_s == pytest.approx(c.overlapped_s - c.compute_s)
     assert 0 < c.exposed_comm_s < c.comm_s
     again = type(plan).from_json(plan.to_json())
     assert (again.cost.overlapped_s, again.cost.exposed_comm_s) == (c.overlapped_s, c.exposed_comm_s)
