@@ -19,6 +19,7 @@ import argparse
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +31,15 @@ DEFAULT_RUNS = "gpt:2x2:400KB,mlp:4:16MiB,mlp:4:500000:train,gpt:2x2:1MB:train,l
 #: the solver tests' model sizes (tests/test_solver.py)
 OPTIONS = {("mlp", False): {"batch": "8", "d": "1024", "hidden": "4096"}, ("mlp", True): {"batch": "8", "d": "64", "hidden": "256"}}
 
-HEAD = f"{'example':>8} {'mesh':>5} {'budget':>8} {'train':>5} {'free s':>7} {'budget s':>8} {'ratio':>6} {'target s':>8} {'method':>14} {'free ms':>8} {'step ms':>8} {'gap':>7}"
+#: the table's header line; `main` prints it and tests/test_bench_tables.py
+#: compares it with the README's table
+HEADER = f"{'example':>8} {'mesh':>5} {'budget':>8} {'train':>5} {'free s':>7} {'budget s':>8} {'ratio':>6} {'target s':>8} {'method':>14} {'free ms':>8} {'step ms':>8} {'gap':>7}"
+
+
+def header(argv: Sequence[str] = ()) -> str:
+    """The header line `main` prints for these arguments."""
+    _parser().parse_args(list(argv))
+    return HEADER
 
 
 def _solve_s(plan) -> float:
@@ -62,12 +71,16 @@ def row(example: str, mesh: str, budget: str, train: bool, time_limit: float) ->
     )
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", default=DEFAULT_RUNS, help="comma-separated example:mesh:budget[:train]")
     p.add_argument("--time-limit", type=float, default=60.0, help="solver time limit, seconds")
-    args = p.parse_args()
-    print(HEAD, flush=True)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    print(HEADER, flush=True)
     for run in args.runs.split(","):
         example, mesh, budget, *rest = run.split(":")
         print(row(example, mesh, budget, rest == ["train"], args.time_limit), flush=True)

@@ -40,6 +40,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,10 +56,19 @@ DEFAULT_RUNS = (
     "8b:2:8x8:80GiB,8b:8:8x8:80GiB"
 )
 
-HEAD = (
+#: the table's header line; `main` prints it (the recipe rows under a row
+#: align with its step column) and tests/test_bench_tables.py compares it
+#: with the README's tables
+HEADER = (
     f"{'preset':>6} {'layers':>6} {'mesh':>7} {'budget':>7} {'batch':>5} {'capture':>8} {'build':>6} {'solve':>6} {'outer':>6} {'lower':>6} "
     f"{'total':>6} {'vars':>7} {'cons':>6} {'folded':>6} {'method':>18} {'rss MB':>7} {'step ms':>8} {'tok/s/dev':>9} {'peak GiB':>8}"
 )
+
+
+def header(argv: Sequence[str] = ()) -> str:
+    """The header line `main` prints for these arguments."""
+    _parser().parse_args(list(argv))
+    return HEADER
 
 
 def one(
@@ -174,7 +184,7 @@ def _row(preset: str, layers: str, mesh: str, memory: str | None, r: dict) -> st
     )
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", default=DEFAULT_RUNS, help="comma-separated preset:layers:mesh[:budget] (default: the issue's table)")
     p.add_argument("--memory", default=None, help="per-device budget for rows that name none, e.g. 80GiB (default: none)")
@@ -185,12 +195,16 @@ def main() -> None:
     p.add_argument("--recipes", action="store_true", help="also plan torchtitan's recipes pinned, and print them under each row")
     p.add_argument("--local-batch", type=int, default=None, help="sequences per data-parallel rank (devices over the last axis): the global batch grows with the mesh")
     p.add_argument("--one", help=argparse.SUPPRESS)  # a child process's row, as JSON
-    args = p.parse_args()
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
     if args.one:
         preset, layers, mesh = args.one.split(":")
         print(json.dumps(one(preset, layers, mesh, args.memory, not args.no_lower, args.time_limit, args.precision, args.remat, args.recipes, args.local_batch)))
         return
-    print(HEAD, flush=True)
+    print(HEADER, flush=True)
     for run in args.runs.split(","):
         preset, layers, mesh, *rest = run.split(":")
         memory = rest[0] if rest else args.memory

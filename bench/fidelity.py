@@ -14,7 +14,9 @@ rows taking turns a few steps at a time, each turn after an untimed step
 leaves the shared cache holding its own data), and the row's measured
 step is the slowest rank's median after warm-up. Prints predicted (the
 overlapped step, `cost.overlapped_s`), measured and their ratio per row,
-then the median and worst |predicted / measured - 1|.
+then the median and worst |predicted / measured - 1|. Standard output is
+the table the README shows (a line per mesh, the header, the rows and the
+summary lines); progress, the calibration and the total time go to stderr.
 
 Beside each row, in the same turns, the same program planned for one
 device is timed twice: on rank 0 alone, the other ranks waiting (one
@@ -44,6 +46,7 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +66,28 @@ MODES = (
     ("train bf16", True, "bf16", None),
     ("train fp32 remat", True, None, "full"),
 )
+
+#: the table's header line; `main` prints it and tests/test_bench_tables.py
+#: compares it with the README's table
+HEADER = (
+    f"{'row':<24} {'predicted ms':>12} {'measured ms':>11} {'pred/meas':>9} {'comm ms':>8} {'exposed':>8} "
+    f"{'1 device':>9} {'pred/meas':>9} {'vs 1 device':>11} {'vs replicated':>13}"
+)
+
+
+def _title(mesh_text: str, args: argparse.Namespace) -> str:
+    """The line above a mesh's table: what the rows under it ran on."""
+    from dtplan.planner.mesh import parse_mesh
+
+    size = parse_mesh(mesh_text).size
+    beside = ", each beside its single-device step on rank 0" if size > 1 else ""
+    return f"mesh {mesh_text}: {size} rank(s), one thread each, {args.steps} timed steps per row{beside}"
+
+
+def header(argv: Sequence[str] = ()) -> str:
+    """The first mesh's title and the header line, as `main` prints them."""
+    args = _parser().parse_args(list(argv))
+    return _title(args.meshes.split(",")[0], args) + "\n" + HEADER
 
 
 def _build(item: dict, mesh):
@@ -199,8 +224,7 @@ def _items(rows: list[tuple[str, str, dict, object, bytes]]) -> list[dict]:
     return [dict(path=path, options=options, plan_json=plan.to_json(), captured=captured) for _, path, options, plan, captured in rows]
 
 
-def main() -> None:
-    warnings.filterwarnings("ignore")
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--profile", help="a profile JSON (default: calibrate this machine first)")
     p.add_argument("--meshes", default="2,4", help="comma-separated meshes (default 2,4)")
@@ -208,7 +232,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=12, help="turns the rows take, the steps split among them, each after an untimed step (default 12)")
-    args = p.parse_args()
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    warnings.filterwarnings("ignore")
+    args = _parser().parse_args(argv)
 
     from dtplan.planner.cost.device import load_profile
     from dtplan.planner.mesh import parse_mesh
@@ -218,7 +247,7 @@ def main() -> None:
     # gloo's threads under the real-time policy (`launch.realtime_communication`),
     # in the calibration's ranks and the measured ones alike, unless set otherwise
     os.environ.setdefault("DTPLAN_REALTIME_COMM", "1")
-    print(f"DTPLAN_REALTIME_COMM={os.environ['DTPLAN_REALTIME_COMM']} (gloo threads real-time where each rank has a core)", flush=True)
+    print(f"DTPLAN_REALTIME_COMM={os.environ['DTPLAN_REALTIME_COMM']} (gloo threads real-time where each rank has a core)", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     given = load_profile(args.profile) if args.profile else None
     profiles: dict[int, object] = {}
@@ -230,19 +259,18 @@ def main() -> None:
         ranks = max(2, mesh.size)
         if given is None and ranks not in profiles:
             profiles[ranks] = calibrate(ranks, say=None)  # the machine as that many ranks share it
-            print(f"calibrated on {ranks} ranks: {profiles[ranks].description}", flush=True)
+            print(f"calibrated on {ranks} ranks: {profiles[ranks].description}", file=sys.stderr, flush=True)
         profile = given or profiles[ranks]
         rows = _plans(args, profile, mesh)
         # the single-device baseline: the same programs planned on mesh 1 (with
         # the 2-rank profile where there is one: one rank computing while
         # another does), run in the same turns as the mesh's rows
         base_rows = _plans(args, given or profiles.get(2, profile), parse_mesh("1")) if mesh.size > 1 else []
-        print(f"mesh {mesh_text}: planned {len(rows)} rows, running them on {mesh.size} rank(s), one thread each, "
-              f"{'each beside its single-device step on rank 0, ' if base_rows else ''}{args.steps} steps ...", flush=True)
+        print(f"mesh {mesh_text}: planned {len(rows)} rows, running them ...", file=sys.stderr, flush=True)
         work = functools.partial(_time_rank, items=_items(rows), baseline=_items(base_rows), steps=args.steps, warmup=args.warmup, rounds=args.rounds)
         per_rank = spawn(work, mesh)
-        print(f"{'row':<24} {'predicted ms':>12} {'measured ms':>11} {'pred/meas':>9} {'comm ms':>8} {'exposed':>8} "
-              f"{'1 device':>9} {'pred/meas':>9} {'vs 1 device':>11} {'vs replicated':>13}")
+        print(_title(mesh_text, args))
+        print(HEADER)
         base_errors = []
         for k, (label, _, _, plan, _) in enumerate(rows):
             measured = max(r["rows"][k]["median_s"] for r in per_rank)
@@ -275,7 +303,8 @@ def main() -> None:
     print(f"slower than not sharding (every rank running the one-device program): {', '.join(slower_replicated) if slower_replicated else 'none'}")
     print(
         f"({time.perf_counter() - t0:.0f} s; 'vs 1 device': the measured step over the same program's single-device step, "
-        "rank 0 alone; 'vs replicated': over that step run by every rank at once, the slowest's; both measured in the same turns)"
+        "rank 0 alone; 'vs replicated': over that step run by every rank at once, the slowest's; both measured in the same turns)",
+        file=sys.stderr,
     )
 
 

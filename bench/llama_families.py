@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +31,19 @@ MODELS = {
     "zoo/llama3_indep.py": ROOT / "examples" / "zoo" / "llama3_indep.py",
     "zoo/hf_llama.py (HF)": ROOT / "examples" / "zoo" / "hf_llama.py",
 }
+
+
+#: the table's header line; `main` prints it and tests/test_bench_tables.py
+#: compares it with the README's table
+HEADER = (
+    f"{'model':>22} {'seconds':>8} {'capture':>8} {'plan':>6} {'nodes':>6} {'step ms':>8} {'comm ms':>8} {'peak GiB':>8} {'fallbacks':>9} {'status':>9} {'vs ours':>8}"
+)
+
+
+def header(argv: Sequence[str] = ()) -> str:
+    """The header line `main` prints for these arguments."""
+    _parser().parse_args(list(argv))
+    return HEADER
 
 
 def one(path: str, mesh: str, memory: str, layers: str | None) -> dict:
@@ -59,17 +73,21 @@ def one(path: str, mesh: str, memory: str, layers: str | None) -> dict:
     }
 
 
-def main() -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mesh", default="8x8")
     p.add_argument("--memory", default="80GiB")
     p.add_argument("--layers", default=None, help="override the depth (default: 32)")
     p.add_argument("--one", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     if args.one:
         print(json.dumps(one(args.one, args.mesh, args.memory, args.layers)))
         return 0
-    print(f"{'model':>22} {'seconds':>8} {'capture':>8} {'plan':>6} {'nodes':>6} {'step ms':>8} {'comm ms':>8} {'peak GiB':>8} {'fallbacks':>9} {'status':>9} {'vs ours':>8}")
+    print(HEADER, flush=True)
     base = None
     for label, path in MODELS.items():
         cmd = [sys.executable, __file__, "--one", str(path), "--mesh", args.mesh, "--memory", args.memory]

@@ -25,10 +25,23 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+#: the per-rank table's header line, as `main` prints it
+HEADER = (
+    f"{'rank':>4} {'waits moved':>11} {'overlapped ms':>13} {'serialized ms':>13} {'unbucketed ms':>13} "
+    f"{'serialized/overlapped':>21} {'unbucketed/overlapped':>21}"
+)
+
+
+def header(argv: Sequence[str] = ()) -> str:
+    """The header line `main` prints for these arguments."""
+    _parser().parse_args(list(argv))
+    return HEADER
 
 
 def work(rank: int, mesh, *, path: str, options: dict, plan_json: dict, steps: int) -> dict:
@@ -62,15 +75,19 @@ def work(rank: int, mesh, *, path: str, options: dict, plan_json: dict, steps: i
     return {"rank": rank, "waits_moved": ahead, "collectives": len(collective_waits(gm)), **{k: statistics.median(v) for k, v in times.items()}}
 
 
-def main() -> None:
-    warnings.filterwarnings("ignore")
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=str(ROOT / "examples" / "gpt.py"))
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--mesh", default="2")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--plan", choices=("fsdp", "dp"), default="fsdp", help="FSDP (default) or data parallel")
-    args = p.parse_args()
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    warnings.filterwarnings("ignore")
+    args = _parser().parse_args(argv)
     import functools
 
     from dtplan import load_model_file, plan_program
@@ -94,7 +111,7 @@ def main() -> None:
         flush=True,
     )
     rows = spawn(functools.partial(work, path=args.model, options=options, plan_json=plan.to_json(), steps=args.steps), mesh)
-    print(f"{'rank':>4} {'waits moved':>11} {'overlapped ms':>13} {'serialized ms':>13} {'unbucketed ms':>13} {'serialized/overlapped':>21} {'unbucketed/overlapped':>21}")
+    print(HEADER)
     for r in rows:
         print(
             f"{r['rank']:>4} {r['waits_moved']:>5} of {r['collectives']:<3} {r['overlapped'] * 1e3:13.2f} {r['serialized'] * 1e3:13.2f} "

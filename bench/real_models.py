@@ -17,24 +17,54 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dtplan.check import check_model_files  # noqa: E402
-
 ZOO = ROOT / "examples" / "zoo"
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="*", help="model names under examples/zoo (default: all)")
     ap.add_argument("--mesh", default="2x2")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None, help="mixed-precision policy (compared with one device under it)")
     ap.add_argument("--remat", choices=("none", "full", "selective", "auto"), default=None, help="activation recomputation of the training steps")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def _recomputing(args: argparse.Namespace) -> bool:
+    return args.remat not in (None, "none")
+
+
+def _header(args: argparse.Namespace) -> str:
+    """The table's header and separator lines: the first column names the
+    mesh and the settings, so a table in the README says what made it."""
+    settings = [f"mesh {args.mesh}"]
+    if args.precision not in (None, "fp32"):
+        settings.append(args.precision)
+    if _recomputing(args):
+        settings.append(f"`--remat {args.remat}`")
+    extra = _recomputing(args)
+    cells = [f"model ({', '.join(settings)})", "plans", "runs exactly", f"trains exactly ({args.steps} AdamW steps)", "fallbacks (infer/train)"]
+    cells += ["recomputed ops (training)"] if extra else []
+    cells += ["seconds", "problem"]
+    return "| " + " | ".join(cells) + " |\n" + "|" + "---|" * len(cells)
+
+
+def header(argv: Sequence[str] = ()) -> str:
+    """The header lines `main` prints for these arguments (tests/test_bench_tables.py
+    compares them with the README's tables)."""
+    return _header(_parser().parse_args(list(argv)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dtplan.check import check_model_files
+
+    args = _parser().parse_args(argv)
     names = args.models or sorted(p.stem for p in ZOO.glob("*.py"))
     paths = [ZOO / f"{n}.py" for n in names]
     # a group of ranks per model: one model's failure is its own row
@@ -42,10 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         paths, mesh=args.mesh, steps=args.steps, one_group=False, precision=args.precision, remat=args.remat, progress=lambda m: print(m, file=sys.stderr, flush=True)
     )
     yes = lambda b: "yes" if b else "NO"  # noqa: E731
-    extra = args.remat not in (None, "none")
-    head = " recomputed ops (training) |" if extra else ""
-    print(f"| model | plans | runs exactly | trains exactly ({args.steps} AdamW steps) | fallbacks (infer/train) |{head} seconds | problem |")
-    print("|---|---|---|---|---|" + ("---|" if extra else "") + "---|---|")
+    extra = _recomputing(args)
+    print(_header(args))
     for r in rows:
         cell = f" {r.recomputed} ({r.remat}) |" if extra else ""
         print(f"| {r.name} | {yes(r.plans)} | {yes(r.runs_exactly)} | {yes(r.trains_exactly)} | {r.fallbacks[0]}/{r.fallbacks[1]} |{cell} {r.seconds:.0f} | {r.problem} |")

@@ -20,10 +20,17 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+def header(argv: Sequence[str] = ()) -> str:
+    """The first line `main` prints for these arguments (what the rows under it are)."""
+    args = _parser().parse_args(list(argv))
+    return f"mesh {args.mesh}, {args.runs} launches per method, each method in a fresh process"
 
 
 def _one_all_reduce(rank, mesh) -> float:
@@ -50,17 +57,21 @@ def _child(mesh: str, runs: int) -> None:
     print(json.dumps({"method": start_method(), "seconds": seconds}))
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mesh", default="4")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
     if args.child:
         _child(args.mesh, args.runs)
         return
     first, later = {}, {}
-    print(f"mesh {args.mesh}, {args.runs} launches per method, each method in a fresh process")
+    print(header(["--mesh", args.mesh, "--runs", str(args.runs)]))
     for method in ("spawn", "forkserver"):
         env = {**os.environ, "DTPLAN_START_METHOD": method, "PYTHONPATH": str(ROOT)}
         out = subprocess.run(
