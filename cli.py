@@ -128,7 +128,7 @@ def _summary(plan) -> dict:
         "remat": dict(plan.model.remat) or {"mode": "none"},
         "recompute_s": plan.recompute_s(),
         "memory_parts_bytes": {k: getattr(c, k) for k in ("parameter_bytes", "gradient_bytes", "optimizer_bytes", "activation_bytes")},
-        "solver": {k: getattr(s, k) for k in ("status", "method", "objective", "bound", "gap", "wall_s")},
+        "solver": {k: getattr(s, k) for k in ("status", "method", "objective", "bound", "gap", "wall_s")} | {"time_limited": list(s.time_limited)},
         "stage_seconds": dict(plan.stage_seconds),
         "comparison": {
             r["name"]: {"step_time_s": r["cost"]["total_s"], "overlapped_step_time_s": r["cost"].get("overlapped_s"), "fits": r["fits"]}
@@ -161,6 +161,8 @@ def _print_summary(plan, out_dir: Path | None) -> None:
             got = "does not fit" if row["step_s"] is None else f"{format_seconds(row['step_s'])}, {format_bytes(row['peak_memory_bytes'])}"
             print(f"  remat auto       {row['policy']:<24} {got}{'  <- chosen' if row['chosen'] else ''}")
     print(f"  solver           {s.status} by {s.method} in {format_seconds(s.wall_s)}, gap {s.gap:.2%}")
+    if s.time_limited:
+        print(f"  time limit       stopped {', '.join(s.time_limited)}: another machine or load may plan differently (--time-limit)")
     print("  stages           " + ", ".join(f"{k} {format_seconds(v)}" for k, v in plan.stage_seconds.items()))
     for row in plan.comparison:
         if row.get("error"):  # the layout could not be planned: its error, first line

@@ -573,6 +573,7 @@ def _solver_summary(result: SolveResult, folded: FoldResult | None, planned: Mes
         layers_folded=folded.layers_folded if folded else 0,
         nodes_folded=folded.nodes_folded if folded else 0,
         planned_mesh=tuple(planned.shape),
+        time_limited=result.time_limited,
     )
 
 

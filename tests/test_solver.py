@@ -229,3 +229,24 @@ def test_cp_sat_step_whole_program_from_the_dived_plan(solve_inputs):
     assert solve(**inputs, memory_budget=budget, steps=WITHOUT_LAGRANGE).method == "lp-branch"
     full = solve(**inputs, memory_budget=budget)
     assert (full.method, full.objective_ns) == ("lp-lagrange", 1178182) and full.gap <= 0.01
+
+
+def test_a_solve_a_time_limit_stopped_says_which_step_it_stopped(solve_inputs, monkeypatch, capsys):
+    """The README's budget, with branch and bound stopped at its time limit
+    as HiGHS reports it (emulated: on a loaded machine the real one may or
+    may not be): the result, the plan file and the summary name the step,
+    since another machine may then plan differently. Unstopped, none."""
+    from dtplan import cli
+    from dtplan.planner.output.plan import Plan
+    from dtplan.planner.solver import ladder
+
+    inputs = solve_inputs(captured_example("gpt"), mesh="2x2")
+    assert solve(**inputs, memory_budget=400_000).time_limited == ()
+    monkeypatch.setattr(ladder._Frozen, "branch", lambda *a, **k: ladder._Sub(None, float("-inf"), ladder.TIME_LIMIT))
+    r = solve(**inputs, memory_budget=400_000)
+    assert "lp-lagrange" in r.time_limited and r.method != "lp-lagrange"
+    plan = plan_program(captured_example("gpt"), mesh="2x2", memory=400_000, compare=False)
+    assert "lp-lagrange" in plan.solver.time_limited
+    assert Plan.from_json(plan.to_json()).solver.time_limited == plan.solver.time_limited
+    cli._print_summary(plan, None)
+    assert "time limit       stopped lp-lagrange" in capsys.readouterr().out

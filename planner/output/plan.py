@@ -97,6 +97,9 @@ class SolverSummary:
     nodes_folded: int = 0
     #: the mesh the program was solved on (outer axes merged on 3-axis meshes)
     planned_mesh: tuple[int, ...] = ()
+    #: the solve steps a time limit stopped: the plan may differ on a machine
+    #: of another speed or load (`--time-limit`)
+    time_limited: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)

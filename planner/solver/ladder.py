@@ -136,6 +136,9 @@ class SolveResult:
     constraints: int
     #: seconds spent building the program (included in wall_s)
     build_s: float = 0.0
+    #: the steps a time limit stopped before they finished: the plan may
+    #: then differ on a machine of another speed, or under another load
+    time_limited: tuple[str, ...] = ()
     #: the solve's state (the built program, the LP): what `solve_pinned`
     #: solves again with some choices fixed
     state: SolveState | None = dataclasses.field(default=None, compare=False, repr=False)
@@ -188,6 +191,8 @@ class SolveState:
     #: branch and bound's proven lower bound (ns), when it ran
     branch_bound: int | None = None
     candidate: Candidate | None = None
+    #: the steps a time limit stopped (`SolveResult.time_limited`)
+    cut: list[str] = dataclasses.field(default_factory=list)
 
     @classmethod
     def start(cls, graph, space, pricer, output_placements, memory_budget, options) -> SolveState:
@@ -207,7 +212,12 @@ class SolveState:
         """A result; its size the program's now unless given."""
         size = self.model.program.size if size is None else size
         wall = self.elapsed() if wall is None else wall
-        return SolveResult(choice, status, objective, bound, wall, method, **size, build_s=self.build_s, state=self)
+        return SolveResult(choice, status, objective, bound, wall, method, **size, build_s=self.build_s, time_limited=tuple(self.cut), state=self)
+
+    def timed_out(self, step: str, stopped: bool) -> None:
+        """Record that a time limit stopped `step` (when `stopped`)."""
+        if stopped and step not in self.cut:
+            self.cut.append(step)
 
     def candidate_result(self, bound: int, wall: float | None = None) -> SolveResult:
         """The candidate as the answer, against `bound`."""
@@ -243,6 +253,10 @@ class SolveState:
         assert self.lp is not None
         return cost_ns - self.lp.bound <= self.options.rounding_gap * cost_ns
 
+
+#: HiGHS's words for a run its time limit stopped (`_Sub.status`:
+#: `modelStatusToString(kTimeLimit)`; an instance would print HiGHS's banner at import)
+TIME_LIMIT = "Time limit reached"
 
 #: branch and bound presolves programs up to this many variables (`lp_branch`)
 PRESOLVE_MAX_VARIABLES = 100_000
@@ -330,6 +344,7 @@ def lp_lagrange(s: SolveState) -> SolveResult | None:
             apart += 1
     found = lp.branch(lb, ub, above, s.options.rounding_gap, max(0.05, (deadline - time.perf_counter()) / 2))
     log.debug("Lagrangian plans: %d groups apart, branch and bound over them: %s, %.2fs", apart, found.status, s.elapsed())
+    s.timed_out("lp-lagrange", found.status == TIME_LIMIT)
     hint = None
     for values in (above, found.values):
         if values is not None and _take(s, values):
@@ -345,6 +360,7 @@ def lp_lagrange(s: SolveState) -> SolveResult | None:
     lb, ub, fixed = _fix_by_reduced_cost(lp, x_lp, reduced, room)
     proof = lp.branch(lb, ub, hint, 0.99 * s.options.rounding_gap, max(0.05, deadline - time.perf_counter()))
     log.debug("Lagrangian plans: candidate %d ns, %d of %d columns fixed by reduced cost, proof %s (bound %.0f, target %.0f), %.2fs", s.candidate.objective, fixed, lp.n, proof.status, proof.bound, target, s.elapsed())
+    s.timed_out("lp-lagrange", proof.status == TIME_LIMIT)
     if proof.values is not None:
         _take(s, proof.values)
     # plans outside the fixed program cost at least `target`
@@ -358,8 +374,10 @@ def lp_dive(s: SolveState) -> SolveResult | None:
     fits, the candidate."""
     if s.lp is None:
         return None
-    dive = _dive(s.model, s.lp.highs, s.t0 + s.options.time_limit_s / 2)
+    deadline = s.t0 + s.options.time_limit_s / 2
+    dive = _dive(s.model, s.lp.highs, deadline)
     if dive is None:
+        s.timed_out("lp-dive", time.perf_counter() >= deadline)
         return None
     choice, _ = s.model.choice(dive)
     cost_ns, peak = s.price(choice)
@@ -409,6 +427,7 @@ def lp_branch(s: SolveState) -> SolveResult | None:
     h.run()
     info, status = h.getInfo(), h.getModelStatus()
     log.debug("branch and bound: %s, %d nodes, bound %.0f, %.2fs", h.modelStatusToString(status), info.mip_node_count, info.mip_dual_bound, s.elapsed())
+    s.timed_out("lp-branch", status == highspy.HighsModelStatus.kTimeLimit)
     if status == highspy.HighsModelStatus.kInfeasible and s.memory_budget is not None:
         raise MemoryBudgetError(s.memory_budget, *least_memory(s.graph, s.space, s.pricer, s.options))
     if np.isfinite(info.mip_dual_bound):
@@ -437,6 +456,7 @@ def lp_fix_cp_sat(s: SolveState) -> SolveResult | None:
     if not fixed:
         return None
     solver, vs, status, scale = _cp_sat(s.model, s.options, s.rounded, fixed, s.options.time_limit_s)
+    s.timed_out("lp-fix+cp-sat", status not in (cp_model.OPTIMAL, cp_model.INFEASIBLE) and solver.WallTime() >= 0.99 * s.options.time_limit_s)
     if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         choice = s.model.choice(lambda x: float(solver.BooleanValue(vs[x])))[0]
         s.candidate = Candidate(choice, int(round(solver.ObjectiveValue())) // scale, "lp-fix+cp-sat")
@@ -453,6 +473,7 @@ def cp_sat(s: SolveState) -> SolveResult | None:
     first = s.candidate
     left = max(1.0, s.options.time_limit_s - s.elapsed()) if first else s.options.time_limit_s
     solver, vs, status, scale = _cp_sat(s.model, s.options, first.choice if first else s.rounded, [], left)
+    s.timed_out("cp-sat", status not in (cp_model.OPTIMAL, cp_model.INFEASIBLE) and solver.WallTime() >= 0.99 * left)
     wall = s.elapsed()
     name = solver.StatusName(status)
     size = s.model.program.size
