@@ -187,6 +187,8 @@ def _check_training(losses, first, state, ref: Reference, trainer, *, tol: Toler
         worst_gradient=None if worst is None else worst.removeprefix("grad[").removesuffix("]"),
         gradient_margin=0.0 if worst is None else cmps[worst].margin,
         gradients_match=all(cmps[k].ok for k in grads),
+        #: per parameter: the difference's norm over the gradient's, and over what the tolerance allows
+        gradients={k.removeprefix("grad[").removesuffix("]"): (cmps[k].max_rel, cmps[k].margin) for k in grads},
         **_summary(cmps),
     )
 
