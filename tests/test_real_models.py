@@ -23,7 +23,7 @@ FAMILIES = sorted(ZOO.glob("*.py"))
 def test_the_zoo_covers_every_family():
     names = {p.stem for p in FAMILIES}
     assert {"hf_llama", "hf_qwen2", "hf_gpt2", "hf_gpt_neox", "hf_bert", "hf_t5", "hf_mixtral"} <= names
-    assert {"timm_vit", "timm_resnet", "timm_convnext", "tv_mobilenet_v3", "llama3_indep"} <= names
+    assert {"timm_vit", "timm_resnet", "timm_convnext", "tv_mobilenet_v3", "tv_deeplabv3", "llama3_indep"} <= names
 
 
 def test_every_family_plans_runs_and_trains_exactly_on_2x2():
