@@ -10,18 +10,28 @@ compared by hash, and ranks that differ are named before anything runs.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable
 
 import torch.distributed as dist
 
-from dtplan.planner.output.plan import Plan, PlanError, plan_text
+from dtplan.planner.output.plan import Plan, PlanError
 
 __all__ = ["agreed_plan", "plan_digest"]
 
 
+#: the plan file's sections that decide what a rank runs; the rest (the
+#: solver's wall time and bound, stage seconds, the classic comparison, the
+#: predicted cost) may differ between two plannings of one plan
+RUN_SECTIONS = ("version", "model", "mesh", "inputs", "outputs", "parameters", "parameter_info", "nodes", "hubs", "collectives", "fallbacks")
+
+
 def plan_digest(plan: Plan) -> str:
-    """A short hash of the plan file's text: equal plans, equal digests."""
-    return hashlib.sha256(plan_text(plan).encode()).hexdigest()[:12]
+    """A short hash of what a rank runs of the plan (`RUN_SECTIONS`): plans
+    that run alike, equal digests."""
+    d = plan.to_json()
+    text = json.dumps({k: d.get(k) for k in RUN_SECTIONS}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def agreed_plan(plan: Plan | None, make: Callable[[], Plan] | None = None) -> Plan:
