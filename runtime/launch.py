@@ -151,7 +151,8 @@ def _rank_main(rank: int, mesh_json: dict, work_file: str, folder: str, timeout_
         # this rank's error, and the others are stopped after their grace
         work: Work = pickle.loads(Path(work_file).read_bytes())
         with process_group(mesh, rank=rank, store_path=str(Path(folder) / "store"), timeout_s=timeout_s) as device_mesh:
-            # written before teardown: the result stands if tearing down fails
+            # written before teardown: an error raised while tearing down
+            # leaves it standing (a rank killed then still fails the run: _join)
             _write(out, {"ok": True, "result": work(rank, device_mesh)})
     except BaseException as e:  # noqa: BLE001 - reported to the parent as data
         if not out.exists():
@@ -310,10 +311,11 @@ def check_rank_count(ranks: int) -> None:
 
 def _join(processes, folder: str, size: int, grace_s: float) -> None:
     """Wait for every rank. A rank that exits with an error status (killed by
-    a signal) is fatal unless every rank had written its result (gloo now
-    and then aborts a rank while it tears down, after the teardown barrier,
-    so every result is in by then). Once a rank has written a failed result,
-    the others get `grace_s` to finish and are then stopped."""
+    a signal, or a non-zero exit code) fails the run, whether or not it had
+    written its result: a native fault in teardown is as much a fault as one
+    mid-step, and a run that hides it would hide heap corruption until it
+    lands somewhere worse. Once a rank has written a failed result, the
+    others get `grace_s` to finish and are then stopped."""
     failed_at = None
     read: set[int] = set()  # results already read (each is read once)
     while True:
@@ -322,10 +324,12 @@ def _join(processes, folder: str, size: int, grace_s: float) -> None:
         if bad is not None:
             rank, code = bad
             how = f"signal {_signal_name(-code)}" if code < 0 else f"exit code {code}"
-            if not all(_result_path(folder, r).exists() for r in range(size)):
+            path = _result_path(folder, rank)
+            if not path.exists():
                 raise LaunchError(f"rank {rank} died before its result was written: process {rank} terminated with {how}")
-            log.warning("rank %d died while tearing down, after writing its result: terminated with %s", rank, how)
-            return
+            result = json.loads(path.read_text())
+            had = "" if result["ok"] else f"; it had failed: {_one_line(result['error'])}\n{result['traceback']}"
+            raise LaunchError(f"rank {rank} died after writing its result, while tearing down: process {rank} terminated with {how}{had}")
         if all(c == 0 for c in codes):
             return
         if failed_at is None and _any_new_failure(folder, size, read):

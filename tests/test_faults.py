@@ -232,6 +232,21 @@ def test_a_hung_or_killed_rank_ends_the_run_in_bounded_time():
     assert hung < 30 and killed < 20, (hung, killed)  # generous: the suite runs two workers on two cores
 
 
+def _one_rank_aborts_tearing_down(rank, mesh):
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    if rank == 0:
+        dist.destroy_process_group = lambda *a, **k: os.abort()  # after its result is written
+    return float(t)
+
+
+def test_a_rank_killed_by_a_signal_after_writing_its_result_fails_the_run():
+    """A native fault in teardown is a fault: the run names the rank and the
+    signal instead of returning the results written before it."""
+    with pytest.raises(LaunchError, match=r"rank 0 died after writing its result, while tearing down: process 0 terminated with signal SIGABRT$"):
+        spawn(_one_rank_aborts_tearing_down, parse_mesh("2"), timeout_s=20, grace_s=1)
+
+
 def _what_a_rank_sees(rank, mesh, say=True):
     if say:
         for fd, name in ((2, "stderr"), (1, "stdout")):
