@@ -2,12 +2,12 @@
 
 The functional `all_gather_into_tensor` reaches gloo through its coalesced
 all-gather (`ProcessGroupGloo::allgather_coalesced`), and with more than one
-of those in flight a rank's heap is corrupted (torch 2.14: a worker thread
-allocating in `AsyncAllgatherCoalescedWork` while the caller enqueues the
-next; ranks die with SIGSEGV or `malloc(): unaligned tcache chunk
-detected`, in most runs of eight gathers in flight over compute, never with
-one). Gloo's plain all-gather into one tensor (`_allgather_base`) runs the
-same eight in flight without fault. `all_gather` issues that one and
+of those in flight a rank's heap was corrupted (torch 2.14: a worker thread
+allocating in `AsyncAllgatherCoalescedWork` while the caller enqueued the
+next; ranks died with SIGSEGV or `malloc(): unaligned tcache chunk
+detected`; docs/architecture.md, "Overlap", has the measurements). Gloo's
+plain all-gather into one tensor (`_allgather_base`) has run the same
+pattern without fault. `all_gather` issues that one and
 registers its work with the functional collectives' registry, so the
 lowered module's `wait_tensor` waits for it as for any functional
 collective; `use_base_gathers` puts it in place of the functional gather
@@ -29,6 +29,9 @@ def all_gather(input: torch.Tensor, group_size: int, group_name: str) -> torch.T
     """`_c10d_functional.all_gather_into_tensor` over `_allgather_base`: same
     arguments, same result, asynchronous until `wait_tensor`."""
     out = input.new_empty((input.shape[0] * group_size, *input.shape[1:]))
+    # a non-contiguous input's copy is held by nothing here once this
+    # returns: gloo's work keeps the tensors it was given until it is
+    # destroyed, after the wait (tests/test_gloo_stress.py checks it)
     work = _resolve_process_group(group_name)._allgather_base(out, input.contiguous())
     torch._C._distributed_c10d._register_work(out, work)
     return out
