@@ -29,13 +29,13 @@ def torchrun(tmp_path, per_rank: dict[int, list[str]]) -> subprocess.CompletedPr
 
 def test_ranks_given_other_solver_options_run_rank_0s_plan(tmp_path):
     # rank 1's own options plan nothing (no plan fits 1 KB): it must not plan at all
-    common = ["run", str(example_path("mlp")), "--mesh", "2", "--train", "--steps", "1", "--check", "--quiet"]
+    common = ["run", str(example_path("mlp")), "--mesh", "2", "--check", "--quiet"]
     done = torchrun(tmp_path, {0: common, 1: common + ["--time-limit", "0.001", "--memory", "1KB"]})
     assert done.returncode == 0, done.stderr[-3000:]
     digests = re.findall(r"rank (\d): plan ([0-9a-f]{12})", done.stdout)
     assert sorted(r for r, _ in digests) == ["0", "1"], done.stdout
     assert len({d for _, d in digests}) == 1, done.stdout
-    assert "gradients (step 1, before the optimizer) match" in done.stdout
+    assert "check passed" in done.stdout
 
 
 def test_ranks_holding_different_plan_files_are_refused_by_name(tmp_path):

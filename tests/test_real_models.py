@@ -42,7 +42,8 @@ def test_every_family_plans_runs_and_trains_exactly_on_2x2():
     assert not bad, bad
     for r in rows:
         assert len(r.losses) == 1 and all(torch.isfinite(torch.tensor(r.losses))), r
-        assert r.fallbacks == (0, 0) or r.name in ("timm_convnext",), (r.name, r.fallbacks)
+        # bilinear upsampling (`_unsafe_index`, backward `_unsafe_index_put`) has no rule: replicated, listed
+        assert r.fallbacks == (0, 0) or r.name in ("timm_convnext", "tv_deeplabv3"), (r.name, r.fallbacks)
 
 
 def test_hf_model_output_and_tied_weights_on_one_device_mesh(tmp_path):
