@@ -17,11 +17,14 @@ from dtplan.planner.output.report import write_report
 from dtplan.runtime.run import run_many
 
 ZOO = Path(__file__).resolve().parents[1] / "examples" / "zoo"
-FAMILIES = sorted(ZOO.glob("*.py"))
+#: tv_deeplabv3, the slowest family to plan and check on 2x2, is checked by
+#: bench/real_models.py; its head, where 2x2 plans went wrong, by
+#: tests/test_rules_regression.py (docs/architecture.md, training checks)
+FAMILIES = sorted(p for p in ZOO.glob("*.py") if p.stem != "tv_deeplabv3")
 
 
 def test_the_zoo_covers_every_family():
-    names = {p.stem for p in FAMILIES}
+    names = {p.stem for p in ZOO.glob("*.py")}
     assert {"hf_llama", "hf_qwen2", "hf_gpt2", "hf_gpt_neox", "hf_bert", "hf_t5", "hf_mixtral"} <= names
     assert {"timm_vit", "timm_resnet", "timm_convnext", "tv_mobilenet_v3", "tv_deeplabv3", "llama3_indep"} <= names
 
@@ -42,8 +45,7 @@ def test_every_family_plans_runs_and_trains_exactly_on_2x2():
     assert not bad, bad
     for r in rows:
         assert len(r.losses) == 1 and all(torch.isfinite(torch.tensor(r.losses))), r
-        # bilinear upsampling (`_unsafe_index`, backward `_unsafe_index_put`) has no rule: replicated, listed
-        assert r.fallbacks == (0, 0) or r.name in ("timm_convnext", "tv_deeplabv3"), (r.name, r.fallbacks)
+        assert r.fallbacks == (0, 0) or r.name in ("timm_convnext",), (r.name, r.fallbacks)
 
 
 def test_hf_model_output_and_tied_weights_on_one_device_mesh(tmp_path):
