@@ -229,7 +229,7 @@ def cmd_run(args) -> int:
     check_rank_count(mesh.size)  # before planning for a mesh this machine cannot run
     if not launched_by_torchrun():
         plan, captured = _run_plan(args, plan, mesh, progress)
-        return _print_run(args, _run(args, plan, captured))
+        return _print_run(args, _run(args, plan, captured, progress))
     # torchrun: rank 0 plans and every rank runs its plan (`runtime.agree`);
     # a rank that plans alone may stop its solve elsewhere on a loaded machine
     with process_group(mesh, timeout_s=args.timeout) as device_mesh:
@@ -245,10 +245,10 @@ def cmd_run(args) -> int:
 
             plan = agreed_plan(None, make)
             captured = held.get("captured")  # rank 0's; the other ranks trace the model themselves
-        return _print_run(args, _run(args, plan, captured, device_mesh=device_mesh))
+        return _print_run(args, _run(args, plan, captured, progress, device_mesh=device_mesh))
 
 
-def _run_plan(args, plan, mesh, progress, *, check_only: bool = False):
+def _run_plan(args, plan, mesh, progress):
     """The plan `run` runs and its capture: the given plan checked against
     the model and the options, or a plan made now."""
     from dtplan.ir.modelfile import capture_model_file, load_model_file
@@ -276,10 +276,10 @@ def _run_plan(args, plan, mesh, progress, *, check_only: bool = False):
     return plan, captured
 
 
-def _run(args, plan, captured, **kwargs) -> list[dict]:
+def _run(args, plan, captured, progress, **kwargs) -> list[dict]:
     from dtplan.runtime.run import run_model_file
 
-    _Progress(args.quiet)(f"running on {plan.mesh.size} rank(s)")
+    progress(f"running on {plan.mesh.size} rank(s)")
     return run_model_file(
         args.model, plan, options=_model_args(args.model_arg), check=args.check, steps=args.steps, lr=args.lr, timeout_s=args.timeout,
         captured=captured, **kwargs,

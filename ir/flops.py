@@ -33,6 +33,8 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map_only
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
+from dtplan.ir.errors import error_line
+
 if TYPE_CHECKING:
     from dtplan.ir.graph import Graph, Node
 
@@ -159,12 +161,6 @@ def _elementwise(out: Any) -> int:
     return sum(t.numel() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
 
 
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    text = text if len(text) <= 200 else text[:197] + "..."
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
 def node_cost(fx_node: torch.fx.Node) -> tuple[int, int]:
     """(FLOPs, bytes read + written) of an ATen call node on global shapes.
 
@@ -183,7 +179,7 @@ def node_cost(fx_node: torch.fx.Node) -> tuple[int, int]:
         try:
             return _formula_flops(target, args, kwargs, out), nbytes
         except Exception as e:  # noqa: BLE001 - counted elementwise here; flop_fallbacks lists it for the plan
-            log.debug("FLOP formula for %s failed (%s); counting it elementwise", target, _one_line(e))
+            log.debug("FLOP formula for %s failed (%s); counting it elementwise", target, error_line(e, 200))
     return _elementwise(out), nbytes
 
 
@@ -225,7 +221,7 @@ def flop_fallback(node: Node, graph: Graph) -> FlopFallback | None:
     try:
         _formula_flops(target, args, kwargs, out)
     except Exception as e:  # noqa: BLE001 - what node_cost met: the reason the plan lists
-        return FlopFallback(node.name, node.op_name, f"FLOP formula failed ({_one_line(e)}); counted one FLOP per output element")
+        return FlopFallback(node.name, node.op_name, f"FLOP formula failed ({error_line(e, 200)}); counted one FLOP per output element")
     return None
 
 

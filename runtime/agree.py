@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import torch.distributed as dist
 
+from dtplan.ir.errors import error_line
 from dtplan.planner.output.plan import Plan, PlanError
 
 __all__ = ["agreed_plan", "plan_digest"]
@@ -66,7 +67,7 @@ def _from_rank0(make: Callable[[], Plan]) -> Plan:
             box[0] = ("plan", make().to_json())
         except Exception as e:  # noqa: BLE001 - every rank must hear of it, or the others wait forever
             error = e
-            box[0] = ("error", f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+            box[0] = ("error", error_line(e))
     dist.broadcast_object_list(box, src=0)
     kind, payload = box[0]
     if error is not None:

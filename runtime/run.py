@@ -117,8 +117,7 @@ def train_rank_work(
             # copies: a replicated buffer's full value is the live buffer itself
             first = {k: v.clone() for k, v in _buffers(trainer.full_state_dict(), trainer).items()}
             first.update({f"grad[{k}]": g.clone() for k, g in trainer.full_gradients().items()})
-        trainer.optimizer.step()
-        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.update()
     seconds["steps"] = time.perf_counter() - t1
     report = {"rank": rank, "losses": losses, **_collectives_report(recorder, plan), "seconds": seconds}
     state = trainer.full_state_dict()

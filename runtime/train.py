@@ -87,38 +87,34 @@ class ShardedTrainer:
             self.parameters[fqn].grad = grad
         return float(loss)
 
-    def step(self, *full_inputs: torch.Tensor) -> float:
-        loss = self.backward(*full_inputs)
+    def update(self) -> None:
+        """The optimizer's step on the gradients `backward` left, then clear them."""
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self, *full_inputs: torch.Tensor) -> float:
+        loss = self.backward(*full_inputs)
+        self.update()
         return loss
 
     def full_gradients(self) -> dict[str, torch.Tensor]:
         """Every gradient `backward` left, in full (collective: call it on
         every rank). A parameter the loss does not reach has none."""
         mesh = RankMesh.of(self.program.mesh)
-        graph = self.program.captured.graph
-        replicate = (Replicate(),) * len(mesh.shape)
-        out = {}
-        for fqn, p in self.parameters.items():
-            if p.grad is not None:
-                meta = graph[self._stored[fqn][0]].tensor_meta
-                out[fqn] = redistribute_local(p.grad, mesh, meta, self._placements(fqn), replicate)
-        return out
+        return {fqn: self._full(p.grad, fqn, mesh) for fqn, p in self.parameters.items() if p.grad is not None}
 
     def _placements(self, fqn: str) -> Placements:
         return self.program.plan.nodes[self._stored[fqn][0]].output
 
+    def _full(self, local: torch.Tensor, fqn: str, mesh: RankMesh) -> torch.Tensor:
+        """The full value of stored tensor `fqn` (or its gradient) from this rank's shard (collective)."""
+        meta = self.program.captured.graph[self._stored[fqn][0]].tensor_meta
+        return redistribute_local(local, mesh, meta, self._placements(fqn), (Replicate(),) * len(mesh.shape))
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Every parameter and buffer in full, gathered from the shards."""
         gm, mesh = self.program.graph_module, RankMesh.of(self.program.mesh)
-        graph = self.program.captured.graph
-        replicate = (Replicate(),) * len(mesh.shape)
-        out = {}
-        for fqn, (name, _) in self._stored.items():
-            local = getattr(gm, attr_name(name)).detach()
-            out[fqn] = redistribute_local(local, mesh, graph[name].tensor_meta, self._placements(fqn), replicate)
-        return out
+        return {fqn: self._full(getattr(gm, attr_name(name)).detach(), fqn, mesh) for fqn, (name, _) in self._stored.items()}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Cut full tensors (a checkpoint) back into this rank's shards."""

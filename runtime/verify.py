@@ -131,8 +131,9 @@ def compare(
     allowed = atol + rtol * want.abs()
     used = 0
     if loose is not None:
-        used = int(((diff > allowed) & loose.cpu()).sum())
-        allowed = torch.where(loose.cpu(), torch.full_like(allowed, loose_atol), allowed)
+        loose = loose.cpu()
+        used = int(((diff > allowed) & loose).sum())
+        allowed = torch.where(loose, torch.full_like(allowed, loose_atol), allowed)
     ok = bool((diff <= allowed).all()) and used <= loose_count
     return Comparison(max_abs, max_rel, ok, used)
 
@@ -140,8 +141,8 @@ def compare(
 def compare_norm(got: torch.Tensor, want: torch.Tensor, *, rtol: float, floor: float) -> Comparison:
     """A tensor against its reference as a whole: the 2-norm of the
     difference within `rtol` of the reference's norm plus `floor` per
-    element (in the norm: floor * sqrt(numel)); `max_rel` is the relative
-    difference of the norms."""
+    element (in the norm: floor * sqrt(numel)); `max_rel` is the
+    difference's norm over the reference's."""
     got, want = got.detach().double().cpu(), want.detach().double().cpu()
     if got.shape != want.shape:
         return Comparison(float("inf"), float("inf"), False)

@@ -74,6 +74,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from dtplan.ir.errors import error_line
 from dtplan.ir.graph import Role
 from dtplan.planner.mesh import MeshSpec, parse_mesh
 from dtplan.planner.space._dtensor import parse_placement
@@ -91,7 +92,6 @@ __all__ = [
     "PlacementDiff",
     "classic_pins",
     "compare_classic",
-    "error_line",
     "is_llama",
     "placement_diff",
     "recipe_note",
@@ -170,13 +170,6 @@ class ClassicResult:
         if self.recipe is not None:
             out["recipe"] = dict(self.recipe)
         return {**out, "error": self.error} if self.error is not None else out
-
-
-def error_line(e: BaseException) -> str:
-    """An exception as the one line a failed comparison row shows."""
-    text = " ".join(str(e).split())
-    text = text if len(text) <= 300 else text[:297] + "..."
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _shapes(captured: Captured) -> dict[str, tuple[int, ...]]:
