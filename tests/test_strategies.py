@@ -100,3 +100,33 @@ def test_redistribution_steps_do_not_depend_on_the_shape():
             assert ours == theirs, (shape, src, dst)
             reordered = [(s.axis, s.src, s.dst) for s in transform_steps(mesh_shape, meta, src, dst)]
             assert sorted(reordered, key=str) == sorted(ours, key=str), (shape, src, dst)  # small values: the same steps
+
+
+def test_strategies_skip_dtensors_pricing_and_offer_the_same_placements(monkeypatch):
+    """The planner reads DTensor's strategies' placements only, so DTensor's
+    own pricing of each is skipped while a strategy function runs: the
+    strategies offered are the same either way, and the pricing is back
+    afterwards for eager DTensor."""
+    from torch.distributed.tensor._collective_utils import redistribute_cost
+    from torch.distributed.tensor._ops import utils
+
+    from dtplan.planner.space import _dtensor
+
+    priced = []
+
+    def counting(src, dst):
+        priced.append(1)
+        return 0.0
+
+    g, space = _space("gpt", (2, 2))
+    monkeypatch.setattr(_dtensor, "_no_cost", counting)
+    again = build_strategies(g, (2, 2), {})
+    assert priced, "no strategy function priced a redistribution: the test reaches no DTensor rule"
+    assert utils.redistribute_cost is redistribute_cost
+    for n in g:
+        assert [(s.inputs, s.output) for s in space.nodes[n.name].options] == [(s.inputs, s.output) for s in again.nodes[n.name].options], n.name
+    # and with DTensor pricing them itself
+    monkeypatch.setattr(_dtensor, "_unpriced", __import__("contextlib").nullcontext)
+    full = build_strategies(g, (2, 2), {})
+    for n in g:
+        assert [(s.inputs, s.output) for s in space.nodes[n.name].options] == [(s.inputs, s.output) for s in full.nodes[n.name].options], n.name

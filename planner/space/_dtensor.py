@@ -5,11 +5,12 @@ torch upgrade touches this file only.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor._dtensor_spec import DTensorSpec
 from torch.distributed.tensor._dtensor_spec import TensorMeta as DTMeta
 from torch.distributed.tensor._op_schema import OpSchema, OpSpec, OpStrategy, TupleStrategy
+from torch.distributed.tensor._ops import utils as _ops_utils
 from torch.distributed.tensor._ops.single_dim_strategy import _ShardingPlaceholder
 from torch.distributed.tensor._redistribute import _gen_transform_infos
 from torch.distributed.tensor.placement_types import Placement, _StridedShard
@@ -106,13 +108,22 @@ def strided(dim: int, split_factor: int) -> Placement:
     return _StridedShard(dim, split_factor=split_factor)
 
 
+#: (sharded, strided) by a placement's exact class. torch's placements are
+#: custom classes whose metaclass makes `isinstance` run Python code, and
+#: the planner asks it millions of times per plan; another class (a
+#: subclass, a stand-in) takes `isinstance`.
+_KINDS: dict[type, tuple[bool, bool]] = {Shard: (True, False), _StridedShard: (True, True), Replicate: (False, False), Partial: (False, False)}
+
+
 def is_strided(p: object) -> bool:
-    return isinstance(p, _StridedShard)
+    kind = _KINDS.get(type(p))
+    return kind[1] if kind is not None else isinstance(p, _StridedShard)
 
 
 def is_sharded(p: object) -> bool:
     """Shard or strided shard: the axis divides the value's storage."""
-    return isinstance(p, (Shard, _StridedShard))
+    kind = _KINDS.get(type(p))
+    return kind[0] if kind is not None else isinstance(p, (Shard, _StridedShard))
 
 
 def unstrided(p: object) -> object:
@@ -123,7 +134,7 @@ def unstrided(p: object) -> object:
 
 
 def has_strided(placements: Sequence[object] | None) -> bool:
-    return placements is not None and any(isinstance(p, _StridedShard) for p in placements)
+    return placements is not None and any(is_strided(p) for p in placements)
 
 
 def strided_form_ok(placements: Sequence[Placement], mesh_shape: Sequence[int]) -> bool:
@@ -374,7 +385,8 @@ def op_strategies(
         _materialise(args, strategy_of, TupleStrategy),
         {k: _materialise((v,), strategy_of, TupleStrategy)[0] for k, v in kwargs},
     )
-    result = prop.op_strategy_funcs[op](schema)
+    with _unpriced():
+        result = prop.op_strategy_funcs[op](schema)
     n_in = _count_refs((args, tuple(v for _, v in kwargs)))
     if isinstance(result, TupleStrategy):
         raise KeyError(op)  # list-of-tensor ops: not planned yet; caller falls back
@@ -391,6 +403,27 @@ def op_strategies(
             ins = tuple(s.placements for s in spec.input_specs)
         out.append((ins, out_pl))
     return out
+
+
+@contextlib.contextmanager
+def _unpriced() -> Iterator[None]:
+    """DTensor's strategy functions price every input redistribution of
+    every strategy (`generate_redistribute_costs`) for its own sharding
+    propagator to choose by; the planner reads only the placements and
+    prices with its own cost model, and that pricing was the largest part of
+    building strategies. While a strategy function runs, a redistribution
+    costs it nothing to price. (Module state: the planner does not run
+    beside eager DTensor dispatch in one process.)"""
+    saved = _ops_utils.redistribute_cost
+    _ops_utils.redistribute_cost = _no_cost
+    try:
+        yield
+    finally:
+        _ops_utils.redistribute_cost = saved
+
+
+def _no_cost(src: DTensorSpec, dst: DTensorSpec) -> float:
+    return 0.0
 
 
 def _count_refs(value: object) -> int:
