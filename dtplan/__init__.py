@@ -23,6 +23,8 @@ _EXPORTS = {
     "capture_model_file": "dtplan.ir.modelfile",
     "compile": "dtplan.api",
     "load_model_file": "dtplan.ir.modelfile",
+    "local_inputs": "dtplan.runtime.parallel",
+    "parallelize": "dtplan.api",
     "plan_program": "dtplan.api",
     "shard": "dtplan.api",
     "sharded_program": "dtplan.api",
@@ -30,12 +32,13 @@ _EXPORTS = {
 
 __all__ = [
     "ModelFile", "ModelFileError", "PlacementSpec", "Plan", "PlanError", "ShardedProgram",
-    "capture_model_file", "compile", "load_model_file", "plan_program", "shard", "sharded_program",
+    "capture_model_file", "compile", "load_model_file", "local_inputs", "parallelize", "plan_program", "shard", "sharded_program",
 ]
 assert sorted(__all__) == sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from dtplan.api import PlacementSpec, ShardedProgram, compile, plan_program, shard, sharded_program
+    from dtplan.api import PlacementSpec, ShardedProgram, compile, parallelize, plan_program, shard, sharded_program
+    from dtplan.runtime.parallel import local_inputs
     from dtplan.ir.modelfile import ModelFile, ModelFileError, capture_model_file, load_model_file
     from dtplan.planner.output.plan import Plan, PlanError
 

@@ -40,7 +40,7 @@ from dtplan.planner.space.strategies import Strategy, build_strategies, hub_name
 from dtplan.runtime.agree import agreed_plan
 from dtplan.runtime.program import ShardedProgram, mesh_spec, sharded_program
 
-__all__ = ["PlacementSpec", "ShardedProgram", "compile", "plan_program", "shard", "sharded_program"]
+__all__ = ["PlacementSpec", "ShardedProgram", "compile", "parallelize", "plan_program", "shard", "sharded_program"]
 
 log = logging.getLogger(__name__)
 
@@ -627,3 +627,47 @@ def shard(
     captured = capture(model, example_inputs, precision)
     plan = agreed_plan(plan, lambda: plan_program(captured, mesh=mesh_spec(mesh), **plan_kwargs))
     return sharded_program(model, captured, plan, mesh)
+
+
+def parallelize(
+    model: torch.nn.Module,
+    example_inputs: tuple,
+    mesh: DeviceMesh,
+    loss_fn: Callable[..., torch.Tensor] | None = None,
+    *,
+    plan: Plan | None = None,
+    **plan_kwargs,
+) -> torch.nn.Module:
+    """Plan the training step `loss_fn(model(*example_inputs), *example_inputs)`
+    (without `loss_fn`: the model's own loss, `out.loss` of a Hugging Face
+    ModelOutput, or its output) and return `model` itself, parallelized on
+    this rank: parameters and buffers are DTensors in the plan's placements,
+    and `model(*local_inputs)` runs the planned step and returns the loss,
+    whose `backward()` leaves each gradient in `param.grad` in its
+    parameter's placement (`dtplan.runtime.parallel`). Any torch.optim
+    optimizer, `clip_grad_norm_`, `state_dict()` and
+    torch.distributed.checkpoint work on it as on any DTensor module.
+
+    `example_inputs` is the full batch; each call takes this rank's piece of
+    a batch (`local_inputs(model, *full)` cuts one). Call on every rank of
+    `mesh`, with the same full weights on each: rank 0 plans (or `plan` is
+    checked to be every rank's), as in `shard`."""
+    from dtplan.ir.capture import capture_training
+    from dtplan.runtime.parallel import parallelized
+
+    precision = plan.precision if plan is not None else plan_kwargs.pop("precision", None)
+    captured = capture_training(model, example_inputs, loss_fn or _model_loss, precision)
+    plan = agreed_plan(plan, lambda: plan_program(captured, mesh=mesh_spec(mesh), **plan_kwargs))
+    if not plan.model.train:
+        raise ValueError("parallelize needs a training plan; this plan is for inference (plan with train=True, or give none)")
+    if plan.remat is not None and captured.remat != plan.remat:
+        captured = apply_remat(captured, plan.remat)
+    return parallelized(model, sharded_program(model, captured, plan, mesh))
+
+
+def _model_loss(out, *inputs) -> torch.Tensor:
+    """The model's own loss: a ModelOutput's `.loss`, else the output."""
+    loss = getattr(out, "loss", out)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise ValueError("without loss_fn, the model must return its loss (a scalar, or an output with .loss); give loss_fn")
+    return loss
