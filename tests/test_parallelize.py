@@ -1,7 +1,9 @@
 """`dtplan.parallelize`: the user's own model back, parallelized, in the
 user's own loop. On 2x2 gloo ranks, real library models (GPT-2 with its tied
 head and dropout, a timm ResNet with batch norm) train with torch.optim's
-own optimizers (foreach, a scheduler, gradient clipping), per-rank batches,
+own optimizer (SGD with momentum, foreach by default: linear in the
+gradient, so the final state is held to fp32 tolerance), a scheduler,
+gradient clipping, per-rank batches,
 DTensor gradients and a torch.distributed.checkpoint round trip, and every
 gradient of the first step equals one device's."""
 from __future__ import annotations
@@ -23,8 +25,8 @@ STEPS = 2
 
 
 def _loop(model, batch, *, local, clip: float | None):
-    """The user's loop: torch.optim's AdamW (foreach, its default), a
-    warm-up schedule, clipping; the first step's gradients and the final
+    """The user's loop: torch.optim's SGD with momentum (foreach, its
+    default), a warm-up schedule, clipping; the first step's gradients and the final
     state, in full. `local` cuts this rank's piece of the batch (identity on
     one device)."""
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
