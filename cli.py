@@ -350,7 +350,7 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--input-placements", help='e.g. "S(0),R" for all inputs or "x=S(0),R;y=R,R"')
         sp.add_argument("--output-placements", help='e.g. "R,R" for all outputs or "0=S(0),R"')
         sp.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", help="option passed to build_model/example_inputs")
-        sp.add_argument("--time-limit", type=_positive(float), default=60.0, help="solver time limit in seconds")
+        sp.add_argument("--time-limit", type=_positive(float), default=60.0, help="solver time limit in seconds: a safety net (the solver stops on work budgets; a step it stops is reported)")
         sp.add_argument("--train", action="store_true", help="plan a training step (needs loss_fn in the model file)")
         sp.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw", help="optimizer whose state the memory model counts")
         sp.add_argument(

@@ -1,8 +1,10 @@
 """One plan for every rank of a job.
 
-Ranks that plan on their own can disagree: the solver stops on wall-clock
-limits, and two ranks on a loaded machine can reach different plans, which
-then hang on mismatched collectives or compute wrong numbers. So under a
+Ranks that plan on their own can still disagree: the solver stops on work
+budgets (the same on every machine), but a step its wall-clock safety net
+stops, on one loaded rank and not another, gives that rank another plan, and
+ranks holding different plans hang on mismatched collectives or compute wrong
+numbers. Plans from different dtplan or torch versions differ too. So under a
 launcher (torchrun, or any initialised default group) rank 0 plans and the
 others take its plan; a plan every rank brings (a file, an API argument) is
 compared by hash, and ranks that differ are named before anything runs.

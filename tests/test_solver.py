@@ -250,3 +250,79 @@ def test_a_solve_a_time_limit_stopped_says_which_step_it_stopped(solve_inputs, m
     assert Plan.from_json(plan.to_json()).solver.time_limited == plan.solver.time_limited
     cli._print_summary(plan, None)
     assert "time limit       stopped lp-lagrange" in capsys.readouterr().out
+
+
+
+def test_the_same_program_gets_the_same_plan_however_fast_the_clock_runs(solve_inputs, monkeypatch):
+    """Planning is reproducible: every step stops on a work budget (branch
+    and bound's nodes, diving's simplex iterations, CP-SAT's deterministic
+    time), the wall clock being only a safety net. The README's budget (the
+    Lagrangian step's two searches), and the MLP's training step under
+    500000 bytes down the rungs after it (diving, branch and bound, CP-SAT
+    over the groups the LP left and over the whole program), planned once as
+    they are and once as on a machine that gets loaded once the LP is
+    solved: the solver's clock runs 20 times faster than real time from
+    then on (under a time limit whose safety nets it stays below). The same
+    plans, and no step reports a time limit. (Under the clock rules this
+    replaced, the Lagrangian step got a few times the LP's wall time, at
+    least 2 s: on this clock its proof stopped at once, reported, and the
+    plan came from branch and bound.) Every CP-SAT search runs the deterministic
+    interleaved search, with a work budget and a fixed seed."""
+    import time
+    import types
+
+    from dtplan.planner.solver import ladder
+
+    options = SolverOptions(time_limit_s=600)
+    gpt = captured_example("gpt")
+    mlp = solve_inputs(training_mlp(), mesh="4")
+    rungs = [WITHOUT_LAGRANGE, (lp_relaxation, lp_rounding, lp_fix_cp_sat, cp_sat)]
+
+    def plan_all():
+        plan = plan_program(gpt, mesh="2x2", memory=400_000, compare=False, solver=options)
+        results = [solve(**mlp, memory_budget=500000, options=options, steps=steps) for steps in rungs]
+        return plan, results
+
+    solvers = []
+    cp_solver = ladder._cp_solver
+    monkeypatch.setattr(ladder, "_cp_solver", lambda *a, **k: solvers.append(cp_solver(*a, **k)) or solvers[-1])
+    plan, results = plan_all()
+
+    # the clock: real time until an LP relaxation is solved, 20 times real time after
+    real = time.perf_counter
+    clock = {"at": real(), "reads": real(), "speed": 1}
+
+    def now() -> float:
+        return clock["reads"] + clock["speed"] * (real() - clock["at"])
+
+    def speed(k: int) -> None:
+        clock.update(reads=now(), at=real(), speed=k)
+
+    def loaded_after(lp):
+        def solved(*args, **kwargs):
+            speed(1)
+            try:
+                return lp(*args, **kwargs)
+            finally:
+                speed(20)
+
+        return solved
+
+    monkeypatch.setattr(ladder, "time", types.SimpleNamespace(perf_counter=now))
+    monkeypatch.setattr(ladder, "_lp", loaded_after(ladder._lp))
+    fast_plan, fast_results = plan_all()
+
+    assert plan.solver.method == fast_plan.solver.method == "lp-lagrange"
+    assert plan.to_json()["nodes"] == fast_plan.to_json()["nodes"]
+    assert (plan.solver.objective, plan.solver.bound) == (fast_plan.solver.objective, fast_plan.solver.bound)
+    assert [r.method for r in results] == [r.method for r in fast_results] == ["lp-branch", "cp-sat"]
+    for r, fast in zip(results, fast_results, strict=True):
+        assert (r.choice, r.objective_ns, r.bound_ns) == (fast.choice, fast.objective_ns, fast.bound_ns)
+    assert plan.solver.time_limited == fast_plan.solver.time_limited == ()
+    assert all(r.time_limited == () for r in results + fast_results)
+    # both CP-SAT rungs ran, in each pass; every search deterministic
+    assert len(solvers) == 4
+    for solver in solvers:
+        p = solver.parameters
+        assert p.interleave_search and p.num_workers == options.workers and p.random_seed == options.seed
+        assert p.max_deterministic_time == ladder.CP_SAT_DETERMINISTIC_TIME < float("inf")

@@ -16,15 +16,16 @@ result.
    over the groups those two choose apart gives the candidate, and branch
    and bound over the columns whose reduced cost leaves room for a plan
    within the gap of it proves the gap (the README's budget: 0.9 s in all,
-   where `lp_branch` took 4-5 s). Its plan when proven, else the candidate
-   and the bound are kept.
-4. `lp_dive`: LP diving (`_dive`) towards an integer plan near the LP bound;
-   its plan is returned when it fits and is within the same gap, else kept as
-   the candidate when it fits and is cheaper.
+   where `lp_branch` took 4-5 s), each in at most `LAGRANGE_NODES` nodes.
+   Its plan when proven, else the candidate and the bound are kept.
+4. `lp_dive`: LP diving (`_dive`) towards an integer plan near the LP bound,
+   in at most `dive_iterations` simplex iterations; its plan is returned
+   when it fits and is within the same gap, else kept as the candidate when
+   it fits and is cheaper.
 5. `lp_branch`: branch and bound on the LP (HiGHS's MIP solver) from the
    candidate (the cheaper of the rounding and diving's plan), until a plan
-   is proven within the same gap or three quarters of the time limit have
-   passed; its plan when proven, else the
+   is proven within the same gap or `BRANCH_MAX_NODES` nodes are spent; its
+   plan when proven, else the
    cheaper of it and the candidate is the candidate, and its bound is kept.
    A budget binding at a few large tensors leaves the LP bound several
    percent under the best plan (5.6% on the README's budget): only
@@ -35,16 +36,33 @@ result.
    left), hinted from the rounding; its plan becomes the candidate. It returns
    nothing: the whole program is searched next.
 7. `cp_sat`: CP-SAT over the whole program, hinted from the candidate (else
-   from the rounding), in the time left; the better of its plan and the
-   candidate. No plan at all under a budget: `MemoryBudgetError`.
+   from the rounding); the better of its plan and the candidate. No plan at
+   all under a budget: `MemoryBudgetError`.
 
-When no step returns (the whole-program search found no plan in its time),
-the candidate is the answer, against the best bound proven (the LP's or
-branch and bound's).
+When no step returns (the whole-program search found no plan in its
+budget), the candidate is the answer, against the best bound proven (the
+LP's or branch and bound's).
 
-CP-SAT runs a parallel portfolio with a fixed seed; the tie-break in the
-objective (`PlacementProgram.objective`) keeps its answer stable. CP-SAT
-variables carry readable names (`x[n=<node>,s=<k>]`, `e[<u>-><v>:<i>,o=<k>,r=<k>]`).
+Planning is reproducible: the same inputs (the program, its budget, the
+`SolverOptions`) give the same plan on an idle machine or a loaded one. No
+step stops on the clock; each stops on a work budget its solver counts the
+same on every machine: the LPs run to their optimum (HiGHS's simplex is
+deterministic), branch and bound stops at a node count (HiGHS's
+`mip_max_nodes`: `LAGRANGE_NODES`, `BRANCH_MAX_NODES`), diving at a number
+of simplex iterations a few times the LP's (`dive_iterations`), CP-SAT at a
+deterministic time (`max_deterministic_time`, `CP_SAT_DETERMINISTIC_TIME`),
+running its interleaved search (`interleave_search`: its workers' tasks in
+batches, what they share exchanged only between batches) with a fixed seed,
+where its default parallel portfolio is a race between threads. The tie-break
+in the objective (`PlacementProgram.objective`) makes the optimum unique.
+`SolverOptions.time_limit_s` is only the safety net: a step still running
+when its share of it has passed (`SAFETY_NET`; CP-SAT: what is left) is
+stopped there, and the result names it (`SolveResult.time_limited`, which
+the command line prints): only such a plan may differ on another machine or
+under another load.
+
+CP-SAT variables carry readable names (`x[n=<node>,s=<k>]`,
+`e[<u>-><v>:<i>,o=<k>,r=<k>]`).
 """
 from __future__ import annotations
 
@@ -106,10 +124,16 @@ class MemoryBudgetError(ValueError):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SolverOptions:
-    #: seconds for the LP (HiGHS's limit; past it planning fails) and for
-    #: each CP-SAT search; diving stops half of it after the start, and the
-    #: whole-program search started from a plan gets what is left (at least 1 s)
+    #: seconds: the safety net, never a step's budget (each step stops on
+    #: work counted the same on every machine; the module docstring). The LP
+    #: must finish within it (past it planning fails); the Lagrangian step,
+    #: diving and branch and bound stop once their share of it has passed
+    #: since the start (`SAFETY_NET`); each CP-SAT search stops at it (the
+    #: whole-program search started from a plan: at what is left, at least
+    #: 1 s). A step stopped so is named in `SolveResult.time_limited`.
     time_limit_s: float = 60.0
+    #: CP-SAT's threads; its interleaved search is deterministic for a given
+    #: count (its batches are three tasks per worker)
     workers: int = 8
     seed: int = 0
     #: accept the LP solution rounded per group (or diving's plan) when it
@@ -136,8 +160,9 @@ class SolveResult:
     constraints: int
     #: seconds spent building the program (included in wall_s)
     build_s: float = 0.0
-    #: the steps a time limit stopped before they finished: the plan may
-    #: then differ on a machine of another speed, or under another load
+    #: the steps a safety net (`SolverOptions.time_limit_s`) stopped before
+    #: their work budget ran out: the plan may then differ on a machine of
+    #: another speed, or under another load (else it does not)
     time_limited: tuple[str, ...] = ()
     #: the solve's state (the built program, the LP): what `solve_pinned`
     #: solves again with some choices fixed
@@ -150,11 +175,14 @@ class SolveResult:
 
 class LP(NamedTuple):
     """The LP relaxation's optimum: its bound (ns), each variable's value
-    then, and the HiGHS instance (diving goes on from its basis)."""
+    then, the HiGHS instance (diving goes on from its basis), and the simplex
+    iterations it took in all its rounds: the unit of diving's work budget,
+    the same on every machine where the LP's wall time is not."""
 
     bound: int
     value: Callable[[int], float]
     highs: highspy.Highs
+    iterations: int
 
 
 class Candidate(NamedTuple):
@@ -191,7 +219,7 @@ class SolveState:
     #: branch and bound's proven lower bound (ns), when it ran
     branch_bound: int | None = None
     candidate: Candidate | None = None
-    #: the steps a time limit stopped (`SolveResult.time_limited`)
+    #: the steps a safety net stopped (`SolveResult.time_limited`)
     cut: list[str] = dataclasses.field(default_factory=list)
 
     @classmethod
@@ -208,6 +236,15 @@ class SolveState:
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
 
+    def net(self, step: str) -> float:
+        """The `time.perf_counter()` reading at which `step`'s safety net
+        stops it (`SAFETY_NET`)."""
+        return self.t0 + SAFETY_NET[step] * self.options.time_limit_s
+
+    def left(self) -> float:
+        """Seconds left of the time limit, at least one."""
+        return max(1.0, self.options.time_limit_s - self.elapsed())
+
     def result(self, choice, status: str, objective: int, bound: int, method: str, *, size=None, wall: float | None = None) -> SolveResult:
         """A result; its size the program's now unless given."""
         size = self.model.program.size if size is None else size
@@ -215,7 +252,7 @@ class SolveState:
         return SolveResult(choice, status, objective, bound, wall, method, **size, build_s=self.build_s, time_limited=tuple(self.cut), state=self)
 
     def timed_out(self, step: str, stopped: bool) -> None:
-        """Record that a time limit stopped `step` (when `stopped`)."""
+        """Record that a safety net stopped `step` (when `stopped`)."""
         if stopped and step not in self.cut:
             self.cut.append(step)
 
@@ -254,12 +291,34 @@ class SolveState:
         return cost_ns - self.lp.bound <= self.options.rounding_gap * cost_ns
 
 
-#: HiGHS's words for a run its time limit stopped (`_Sub.status`:
-#: `modelStatusToString(kTimeLimit)`; an instance would print HiGHS's banner at import)
+#: HiGHS's words for a run its time limit (the safety net) stopped
+#: (`_Sub.status`: `modelStatusToString(kTimeLimit)`; an instance would print
+#: HiGHS's banner at import)
 TIME_LIMIT = "Time limit reached"
 
 #: branch and bound presolves programs up to this many variables (`lp_branch`)
 PRESOLVE_MAX_VARIABLES = 100_000
+
+#: `lp_branch`'s work budget: HiGHS's `mip_max_nodes`, a count that is the
+#: same on every machine (HiGHS's search itself is deterministic), where a
+#: wall-clock limit stops the search wherever the machine's load has got it
+#: to. A node here costs a few hundred simplex iterations (strong branching
+#: and the node's LP) on programs of a few thousand to 50k columns; where
+#: branch and bound proves the gap it does so at the root or within a few
+#: dozen nodes, and a tree still open after this many is one that would not
+#: close within the time limit, so CP-SAT's search after it, started from
+#: its plan, is the better use of the time. Its plan and bound are kept.
+BRANCH_MAX_NODES = 50
+
+#: the safety nets: a step stops, whatever is left of its work budget, once
+#: this share of `SolverOptions.time_limit_s` has passed since the solve
+#: began (CP-SAT: all of it, and at least a second), so that on a machine
+#: too slow or too loaded for the budgets the rungs after it still get some
+#: time. Looser than the budgets (on an idle machine a budget stops a step
+#: well before its net), and reported when they stop one
+#: (`SolveResult.time_limited`): only then may another machine, or another
+#: load, plan differently.
+SAFETY_NET = {"lp-lagrange": 0.4, "lp-dive": 0.5, "lp-branch": 0.75}
 
 #: one rung: a result, or None to go on
 Step = Callable[[SolveState], "SolveResult | None"]
@@ -311,9 +370,9 @@ def lp_lagrange(s: SolveState) -> SolveResult | None:
     if s.lp is None or s.memory_budget is None:
         return None
     m, h = s.model, s.lp.highs
-    # a few times what the LP took (within 1/4 of the limit): where this
-    # step proves nothing, diving and branching still have their time
-    deadline = time.perf_counter() + min(s.options.time_limit_s / 4, max(LAGRANGE_MIN_S, LAGRANGE_LP_TIMES * (s.elapsed() - s.build_s)))
+    # each branch and bound stops at its node budget (`LAGRANGE_NODES`), the
+    # step at its safety net
+    deadline = s.net("lp-lagrange")
     groups = len(m.program.groups)
     sol = h.getSolution()
     if not any(abs(sol.row_dual[groups + r]) > 1e-9 for r in m.peak_rows):  # no peak row binds the LP
@@ -342,8 +401,8 @@ def lp_lagrange(s: SolveState) -> SolveResult | None:
             ub[xs[k]] = lb[xs[k]] = 1.0
         else:
             apart += 1
-    found = lp.branch(lb, ub, above, s.options.rounding_gap, max(0.05, (deadline - time.perf_counter()) / 2))
-    log.debug("Lagrangian plans: %d groups apart, branch and bound over them: %s, %.2fs", apart, found.status, s.elapsed())
+    found = lp.branch(lb, ub, above, s.options.rounding_gap, LAGRANGE_NODES, max(0.05, deadline - time.perf_counter()))
+    log.debug("Lagrangian plans: %d groups apart, branch and bound over them: %s, %d nodes (budget %d), %.2fs", apart, found.status, found.nodes, found.budget, s.elapsed())
     s.timed_out("lp-lagrange", found.status == TIME_LIMIT)
     hint = None
     for values in (above, found.values):
@@ -358,8 +417,8 @@ def lp_lagrange(s: SolveState) -> SolveResult | None:
     target = (1 - 0.999 * s.options.rounding_gap) * s.candidate.objective
     room = target - s.lp.bound
     lb, ub, fixed = _fix_by_reduced_cost(lp, x_lp, reduced, room)
-    proof = lp.branch(lb, ub, hint, 0.99 * s.options.rounding_gap, max(0.05, deadline - time.perf_counter()))
-    log.debug("Lagrangian plans: candidate %d ns, %d of %d columns fixed by reduced cost, proof %s (bound %.0f, target %.0f), %.2fs", s.candidate.objective, fixed, lp.n, proof.status, proof.bound, target, s.elapsed())
+    proof = lp.branch(lb, ub, hint, 0.99 * s.options.rounding_gap, LAGRANGE_NODES, max(0.05, deadline - time.perf_counter()))
+    log.debug("Lagrangian plans: candidate %d ns, %d of %d columns fixed by reduced cost, proof %s in %d nodes (budget %d; bound %.0f, target %.0f), %.2fs", s.candidate.objective, fixed, lp.n, proof.status, proof.nodes, proof.budget, proof.bound, target, s.elapsed())
     s.timed_out("lp-lagrange", proof.status == TIME_LIMIT)
     if proof.values is not None:
         _take(s, proof.values)
@@ -371,15 +430,16 @@ def lp_lagrange(s: SolveState) -> SolveResult | None:
 
 def lp_dive(s: SolveState) -> SolveResult | None:
     """Diving's plan when it fits and is within the gap; when it only
-    fits, the candidate."""
+    fits, the candidate. Diving stops at its simplex iteration budget
+    (`dive_iterations`), or at its safety net (`SAFETY_NET`)."""
     if s.lp is None:
         return None
-    deadline = s.t0 + s.options.time_limit_s / 2
-    dive = _dive(s.model, s.lp.highs, deadline)
-    if dive is None:
-        s.timed_out("lp-dive", time.perf_counter() >= deadline)
+    dive = _dive(s.model, s.lp.highs, dive_iterations(s.lp), s.net("lp-dive"))
+    log.debug("LP dive: %s after %d re-solves, %d simplex iterations (budget %d), %.2fs", dive.stop, dive.resolves, dive.iterations, dive_iterations(s.lp), s.elapsed())
+    s.timed_out("lp-dive", dive.stop == "time limit")
+    if dive.values is None:
         return None
-    choice, _ = s.model.choice(dive)
+    choice, _ = s.model.choice(dive.values)
     cost_ns, peak = s.price(choice)
     log.debug("LP dive: %d ns (LP bound %d), peak %d, %.2fs", cost_ns, s.lp.bound, peak, s.elapsed())
     if not s.fits(peak):
@@ -394,10 +454,10 @@ def lp_dive(s: SolveState) -> SolveResult | None:
 def lp_branch(s: SolveState) -> SolveResult | None:
     """Branch and bound on the LP (HiGHS's MIP solver: its cuts, presolve
     and search), from the candidate (the cheaper of the rounding and
-    diving's plan), until a plan is proven within the gap or three quarters
-    of the time limit have passed. Its plan when proven
-    within the gap; else its plan becomes the candidate when cheaper, and its
-    proven bound is kept for the answer."""
+    diving's plan), until a plan is proven within the gap or its node
+    budget is spent (`BRANCH_MAX_NODES`; or its safety net, `SAFETY_NET`).
+    Its plan when proven within the gap; else its plan becomes the candidate
+    when cheaper, and its proven bound is kept for the answer."""
     if s.lp is None:
         return None
     m, h = s.model, s.lp.highs
@@ -423,10 +483,11 @@ def lp_branch(s: SolveState) -> SolveResult | None:
     # README's budget, 16.6k: 5.6 s against 4.3 s); on the 2-layer 8B under
     # 26 GiB (218k) presolve alone ran out the time (62 s in all, 40 s without)
     h.setOptionValue("presolve", "on" if n <= PRESOLVE_MAX_VARIABLES else "off")
-    h.setOptionValue("time_limit", max(0.5, 0.75 * s.options.time_limit_s - s.elapsed()))
+    h.setOptionValue("mip_max_nodes", BRANCH_MAX_NODES)
+    h.setOptionValue("time_limit", max(0.5, s.net("lp-branch") - time.perf_counter()))
     h.run()
     info, status = h.getInfo(), h.getModelStatus()
-    log.debug("branch and bound: %s, %d nodes, bound %.0f, %.2fs", h.modelStatusToString(status), info.mip_node_count, info.mip_dual_bound, s.elapsed())
+    log.debug("branch and bound: %s, %d nodes (budget %d), bound %.0f, %.2fs", h.modelStatusToString(status), info.mip_node_count, BRANCH_MAX_NODES, info.mip_dual_bound, s.elapsed())
     s.timed_out("lp-branch", status == highspy.HighsModelStatus.kTimeLimit)
     if status == highspy.HighsModelStatus.kInfeasible and s.memory_budget is not None:
         raise MemoryBudgetError(s.memory_budget, *least_memory(s.graph, s.space, s.pricer, s.options))
@@ -446,7 +507,8 @@ def lp_branch(s: SolveState) -> SolveResult | None:
 def lp_fix_cp_sat(s: SolveState) -> SolveResult | None:
     """When diving found no plan: CP-SAT over the groups the LP left
     fractional (the others fixed as the LP decided them), hinted from the
-    rounding, in the whole time limit. Its plan becomes the candidate; the
+    rounding, within CP-SAT's work budget (`CP_SAT_DETERMINISTIC_TIME`; the
+    safety net: the whole time limit). Its plan becomes the candidate; the
     step itself returns nothing."""
     s.model.add_pending()
     if s.lp is None or s.candidate is not None:
@@ -466,12 +528,13 @@ def lp_fix_cp_sat(s: SolveState) -> SolveResult | None:
 
 def cp_sat(s: SolveState) -> SolveResult | None:
     """CP-SAT over the whole program, hinted from the candidate (else the
-    rounding), in the time left (all of it without a candidate). Its plan,
+    rounding), within CP-SAT's work budget (`CP_SAT_DETERMINISTIC_TIME`; the
+    safety net: the time left, all of it without a candidate). Its plan,
     unless the candidate is strictly better; None when it found no plan
     but there is a candidate."""
     s.model.add_pending()
     first = s.candidate
-    left = max(1.0, s.options.time_limit_s - s.elapsed()) if first else s.options.time_limit_s
+    left = s.left() if first else s.options.time_limit_s
     solver, vs, status, scale = _cp_sat(s.model, s.options, first.choice if first else s.rounded, [], left)
     s.timed_out("cp-sat", status not in (cp_model.OPTIMAL, cp_model.INFEASIBLE) and solver.WallTime() >= 0.99 * left)
     wall = s.elapsed()
@@ -570,16 +633,18 @@ def solve_pinned(s: SolveState, allowed: Mapping[str, frozenset[int]]) -> SolveR
         if integral:  # the LP optimum is the plan, its objective the program's (as lp-relaxation's)
             return SolveResult(choice, "OPTIMAL", bound, bound, time.perf_counter() - t0, "pinned-lp", **m.program.size)
         cost, _ = s.price(choice)  # priced whatever the budget: the pinned plan has none
-        method = "pinned-lp-rounding"
+        method, cut = "pinned-lp-rounding", ()
         if cost - bound > s.options.rounding_gap * cost:
-            dive = _dive(m, h, time.perf_counter() + s.options.time_limit_s / 2, pinned)
-            if dive is not None:
-                dived, _ = m.choice(dive)
+            # the free plan's dive budget: the pinned LP re-solves from its basis
+            dive = _dive(m, h, dive_iterations(s.lp), time.perf_counter() + s.options.time_limit_s / 2, pinned)
+            cut = ("pinned-lp-dive",) if dive.stop == "time limit" else ()
+            if dive.values is not None:
+                dived, _ = m.choice(dive.values)
                 dived_cost, _ = s.price(dived)
                 if dived_cost < cost:
                     choice, cost, method = dived, dived_cost, "pinned-lp-dive"
         status = "OPTIMAL" if cost <= bound else "FEASIBLE"
-        return SolveResult(choice, status, cost, min(bound, cost), time.perf_counter() - t0, method, **m.program.size)
+        return SolveResult(choice, status, cost, min(bound, cost), time.perf_counter() - t0, method, **m.program.size, time_limited=cut)
     finally:
         m.pending_rows = pending
         h.changeColsBounds(n, cols, np.zeros(n), upper)
@@ -590,10 +655,12 @@ def solve_pinned(s: SolveState, allowed: Mapping[str, frozenset[int]]) -> SolveR
 
 def least_memory(graph: Graph, space: StrategySpace, pricer: Pricer, options: SolverOptions) -> tuple[int, bool]:
     """The smallest per-device peak any plan reaches (for error messages),
-    and whether it is exact (else a lower bound: the search ran out of time)."""
+    and whether it is exact (else a lower bound: the search ran out of its
+    work budget, or of the time limit)."""
     m, peak = PlacementProgram.least_memory_model(graph, space, pricer)
     solver = _cp_solver(options)
     status = solver.Solve(m)
+    log.debug("least memory: CP-SAT %s, deterministic time %.2f, %.2fs", solver.StatusName(status), solver.response_proto.deterministic_time, solver.WallTime())
     if status == cp_model.OPTIMAL:
         return int(solver.Value(peak)), True
     return int(np.ceil(solver.BestObjectiveBound())), False
@@ -608,10 +675,10 @@ def _lp(model: PlacementProgram, options: SolverOptions) -> LP | None:
     binds nowhere costs (nearly) nothing."""
     t = time.perf_counter()
     h = model.program.highs(model.objective(1), options.time_limit_s)
-    status, rounds, added = _solve_lazily(model, h)
+    status, rounds, added, iterations = _solve_lazily(model, h)
     log.debug(
         "LP: %s, %d simplex iterations, %d round(s), %d peak rows added, %.2fs",
-        h.modelStatusToString(status), h.getInfo().simplex_iteration_count, rounds, added, time.perf_counter() - t,
+        h.modelStatusToString(status), iterations, rounds, added, time.perf_counter() - t,
     )
     if status == highspy.HighsModelStatus.kTimeLimit:
         size = model.program.size
@@ -622,28 +689,64 @@ def _lp(model: PlacementProgram, options: SolverOptions) -> LP | None:
     if status != highspy.HighsModelStatus.kOptimal:
         return None
     values = h.getSolution().col_value
-    return LP(int(round(h.getInfo().objective_function_value)) + model.const_ns, values.__getitem__, h)
+    return LP(int(round(h.getInfo().objective_function_value)) + model.const_ns, values.__getitem__, h, iterations)
 
 
-def _solve_lazily(model: PlacementProgram, h: highspy.Highs) -> tuple:
-    """Solve, adding violated peak rows until none is: (status, rounds, rows added)."""
-    rounds = added = 0
+def _solve_lazily(model: PlacementProgram, h: highspy.Highs, max_iterations: int | None = None) -> tuple:
+    """Solve, adding violated peak rows until none is, in at most
+    `max_iterations` simplex iterations in all when given (past them HiGHS
+    stops with kIterationLimit; the caller restores HiGHS's option): (status,
+    rounds, rows added, simplex iterations)."""
+    rounds = added = iterations = 0
     while True:
+        if max_iterations is not None:
+            h.setOptionValue("simplex_iteration_limit", max(0, max_iterations - iterations))
         h.run()
         h.setOptionValue("presolve", "off")  # a re-solve starts from this basis; presolving again would discard it
         rounds += 1
+        iterations += h.getInfo().simplex_iteration_count
         status = h.getModelStatus()
         if status != highspy.HighsModelStatus.kOptimal or not model.pending_rows:
-            return status, rounds, added
+            return status, rounds, added, iterations
         first = len(model.program.rows)
         n = model.add_violated(np.asarray(h.getSolution().col_value))
         if not n:
-            return status, rounds, added
+            return status, rounds, added, iterations
         added += n
         add_highs_rows(h, model.program.rows[first:])
 
 
-def _dive(model: PlacementProgram, h: highspy.Highs, deadline: float, upper: np.ndarray | None = None) -> Callable[[int], float] | None:
+class Dive(NamedTuple):
+    """What `_dive` reached: the integral LP solution's values (None when it
+    gave up), why it stopped ("integral"; "no optimum": a group none of whose
+    strategies left the LP one; "work limit": its simplex iterations spent;
+    "time limit": its safety net), its re-solves and simplex iterations."""
+
+    values: Callable[[int], float] | None
+    stop: str
+    resolves: int
+    iterations: int
+
+
+#: diving's work budget: this many times the LP's simplex iterations, at
+#: least `DIVE_MIN_ITERATIONS`. Each re-solve starts from the last basis and
+#: moves it only as far as the groups just fixed push it, so a dive that
+#: converges costs a fraction of one LP; a few LPs' worth leaves it room on
+#: programs whose fixes cascade, and stops one that keeps fixing groups the
+#: LP has no optimum with (those re-solves cost the most) by a count of
+#: pivots, the same on every machine, rather than by the clock. The floor
+#: keeps tiny programs, whose LP takes a few dozen pivots, from being cut
+#: before their first re-solves.
+DIVE_LP_TIMES = 4
+DIVE_MIN_ITERATIONS = 5_000
+
+
+def dive_iterations(lp: LP) -> int:
+    """Diving's simplex iteration budget after `lp` (`DIVE_LP_TIMES`)."""
+    return max(DIVE_MIN_ITERATIONS, DIVE_LP_TIMES * lp.iterations)
+
+
+def _dive(model: PlacementProgram, h: highspy.Highs, max_iterations: int, deadline: float, upper: np.ndarray | None = None) -> Dive:
     """LP diving: fix fractional groups to their heaviest strategy and
     re-solve from the last basis, until the LP is integral. Groups the LP
     leans on (heaviest strategy over half) go a quarter of them at a time;
@@ -654,47 +757,66 @@ def _dive(model: PlacementProgram, h: highspy.Highs, deadline: float, upper: np.
     hf_mixtral's training step, against 0.14% one at a time). A batch that
     leaves the LP without an optimum is undone and the heaviest group alone
     is tried, on each of its strategies in the LP's order; when none has an
-    optimum, or at `deadline`, diving gives up (None). Gives an integer plan
-    whose cost stays near the LP bound where a memory budget binds.
-    `upper`: the columns' upper bounds where some are pinned to 0 (a
+    optimum diving gives up, and so it does past `max_iterations` simplex
+    iterations in all (its work budget, `dive_iterations`) or, the safety
+    net, at `deadline` (`time.perf_counter()`) or HiGHS's time limit. Gives
+    an integer plan whose cost stays near the LP bound where a memory budget
+    binds. `upper`: the columns' upper bounds where some are pinned to 0 (a
     strategy pinned out is never tried, and undoing a fix restores it)."""
     leaders = model.leaders()
-    while time.perf_counter() < deadline:
-        values = np.asarray(h.getSolution().col_value)
-        frac = []
-        for xs in leaders:
-            vals = values[xs]
-            k = int(np.argmax(vals))
-            if vals[k] < 1 - 1e-6:
-                frac.append((float(vals[k]), xs[k], xs, vals))
-        if not frac:
-            return values.__getitem__
-        frac.sort(key=lambda f: -f[0])
-        clear = [x for weight, x, _, _ in frac if weight > 0.5 + 1e-6]
-        _, _, xs, vals = frac[0]
-        # the heaviest group, on each strategy not pinned out
-        alternatives = [[xs[k]] for k in np.argsort(-vals, kind="stable") if upper is None or upper[xs[k]] > 0]
-        for batch in ([clear[: max(1, len(clear) // 4)]] if len(clear) > 1 else []) + alternatives:
-            for x in batch:
-                h.changeColBounds(x, 1.0, 1.0)
-            if _solve_lazily(model, h)[0] == highspy.HighsModelStatus.kOptimal:
-                break
-            for x in batch:
-                h.changeColBounds(x, 0.0, 1.0 if upper is None else float(upper[x]))
-        else:
-            return None
-    return None
+    resolves = used = 0
+    try:
+        while True:
+            if time.perf_counter() >= deadline:
+                return Dive(None, "time limit", resolves, used)
+            values = np.asarray(h.getSolution().col_value)
+            frac = []
+            for xs in leaders:
+                vals = values[xs]
+                k = int(np.argmax(vals))
+                if vals[k] < 1 - 1e-6:
+                    frac.append((float(vals[k]), xs[k], xs, vals))
+            if not frac:
+                return Dive(values.__getitem__, "integral", resolves, used)
+            frac.sort(key=lambda f: -f[0])
+            clear = [x for weight, x, _, _ in frac if weight > 0.5 + 1e-6]
+            _, _, xs, vals = frac[0]
+            # the heaviest group, on each strategy not pinned out
+            alternatives = [[xs[k]] for k in np.argsort(-vals, kind="stable") if upper is None or upper[xs[k]] > 0]
+            for batch in ([clear[: max(1, len(clear) // 4)]] if len(clear) > 1 else []) + alternatives:
+                for x in batch:
+                    h.changeColBounds(x, 1.0, 1.0)
+                status, _, _, iterations = _solve_lazily(model, h, max_iterations - used)
+                resolves += 1
+                used += iterations
+                if status == highspy.HighsModelStatus.kOptimal:
+                    break
+                if status == highspy.HighsModelStatus.kIterationLimit:
+                    return Dive(None, "work limit", resolves, used)
+                if status == highspy.HighsModelStatus.kTimeLimit:
+                    return Dive(None, "time limit", resolves, used)
+                for x in batch:
+                    h.changeColBounds(x, 0.0, 1.0 if upper is None else float(upper[x]))
+            else:
+                return Dive(None, "no optimum", resolves, used)
+    finally:
+        h.setOptionValue("simplex_iteration_limit", highspy.kHighsIInf)
 
 
 # --------------------------------------------------------------------- Lagrangian plans and sub-programs
 #: `lp_lagrange` prices memory this much above and below the LP's duals
 LAGRANGE_EPS = 1e-3
 
-#: `lp_lagrange`'s time: this many times the LP's, at least `LAGRANGE_MIN_S`
-#: (measured: 3x on the README's budget, 1.6x on gpt's training step under
-#: 1MB)
-LAGRANGE_LP_TIMES = 4.0
-LAGRANGE_MIN_S = 2.0
+#: `lp_lagrange`'s work budget for each of its two branch and bounds (the
+#: search over the groups apart, the proof on the program reduced-cost
+#: fixing leaves): HiGHS's `mip_max_nodes`, counted the same on every
+#: machine. Where the step proves the gap at all, each closes within a few
+#: dozen nodes (a node costing a few hundred simplex iterations); one still
+#: open past this is a proof the step will not finish within the time
+#: limit, and diving and branch and bound on the whole program are the
+#: better use of the time. The candidate and the bound found by then are
+#: kept.
+LAGRANGE_NODES = 50
 
 #: HiGHS options for the branch and bound on sub-programs (`_Frozen.branch`),
 #: measured on the README's budget (the proof in 0.56 s against 1.5 s with
@@ -713,12 +835,16 @@ SUB_MIP_OPTIONS = {
 
 class _Sub(NamedTuple):
     """A sub-program's branch and bound: the best plan's values for every
-    column of the program (None when it found none), and its proven lower
-    bound in ns (infinite when the sub-program has no plan)."""
+    column of the program (None when it found none), its proven lower bound
+    in ns (infinite when the sub-program has no plan), HiGHS's status (its
+    words: `TIME_LIMIT` where the safety net stopped it), its nodes and its
+    node budget."""
 
     values: np.ndarray | None
     bound: float
     status: str
+    nodes: int = 0
+    budget: int = 0
 
 
 @dataclass(frozen=True)
@@ -766,12 +892,14 @@ class _Frozen:
         """The column of each matrix entry."""
         return np.repeat(np.arange(self.n), np.diff(self.start))
 
-    def branch(self, lower: np.ndarray, upper: np.ndarray, hint: np.ndarray | None, gap: float, time_limit_s: float) -> _Sub:
+    def branch(self, lower: np.ndarray, upper: np.ndarray, hint: np.ndarray | None, gap: float, max_nodes: int, time_limit_s: float) -> _Sub:
         """HiGHS's branch and bound on the program within column bounds
         `lower`..`upper` (the choice columns integer), to relative `gap`,
-        started from `hint`. (HiGHS's `objective_bound` as a cutoff was
-        measured and left out: with presolve off it returned a plan above
-        the cutoff as optimal, a bound no proof can rest on.)"""
+        started from `hint`, for at most `max_nodes` nodes (its work budget)
+        or, the safety net, `time_limit_s` seconds. (HiGHS's
+        `objective_bound` as a cutoff was measured and left out: with
+        presolve off it returned a plan above the cutoff as optimal, a bound
+        no proof can rest on.)"""
         if np.any(lower > upper):
             return _Sub(None, np.inf, "infeasible")
         fixed = lower == upper
@@ -806,6 +934,7 @@ class _Frozen:
         for k, v in SUB_MIP_OPTIONS.items():
             h.setOptionValue(k, v)
         h.setOptionValue("mip_rel_gap", gap)
+        h.setOptionValue("mip_max_nodes", int(max_nodes))
         h.setOptionValue("time_limit", float(time_limit_s))
         h.passModel(lp)
         if hint is not None:
@@ -820,7 +949,7 @@ class _Frozen:
             values = lower.copy()
             values[keep] = np.asarray(h.getSolution().col_value)
         bound = info.mip_dual_bound + const if np.isfinite(info.mip_dual_bound) else -np.inf
-        return _Sub(values, bound, h.modelStatusToString(status))
+        return _Sub(values, bound, h.modelStatusToString(status), max(0, int(info.mip_node_count)), int(max_nodes))
 
 
 def _take(s: SolveState, values: np.ndarray) -> bool:
@@ -882,20 +1011,42 @@ def _fix_by_reduced_cost(lp: _Frozen, x: np.ndarray, reduced: np.ndarray, room: 
 
 
 # --------------------------------------------------------------------- CP-SAT
-def _cp_solver(options: SolverOptions) -> cp_model.CpSolver:
+#: each CP-SAT search's work budget, in CP-SAT's deterministic time
+#: (`max_deterministic_time`: a weighted count of its operations, scaled to
+#: about a second each on the machine its weights were fitted on, the same
+#: count on every machine). The interleaved search checks it between batches,
+#: so a search on a large program runs some way past it. CP-SAT proves the
+#: small programs it gets here within a fraction of it; on large ones the
+#: steps before it have found a plan near the bound, which its interleaved
+#: search improves only slowly: a budget that leaves the rungs before it
+#: most of the default time limit, as the wall-clock shares it replaced did.
+CP_SAT_DETERMINISTIC_TIME = 10.0
+
+
+def _cp_solver(options: SolverOptions, time_limit_s: float | None = None) -> cp_model.CpSolver:
+    """A CP-SAT solver whose answer is a function of its input: the
+    interleaved search (`interleave_search`: the workers' tasks run in
+    batches and share what they found only between them, so the search is
+    the same for a given number of workers whatever the machine's load; the
+    default portfolio is a race between threads) with a fixed seed, stopped
+    by its deterministic work budget (`CP_SAT_DETERMINISTIC_TIME`); the wall
+    clock (`time_limit_s`, else the options') is only the safety net."""
     solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = options.time_limit_s
+    solver.parameters.max_time_in_seconds = options.time_limit_s if time_limit_s is None else time_limit_s
+    solver.parameters.max_deterministic_time = CP_SAT_DETERMINISTIC_TIME
     solver.parameters.num_workers = options.workers
+    solver.parameters.interleave_search = True
     solver.parameters.random_seed = options.seed
     solver.parameters.max_memory_in_mb = options.max_memory_mb
-    # parallel portfolio; the tie-break in the objective keeps the answer stable
     return solver
 
 
 def _cp_sat(model: PlacementProgram, options: SolverOptions, hint: Mapping[str, int] | None, fixed: list, time_limit_s: float) -> tuple:
     """CP-SAT on the whole program with `fixed` (choice variables, index)
-    set, hinted from `hint` (a choice per node and hub): (solver, variables,
-    status, scale)."""
+    set, hinted from `hint` (a choice per node and hub), the safety net
+    `time_limit_s`: (solver, variables, status, scale)."""
     m, vs, scale = model.cp_sat(hint, fixed)
-    solver = _cp_solver(dataclasses.replace(options, time_limit_s=time_limit_s))
-    return solver, vs, solver.Solve(m), scale
+    solver = _cp_solver(options, time_limit_s)
+    status = solver.Solve(m)
+    log.debug("CP-SAT: %s, deterministic time %.2f (budget %g), %.2fs", solver.StatusName(status), solver.response_proto.deterministic_time, CP_SAT_DETERMINISTIC_TIME, solver.WallTime())
+    return solver, vs, status, scale
