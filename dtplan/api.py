@@ -16,7 +16,7 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate
 
-from dtplan.ir.capture import Captured, capture
+from dtplan.ir.capture import Captured, capture, capture_training
 from dtplan.ir.flops import flop_fallbacks
 from dtplan.ir.graph import Role
 from dtplan.ir.precision import Precision
@@ -38,6 +38,7 @@ from dtplan.planner.reduce.followers import merge_followers
 from dtplan.planner.space._dtensor import is_multi_output, per_output, unstrided
 from dtplan.planner.space.strategies import Strategy, build_strategies, hub_name, strategies_around
 from dtplan.runtime.agree import agreed_plan
+from dtplan.runtime.parallel import parallelized
 from dtplan.runtime.program import ShardedProgram, mesh_spec, sharded_program
 
 __all__ = ["PlacementSpec", "ShardedProgram", "compile", "parallelize", "plan_program", "shard", "sharded_program"]
@@ -652,15 +653,12 @@ def parallelize(
     a batch (`local_inputs(model, *full)` cuts one). Call on every rank of
     `mesh`, with the same full weights on each: rank 0 plans (or `plan` is
     checked to be every rank's), as in `shard`."""
-    from dtplan.ir.capture import capture_training
-    from dtplan.runtime.parallel import parallelized
-
     precision = plan.precision if plan is not None else plan_kwargs.pop("precision", None)
     captured = capture_training(model, example_inputs, loss_fn or _model_loss, precision)
     plan = agreed_plan(plan, lambda: plan_program(captured, mesh=mesh_spec(mesh), **plan_kwargs))
     if not plan.model.train:
         raise ValueError("parallelize needs a training plan; this plan is for inference (plan with train=True, or give none)")
-    if plan.remat is not None and captured.remat != plan.remat:
+    if captured.remat != plan.remat:
         captured = apply_remat(captured, plan.remat)
     return parallelized(model, sharded_program(model, captured, plan, mesh))
 

@@ -38,8 +38,9 @@ from dtplan.ir.graph import Role
 from dtplan.planner.space._dtensor import local_shape
 from dtplan.runtime.lower import attr_name
 from dtplan.runtime.program import ShardedProgram
+from dtplan.runtime.train import JointStep
 
-__all__ = ["ParallelizeError", "input_placements", "local_inputs", "parallelized"]
+__all__ = ["ParallelizeError", "local_inputs", "parallelized"]
 
 
 class ParallelizeError(ValueError):
@@ -61,7 +62,8 @@ class _PlannedBackward(torch.autograd.Function):
         ctx.grads = None  # a second backward through the same loss has nothing left to give
         if grads is None:
             raise RuntimeError("the planned step's gradients were given once already; run the forward again")
-        scale = None if bool(torch.all(grad_out == 1)) else grad_out.detach().to_local() if isinstance(grad_out, DTensor) else grad_out.detach()
+        # the loss is a plain tensor (the program's local, replicated loss), and so is its gradient
+        scale = None if bool(torch.all(grad_out == 1)) else grad_out.detach()
         out = []
         for g in grads:
             if g is None or scale is None:
@@ -76,16 +78,12 @@ class _Step:
     the forward of."""
 
     def __init__(self, program: ShardedProgram, params: dict[str, torch.nn.Parameter]) -> None:
-        captured = program.captured
-        graph = captured.graph
+        graph = program.captured.graph
         self.program = program
+        self.joint = JointStep(program)
         self.mesh: DeviceMesh = program.mesh
-        self.params = params
-        n_grads = len(captured.gradients)
-        self.grad_for = tuple(graph[captured.gradients[g]].fqn for g in graph.outputs[1 : 1 + n_grads])
-        self.update_of = tuple(attr_name(captured.updates[u]) for u in graph.outputs[1 + n_grads :])
-        self.order = list(params)  # the autograd function's inputs, in this order
-        self.inputs = [(name, graph[name].tensor_meta) for name in captured.user_inputs]
+        self.params = params  # the autograd function's inputs, in this order
+        self.inputs = [(name, graph[name].tensor_meta) for name in program.captured.user_inputs]
 
     def __call__(self, module: torch.nn.Module, *local: torch.Tensor, **kwargs) -> torch.Tensor:
         if kwargs:
@@ -93,21 +91,14 @@ class _Step:
         if not module.training:
             raise ParallelizeError("the module was parallelized for training; eval() needs an inference plan, which parallelize does not build yet")
         self._check(local)
-        gm = self.program.graph_module
-        with torch.no_grad():
-            loss, *rest = gm(*local)
-            grads, news = rest[: len(self.grad_for)], rest[len(self.grad_for) :]
-            for attr, new in zip(self.update_of, news, strict=True):
-                getattr(gm, attr).copy_(new)
+        loss, grads = self.joint.run(*local)
         if not torch.is_grad_enabled():
             return loss
-        by_fqn = dict(zip(self.grad_for, grads, strict=True))
         dgrads = []
-        for fqn in self.order:
-            g = by_fqn.get(fqn)
-            p = self.params[fqn]
+        for fqn, p in self.params.items():
+            g = grads.get(fqn)
             dgrads.append(None if g is None else DTensor.from_local(g, self.mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()))
-        return _PlannedBackward.apply(loss, dgrads, *(self.params[f] for f in self.order))
+        return _PlannedBackward.apply(loss, dgrads, *self.params.values())
 
     def _check(self, local: tuple) -> None:
         if len(local) != len(self.inputs):
@@ -147,8 +138,6 @@ def parallelized(model: torch.nn.Module, program: ShardedProgram) -> torch.nn.Mo
     for mod_name, module in model.named_modules():
         for name, b in list(module.named_buffers(recurse=False)):
             fqn = f"{mod_name}.{name}" if mod_name else name
-            if b is None:
-                continue
             if fqn in stored:
                 local = getattr(gm, attr_name(stored[fqn]))
                 d = DTensor.from_local(local, mesh, plan.nodes[stored[fqn]].output, run_check=False, shape=b.shape, stride=b.stride())
@@ -167,12 +156,6 @@ def _program(model: torch.nn.Module) -> ShardedProgram:
     if program is None:
         raise ParallelizeError("the model was not parallelized by dtplan.parallelize")
     return program
-
-
-def input_placements(model: torch.nn.Module) -> list:
-    """The placements of each of the program's inputs, in call order."""
-    program = _program(model)
-    return [program.plan.inputs[n] for n in program.captured.user_inputs]
 
 
 def local_inputs(model: torch.nn.Module, *full: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -23,7 +23,7 @@ from dtplan.runtime.lower import attr_name
 from dtplan.runtime.params import local_shard
 from dtplan.runtime.redistribute import RankMesh, redistribute_local
 
-__all__ = ["SCALE_GRADIENT_ENV", "ShardedTrainer", "make_optimizer", "sharded_trainer"]
+__all__ = ["SCALE_GRADIENT_ENV", "JointStep", "ShardedTrainer", "make_optimizer", "sharded_trainer"]
 
 #: test-only fault: "FQN=FACTOR[,FQN=FACTOR]" multiplies each parameter's gradient by
 #: FACTOR inside the lowered program, so a test can show that `--check`
@@ -39,6 +39,33 @@ def make_optimizer(name: str, params, *, lr: float) -> torch.optim.Optimizer:
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, foreach=False)
     raise ValueError(f"unknown optimizer {name!r}; dtplan knows adamw and sgd")
+
+
+class JointStep:
+    """A lowered training program's call: its flat outputs read as the loss,
+    each parameter's gradient (this rank's shard, in the parameter's
+    placement) and the buffer updates, which it copies into the program's
+    buffers (batch norm's running statistics)."""
+
+    def __init__(self, program: ShardedProgram) -> None:
+        captured = program.captured
+        graph = captured.graph
+        n_grads = len(captured.gradients)
+        self.program = program
+        #: the parameter (FQN) each gradient output is for, in output order
+        self.grad_for = tuple(graph[captured.gradients[g]].fqn for g in graph.outputs[1 : 1 + n_grads])
+        #: the program's attribute each buffer-update output goes to, in output order
+        self.update_of = tuple(attr_name(captured.updates[u]) for u in graph.outputs[1 + n_grads :])
+
+    def run(self, *local_inputs: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The step on this rank's inputs: (loss, gradient by FQN)."""
+        gm = self.program.graph_module
+        with torch.no_grad():  # the program is its own backward
+            loss, *rest = gm(*local_inputs)
+            grads, news = rest[: len(self.grad_for)], rest[len(self.grad_for) :]
+            for attr, new in zip(self.update_of, news, strict=True):
+                getattr(gm, attr).copy_(new)
+        return loss, dict(zip(self.grad_for, grads, strict=True))
 
 
 class ShardedTrainer:
@@ -58,32 +85,25 @@ class ShardedTrainer:
             raise ValueError("ShardedTrainer needs a training program (capture_training / --train)")
         self.program = program
         gm = program.graph_module
-        graph = captured.graph
         self._stored = {fqn: (name, role) for name, role, fqn in captured.placeholders if role is not Role.INPUT}
         self.parameters: dict[str, torch.nn.Parameter] = {
             fqn: getattr(gm, attr_name(name)) for fqn, (name, role) in self._stored.items() if role is Role.PARAM
         }
-        n_grads = len(captured.gradients)
-        self._grad_for = tuple(graph[captured.gradients[g]].fqn for g in graph.outputs[1 : 1 + n_grads])
-        #: buffers the step updates (batch norm's running statistics), in output order
-        self._update_of = tuple(attr_name(captured.updates[u]) for u in graph.outputs[1 + n_grads :])
+        self._step = JointStep(program)
         self.optimizer = make_optimizer(optimizer, list(self.parameters.values()), lr=lr)
+        grad_for = self._step.grad_for
         for fault in filter(None, os.environ.get(SCALE_GRADIENT_ENV, "").split(",")):
             fqn, _, factor = fault.rpartition("=")
-            if fqn not in self._grad_for:
-                raise ValueError(f"{SCALE_GRADIENT_ENV}: no gradient for {fqn!r}; parameters with one: {list(self._grad_for)[:8]}")
-            _scale_output(gm, 1 + self._grad_for.index(fqn), float(factor))
+            if fqn not in grad_for:
+                raise ValueError(f"{SCALE_GRADIENT_ENV}: no gradient for {fqn!r}; parameters with one: {list(grad_for)[:8]}")
+            _scale_output(gm, 1 + grad_for.index(fqn), float(factor))
 
     def backward(self, *full_inputs: torch.Tensor) -> float:
         """The forward and the planned backward: each parameter's `.grad` is
         its gradient's local shard (in the parameter's placement) and the
         buffers the step updates are updated; no optimizer step."""
-        loss, *rest = self.program(*full_inputs)  # a training program: the flat outputs, under no_grad
-        grads, news = rest[: len(self._grad_for)], rest[len(self._grad_for) :]
-        with torch.no_grad():
-            for attr, new in zip(self._update_of, news, strict=True):
-                getattr(self.program.graph_module, attr).copy_(new)
-        for fqn, grad in zip(self._grad_for, grads, strict=True):
+        loss, grads = self._step.run(*self.program.shard_inputs(*full_inputs))
+        for fqn, grad in grads.items():
             self.parameters[fqn].grad = grad
         return float(loss)
 

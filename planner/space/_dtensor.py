@@ -412,8 +412,9 @@ def _unpriced() -> Iterator[None]:
     propagator to choose by; the planner reads only the placements and
     prices with its own cost model, and that pricing was the largest part of
     building strategies. While a strategy function runs, a redistribution
-    costs it nothing to price. (Module state: the planner does not run
-    beside eager DTensor dispatch in one process.)"""
+    costs it nothing to price. (Module state: eager DTensor dispatch in
+    another thread of the same process, while a plan is made, would see the
+    zero too; dtplan plans before its ranks run DTensors, never beside them.)"""
     saved = _ops_utils.redistribute_cost
     _ops_utils.redistribute_cost = _no_cost
     try:
